@@ -1,0 +1,453 @@
+"""Reading checkpoints lazily and writing merged ones atomically.
+
+Readers hold no tensor data: they know each tensor's name, shape and dtype and load one
+tensor on request, opening (and memory-mapping) its file only for that read, so a merge
+holds about one tensor per input at a time. Pickle checkpoints (``.bin``) are read only
+through ``torch.load(weights_only=True)``, which refuses anything but tensors.
+
+The writer streams safetensors: shard layout and headers are known before any tensor is
+merged (names, shapes and dtypes are), so each merged tensor goes to disk as soon as it
+is computed instead of being held until its shard is full. Everything is written into a
+hidden folder beside the destination and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+import struct
+import uuid
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from m3sb.errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+SUPPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKENIZER_FILES = tuple(
+    name for name in SUPPORT_FILES if "token" in name or name.endswith((".txt", ".model"))
+)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a tensor without reading it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Checkpoint:
+    """A model's tensors, readable one at a time, and the folder its config lives in."""
+
+    def __init__(self, label: str, folder: Path | None) -> None:
+        self.label = label
+        self.folder = folder
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor's name, shape and dtype, in the checkpoint's order."""
+        raise NotImplementedError
+
+    def load(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory (CPU)."""
+        raise NotImplementedError
+
+    def read_config(self) -> dict[str, object]:
+        """The model's config.json as a dict, or an empty dict when there is none."""
+        if self.folder is None or not (self.folder / "config.json").is_file():
+            return {}
+        try:
+            data = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{self.folder / 'config.json'}: unreadable: {error}") from None
+        return data if isinstance(data, dict) else {}
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One or more safetensors files (a sharded checkpoint keeps one file per shard)."""
+
+    def __init__(self, label: str, folder: Path | None, files: Sequence[Path]) -> None:
+        super().__init__(label, folder)
+        self._file_of: dict[str, Path] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for file in files:
+            for name, info in _read_safetensors_header(file).items():
+                self._file_of[name] = file
+                self._infos[name] = info
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def load(self, name: str) -> torch.Tensor:
+        file = self._file_of[name]
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                tensor: torch.Tensor = handle.get_tensor(name)
+                return tensor
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise CheckpointError(f"{file}: cannot read tensor '{name}': {error}") from None
+
+
+class PickleCheckpoint(Checkpoint):
+    """A PyTorch ``.bin`` state dict, loaded with ``weights_only=True`` (never runs code)."""
+
+    def __init__(self, label: str, folder: Path | None, files: Sequence[Path]) -> None:
+        super().__init__(label, folder)
+        self._state: dict[str, torch.Tensor] = {}
+        for file in files:
+            self._state.update(_load_pickle_state_dict(file))
+        self._infos = {
+            name: TensorInfo(tuple(tensor.shape), tensor.dtype) for name, tensor in self._state.items()
+        }
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+
+class StateDictCheckpoint(Checkpoint):
+    """Tensors already in memory (for merging models built in Python)."""
+
+    def __init__(self, label: str, state_dict: dict[str, torch.Tensor]) -> None:
+        super().__init__(label, None)
+        self._state = state_dict
+        self._infos = {
+            name: TensorInfo(tuple(tensor.shape), tensor.dtype) for name, tensor in state_dict.items()
+        }
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+
+def _read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of a safetensors file; checks the file is complete."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            infos = {}
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                view = handle.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {view.get_dtype()}")
+                infos[name] = TensorInfo(tuple(view.get_shape()), dtype)
+            return infos
+    except SafetensorError as error:
+        raise CheckpointError(f"{file}: not a valid safetensors file ({error})") from None
+    except OSError as error:
+        raise CheckpointError(f"{file}: cannot read: {error.strerror or error}") from None
+
+
+def _load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """Load a pickle checkpoint that holds tensors only; anything else is refused, not run."""
+    try:
+        mmap = zipfile.is_zipfile(file)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[-1].strip() if str(error) else "not a tensor checkpoint"
+        raise CheckpointError(
+            f"{file}: refused: the pickle holds more than tensors and was not run ({reason[:160]}); "
+            "convert it to safetensors from a trusted environment"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({error})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors (a state dict)")
+    return state
+
+
+def _shards_from_index(index_file: Path) -> list[Path]:
+    """The shard files listed by a ``*.index.json`` weight map, each checked to exist."""
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index_file}: not a valid shard index ({error})") from None
+    shards = sorted({index_file.parent / name for name in weight_map.values()})
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{index_file}: lists shard {shard.name}, which does not exist")
+    return shards
+
+
+def _open_file(label: str, file: Path) -> Checkpoint:
+    """A checkpoint from one file: safetensors, a shard index, or a pickle."""
+    if file.name.endswith(".index.json"):
+        shards = _shards_from_index(file)
+        kind = SafetensorsCheckpoint if shards[0].suffix == ".safetensors" else PickleCheckpoint
+        return kind(label, file.parent, shards)
+    if file.suffix == ".safetensors":
+        return SafetensorsCheckpoint(
+            label, file.parent if (file.parent / "config.json").is_file() else None, [file]
+        )
+    if file.suffix in (".bin", ".pt", ".pth"):
+        return PickleCheckpoint(
+            label, file.parent if (file.parent / "config.json").is_file() else None, [file]
+        )
+    raise CheckpointError(f"{file}: unknown checkpoint format (expected .safetensors, .bin or an index.json)")
+
+
+def _open_folder(label: str, folder: Path) -> Checkpoint:
+    """A checkpoint from a Hugging Face model folder, preferring safetensors."""
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        if (folder / name).is_file():
+            return _open_file(label, folder / name)
+    safetensors_files = sorted(folder.glob("*.safetensors"))
+    if safetensors_files:
+        return SafetensorsCheckpoint(label, folder, safetensors_files)
+    for name in ("pytorch_model.bin.index.json", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return _open_file(label, folder / name)
+    raise CheckpointError(
+        f"{folder}: no model weights found "
+        "(looked for model.safetensors, sharded safetensors, pytorch_model.bin)"
+    )
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """Fetch a model's weights and configs from the Hugging Face Hub into the local cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=[
+                "*.safetensors",
+                "*.safetensors.index.json",
+                "*.json",
+                "*.txt",
+                "*.model",
+                "*.jinja",
+            ],
+        )
+    except Exception as error:  # noqa: BLE001 (any hub failure becomes one line)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"'{repo_id}' is not a local path and could not be fetched from the Hugging Face Hub "
+            f"({first_line[:200]})"
+        ) from None
+    return Path(folder)
+
+
+def open_checkpoint(location: str | Path) -> Checkpoint:
+    """Open a model folder, a weights file, or a Hugging Face Hub id, without reading tensors."""
+    path = Path(location).expanduser()
+    label = str(location)
+    if path.is_dir():
+        return _open_folder(label, path)
+    if path.is_file():
+        return _open_file(label, path)
+    if isinstance(location, str) and HUB_ID.match(location) and not location.startswith((".", "/")):
+        return _open_folder(label, _download_from_hub(location))
+    raise CheckpointError(f"{location}: no such file or directory")
+
+
+def copy_support_files(
+    source: Path | None,
+    destination: Path,
+    overrides: dict[str, object],
+    names: Sequence[str] = SUPPORT_FILES,
+) -> None:
+    """Copy config.json (with ``overrides`` applied) and tokenizer files from a model folder."""
+    if source is None:
+        return
+    for name in names:
+        file = source / name
+        if not file.is_file():
+            continue
+        if name == "config.json" and overrides:
+            config = json.loads(file.read_text(encoding="utf-8"))
+            config.update(overrides)
+            (destination / name).write_text(
+                json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
+        else:
+            shutil.copyfile(file, destination / name)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one tensor goes: its shard and its byte range within that shard's data."""
+
+    shard: int
+    begin: int
+    end: int
+
+
+class SafetensorsWriter:
+    """Writes tensors, in a fixed order, straight into pre-planned safetensors shards."""
+
+    def __init__(self, folder: Path, layout: dict[str, TensorInfo], max_shard_bytes: int) -> None:
+        self.folder = folder
+        self.layout = layout
+        self._slots, self._shard_infos = _plan_shards(layout, max_shard_bytes)
+        count = len(self._shard_infos)
+        self.shard_names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self._order = iter(layout)
+        self._handle: BinaryIO | None = None
+        self._open_shard = -1
+        self._written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the layout; names must arrive in layout order."""
+        expected = next(self._order, None)
+        if name != expected:
+            raise RuntimeError(f"writer expected tensor '{expected}', got '{name}'")
+        info, slot = self.layout[name], self._slots[name]
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise RuntimeError(f"tensor '{name}': expected {info}, got {tuple(tensor.shape)} {tensor.dtype}")
+        handle = self._shard(slot.shard)
+        if self._written != slot.begin:
+            raise RuntimeError(f"tensor '{name}': shard offset {self._written}, planned {slot.begin}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        handle.write(data.data)
+        self._written = slot.end
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (when there are several shards)."""
+        if next(self._order, None) is not None:
+            raise RuntimeError("writer closed before every tensor was written")
+        while self._open_shard < len(self._shard_infos) - 1:  # shards with no tensors left to write
+            self._shard(self._open_shard + 1)
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if len(self.shard_names) > 1:
+            weight_map = {name: self.shard_names[slot.shard] for name, slot in self._slots.items()}
+            total = sum(info.nbytes for info in self.layout.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.folder / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n", encoding="utf-8"
+            )
+
+    def _shard(self, shard: int) -> BinaryIO:
+        """The open file of ``shard``, opening it (header written) and closing the previous one."""
+        if shard != self._open_shard:
+            if self._handle is not None:
+                self._handle.close()
+            self._handle = open(self.folder / self.shard_names[shard], "wb")  # noqa: SIM115
+            self._handle.write(_safetensors_header(self._shard_infos[shard], self._slots, self.layout))
+            self._open_shard = shard
+            self._written = 0
+        assert self._handle is not None
+        return self._handle
+
+
+def _plan_shards(
+    layout: dict[str, TensorInfo], max_shard_bytes: int
+) -> tuple[dict[str, _Slot], list[list[str]]]:
+    """Assign tensors, in order, to shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    slots: dict[str, _Slot] = {}
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, info in layout.items():
+        size = info.nbytes
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        slots[name] = _Slot(len(shards) - 1, used, used + size)
+        shards[-1].append(name)
+        used += size
+    return slots, shards
+
+
+def _safetensors_header(names: list[str], slots: dict[str, _Slot], layout: dict[str, TensorInfo]) -> bytes:
+    """The length-prefixed, 8-byte-aligned JSON header of a safetensors file."""
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    for name in names:
+        info, slot = layout[name], slots[name]
+        entries[name] = {
+            "dtype": DTYPE_CODES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [slot.begin, slot.end],
+        }
+    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+@contextmanager
+def atomic_output_folder(destination: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a hidden folder beside ``destination``; move it there only if the block succeeds.
+
+    An existing non-empty ``destination`` is an error unless ``force``, in which case it
+    is replaced only after the new folder is complete.
+    """
+    destination = destination.expanduser().absolute()
+    if destination.exists() and not destination.is_dir():
+        raise CheckpointError(f"{destination}: exists and is not a folder")
+    if destination.is_dir() and any(destination.iterdir()) and not force:
+        raise CheckpointError(f"{destination}: folder exists and is not empty (pass --force to replace it)")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    staging = destination.parent / f".{destination.name}.m3sb-partial-{token}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = destination.parent / f".{destination.name}.m3sb-old-{token}"
+    if destination.exists():
+        destination.replace(retired)
+    staging.replace(destination)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""The ``m3sb`` command: parse, validate, call one function, print.
+
+Heavy modules (torch, transformers) are imported inside the commands so that ``--help``
+answers at once. Every error a user can cause is printed as one line on stderr with a
+non-zero exit status; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(
+    name="m3sb",
+    help="Merge many fine-tuned models into one, and choose the trade-off between their tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+T = TypeVar("T")
+
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+
+
+def guarded(action: Callable[[], T], debug: bool) -> T:
+    """Run ``action``; turn any failure into one line on stderr and exit status 1."""
+    from m3sb.errors import M3SBError
+
+    try:
+        return action()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        errors.print("[red]interrupted[/red]; nothing was written at the output path")
+        raise typer.Exit(130) from None
+    except M3SBError as error:
+        if debug:
+            raise
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as error:
+        if debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        errors.print(
+            f"[red]error:[/red] unexpected {type(error).__name__}: {escape(message)} "
+            "(rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="Merge recipe (mergekit's YAML schema).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the merged model into.")],
+    device: DeviceOption = "cpu",
+    out_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Merge the models that CONFIG names into OUT_DIR, one tensor at a time."""
+
+    def run() -> None:
+        from m3sb.config import load_merge_config, parse_size
+        from m3sb.merge import merge_to_folder
+
+        recipe = load_merge_config(config)
+        shard_bytes = parse_size(out_shard_size)
+        if quiet:
+            result = merge_to_folder(recipe, out_dir, device=device, out_shard_size=shard_bytes, force=force)
+        else:
+            from m3sb.progress import merge_progress
+
+            with merge_progress(console) as (on_plan, on_tensor):
+                result = merge_to_folder(
+                    recipe,
+                    out_dir,
+                    device=device,
+                    out_shard_size=shard_bytes,
+                    force=force,
+                    progress=on_tensor,
+                    on_plan=on_plan,
+                )
+            console.print(
+                f"merged {result.tensors} tensors ({result.bytes_written / 1e9:.2f} GB) "
+                f"with {recipe.merge_method} in {result.seconds:.1f} s -> {result.out_dir}",
+                highlight=False,
+            )
+
+    guarded(run, debug)
+
+
+@app.command()
+def methods(debug: DebugOption = False) -> None:
+    """List the merge methods and their parameters."""
+
+    def run() -> None:
+        from m3sb.docs import methods_table
+
+        console.print(methods_table())
+
+    guarded(run, debug)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's models and results.")] = Path(
+        "m3sb-demo"
+    ),
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Build tiny models offline, merge them with every method and print what each did."""
+
+    def run() -> None:
+        from m3sb.demo import run_demo
+
+        run_demo(out, console=None if quiet else console)
+
+    guarded(run, debug)
+
+
+def main() -> None:
+    """Entry point of the ``m3sb`` console script."""
+    # Idle OpenMP threads spin by default; on small or shared machines (2 vCPUs) the spin
+    # makes every element-wise tensor op wait milliseconds. Merging is bulk work: sleep.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        app()
+    except SystemExit as exit_:
+        sys.exit(exit_.code)
+
+
+if __name__ == "__main__":
+    main()

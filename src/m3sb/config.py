@@ -1,0 +1,206 @@
+"""Schemas of the YAML files users write, validated with pydantic.
+
+The merge config follows mergekit's schema for the methods both tools share, so an
+existing mergekit YAML works unchanged::
+
+    models:
+      - model: org/finetune-a
+        parameters: {weight: 0.6, density: 0.5}
+      - model: ./finetune-b
+        parameters: {weight: 0.4, density: 0.5}
+    merge_method: ties
+    base_model: org/base
+    parameters: {normalize: true, lambda: 1.0}
+    dtype: float32
+
+A parameter value is a number (or boolean or string), a *gradient* (a list of numbers
+interpolated over the layers), or a list of ``{filter: SUBSTRING, value: V}`` entries
+where the first entry whose filter occurs in the tensor's name applies (an entry
+without ``filter`` matches every tensor).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from m3sb.errors import ConfigError
+
+Scalar = float | int | bool | str
+
+
+class FilteredValue(BaseModel):
+    """A parameter value that applies to tensors whose name contains ``filter``."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Scalar | list[float]
+
+
+ParamSpec = Scalar | list[float] | list[FilteredValue]
+
+DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+    "fp64": "float64",
+}
+
+
+def _dtype_name(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value not in DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype '{value}'; choose one of: {', '.join(DTYPE_ALIASES)}")
+    return DTYPE_ALIASES[value]
+
+
+class ModelEntry(BaseModel):
+    """One input model and its per-model parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+
+
+class MergeConfig(BaseModel):
+    """A merge: which models, which method, which parameters, which dtypes."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelEntry] = Field(min_length=1)
+    merge_method: str
+    base_model: str | None = None
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    name: str | None = None
+
+    _dtypes = field_validator("dtype", "out_dtype")(_dtype_name)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    """The first pydantic complaint as one line: where it is and what is allowed."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        key = str(first["loc"][-1])
+        allowed = _allowed_keys(first["loc"][:-1])
+        hint = "; slices are not supported: list whole models under 'models'" if key == "slices" else ""
+        return f"{source}: unknown key '{key}' at {location}; allowed: {allowed}{hint}"
+    if first["type"] == "missing":
+        return f"{source}: missing required key '{location}'"
+    return f"{source}: {location}: {first['msg']}"
+
+
+def _allowed_keys(location: tuple[int | str, ...]) -> str:
+    """The keys allowed at a location of the merge config."""
+    if not location:
+        fields = MergeConfig.model_fields
+    elif location[0] == "models" and len(location) == 2:
+        fields = ModelEntry.model_fields
+    else:
+        fields = FilteredValue.model_fields
+    return ", ".join(fields)
+
+
+def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
+    """Validate a loaded YAML document as a merge config, or raise a one-line ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Load a YAML file safely (no Python objects), naming the file on any error."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{file}: cannot read: {error}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{file}: malformed YAML{where}: {problem}") from None
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    """Read and validate a merge config YAML file."""
+    return parse_merge_config(load_yaml(path), source=str(path))
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_fraction(tensor_name: str, num_layers: int) -> float:
+    """Where a tensor sits in the depth of the network, from 0 (embeddings) to 1 (last layer, head)."""
+    match = _LAYER_INDEX.search(tensor_name)
+    if match:
+        return int(match.group(1)) / max(1, num_layers - 1)
+    return 0.0 if "embed" in tensor_name or "wte" in tensor_name or "wpe" in tensor_name else 1.0
+
+
+def _interpolate(gradient: list[float], fraction: float) -> float:
+    """Piecewise-linear interpolation of evenly spaced values at ``fraction`` in [0, 1]."""
+    if len(gradient) == 1:
+        return float(gradient[0])
+    position = fraction * (len(gradient) - 1)
+    low = min(int(position), len(gradient) - 2)
+    share = position - low
+    return float(gradient[low]) * (1.0 - share) + float(gradient[low + 1]) * share
+
+
+def resolve_value(spec: ParamSpec, tensor_name: str, num_layers: int) -> Scalar | None:
+    """The value a parameter takes for one tensor; None when no filter entry matches it."""
+    if not isinstance(spec, list):
+        return spec
+    if not spec or not isinstance(spec[0], FilteredValue):
+        return _interpolate(
+            [float(v) for v in spec if not isinstance(v, FilteredValue)],
+            layer_fraction(tensor_name, num_layers),
+        )
+    for entry in spec:
+        assert isinstance(entry, FilteredValue)
+        if entry.filter is None or entry.filter in tensor_name:
+            value = entry.value
+            if isinstance(value, list):
+                return _interpolate(value, layer_fraction(tensor_name, num_layers))
+            return value
+    return None
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as ``5GB``, ``500MB``, ``2GiB`` or a plain integer."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"size '{text}': expected a number with an optional unit (KB, MB, GB, GiB, ...)")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit[:1] in "KMGT" else ""]
+    size = int(number * base**power)
+    if size <= 0:
+        raise ConfigError(f"size '{text}' must be positive")
+    return size

@@ -1,0 +1,113 @@
+"""``m3sb demo``: merge a toy family offline with every method and show what each did."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from m3sb.checkpoints import open_checkpoint
+from m3sb.config import parse_merge_config
+from m3sb.merge import merge_to_folder
+from m3sb.toy import Family, make_family
+
+
+def demo_recipes(family: Family) -> dict[str, dict[str, Any]]:
+    """One merge config per method (and per space where it applies), on the toy family."""
+    models = [str(path) for path in family.models]
+    base = str(family.base)
+    weighted = [{"model": model, "parameters": {"weight": 1.0}} for model in models]
+    sparse = [{"model": model, "parameters": {"weight": 1.0, "density": 0.5}} for model in models]
+    return {
+        "linear": {"merge_method": "linear", "models": weighted},
+        "linear (task vectors)": {
+            "merge_method": "linear",
+            "models": weighted,
+            "base_model": base,
+            "parameters": {"space": "task_vectors"},
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "models": weighted,
+            "base_model": base,
+            "parameters": {"lambda": 1.0 / len(models)},
+        },
+        "ties": {"merge_method": "ties", "models": sparse, "base_model": base},
+        "dare_linear": {
+            "merge_method": "dare_linear",
+            "models": sparse,
+            "base_model": base,
+            "parameters": {"normalize": True},
+        },
+        "dare_ties": {
+            "merge_method": "dare_ties",
+            "models": sparse,
+            "base_model": base,
+            "parameters": {"normalize": True},
+        },
+        "breadcrumbs": {
+            "merge_method": "breadcrumbs",
+            "models": weighted,
+            "base_model": base,
+            "parameters": {"normalize": True},
+        },
+        "model_stock": {"merge_method": "model_stock", "models": weighted, "base_model": base},
+        "slerp (first two)": {"merge_method": "slerp", "models": weighted[:2], "parameters": {"t": 0.5}},
+        "pairwise_slerp": {"merge_method": "pairwise_slerp", "models": weighted},
+        "barycenter": {"merge_method": "barycenter", "models": weighted},
+        "barycenter (task vectors)": {
+            "merge_method": "barycenter",
+            "models": weighted,
+            "base_model": base,
+            "parameters": {"space": "task_vectors"},
+        },
+        "karcher (base as a point)": {"merge_method": "karcher", "models": weighted, "base_model": base},
+    }
+
+
+def _flat(path: Path) -> torch.Tensor:
+    checkpoint = open_checkpoint(path)
+    return torch.cat([checkpoint.load(name).double().reshape(-1) for name in checkpoint.tensors])
+
+
+def run_demo(out: Path, console: Console | None = None) -> list[dict[str, Any]]:
+    """Build the toy family under ``out``, merge it every way, and return (and print) a summary."""
+    out = Path(out)
+    family = make_family(out / "models")
+    references = {"base": _flat(family.base)} | {
+        f"finetune-{i}": _flat(path) for i, path in enumerate(family.models)
+    }
+    rows = []
+    for label, recipe in demo_recipes(family).items():
+        config = parse_merge_config(recipe, source=label)
+        folder = (
+            out / "merges" / label.split(" ")[0]
+            if "(" not in label
+            else out / "merges" / label.replace(" ", "_").replace("(", "").replace(")", "")
+        )
+        started = time.perf_counter()
+        merge_to_folder(config, folder, force=True)
+        seconds = time.perf_counter() - started
+        merged = _flat(folder)
+        row: dict[str, Any] = {"method": label, "seconds": round(seconds, 3)}
+        for name, reference in references.items():
+            row[f"distance to {name}"] = round(float((merged - reference).norm() / reference.norm()), 5)
+        rows.append(row)
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if console is not None:
+        table = Table(title="m3sb demo: three toy fine-tunes of a tiny Llama, merged every way")
+        for column in rows[0]:
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for row in rows:
+            table.add_row(*(str(value) for value in row.values()))
+        console.print(table)
+        console.print(f"relative distance = ||merged - model|| / ||model|| over all weights; files in {out}")
+    return rows

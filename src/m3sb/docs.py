@@ -1,0 +1,49 @@
+"""Tables of the merge methods and their parameters, read from the method declarations."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from m3sb.methods import METHODS
+
+
+def _format_default(value: object) -> str:
+    if value is None:
+        return "required"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def method_rows() -> list[tuple[str, str, str, str]]:
+    """(method, base model, parameters, summary) for every registered method."""
+    rows = []
+    for method in METHODS.values():
+        params = ", ".join(
+            f"{p.name}{' (per model)' if p.per_model else ''}={_format_default(p.default)}"
+            for p in method.all_params
+        )
+        base = {"required": "required", "optional": "optional", "unused": "-"}[method.base]
+        if method.task_space:
+            base = "with space: task_vectors"
+        rows.append((method.name, base, params, method.summary))
+    return rows
+
+
+def methods_table() -> Table:
+    """The methods as a rich table (``m3sb methods``)."""
+    table = Table(title="merge methods")
+    for column in ("method", "base_model", "parameters (default)", "what it computes"):
+        table.add_column(column)
+    for row in method_rows():
+        table.add_row(*row)
+    return table
+
+
+def methods_markdown() -> str:
+    """The methods as a Markdown table (the README's)."""
+    lines = ["| method | base_model | parameters (default) | what it computes |", "|---|---|---|---|"]
+    lines += [
+        f"| `{name}` | {base} | {params} | {summary} |" for name, base, params, summary in method_rows()
+    ]
+    return "\n".join(lines)

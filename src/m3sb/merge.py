@@ -1,0 +1,340 @@
+"""The merge engine: plan a merge from a config, then stream it tensor by tensor.
+
+``build_plan`` does every check that needs no tensor data (method, parameters, inputs,
+tensor names and shapes, per-tensor weights) so that bad input fails before any heavy
+work. ``merge_tensors`` then yields merged tensors one name at a time, holding about one
+tensor per input; ``merge_to_folder`` writes them as a Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from m3sb.checkpoints import (
+    TOKENIZER_FILES,
+    Checkpoint,
+    SafetensorsWriter,
+    TensorInfo,
+    atomic_output_folder,
+    copy_support_files,
+    open_checkpoint,
+)
+from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, resolve_value
+from m3sb.devices import resolve_device
+from m3sb.errors import ConfigError, MergeError
+from m3sb.methods import MergeMethod, apply_method, get_method
+from m3sb.methods.registry import ParamValue
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: how to compute it and what it will look like."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    weights: tuple[float, ...]
+    params: dict[str, ParamValue | list[ParamValue]]
+    mergeable: bool
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A validated merge: the method, its inputs in order, and one job per tensor."""
+
+    method: MergeMethod
+    inputs: tuple[Checkpoint, ...]
+    base: Checkpoint | None
+    jobs: tuple[TensorJob, ...]
+    compute_dtype: torch.dtype
+    config: MergeConfig
+
+    @property
+    def layout(self) -> dict[str, TensorInfo]:
+        """Names, shapes and dtypes of the merged checkpoint, in writing order."""
+        return {job.name: TensorInfo(job.shape, job.out_dtype) for job in self.jobs}
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a finished merge reports."""
+
+    out_dir: Path
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, DTYPE_ALIASES[name])
+
+
+def _check_param_names(method: MergeMethod, config: MergeConfig) -> None:
+    """Every parameter in the config must be declared by the method, at a level it allows."""
+    allowed = ", ".join(p.name for p in method.all_params)
+    for key in config.parameters:
+        if method.param(key) is None:
+            raise ConfigError(
+                f"unknown parameter '{key}' for merge_method '{method.name}'; allowed: {allowed}"
+            )
+    for entry in config.models:
+        for key in entry.parameters:
+            param = method.param(key)
+            if param is None:
+                raise ConfigError(
+                    f"model '{entry.model}': unknown parameter '{key}' for merge_method "
+                    f"'{method.name}'; allowed: {allowed}"
+                )
+            if not param.per_model:
+                raise ConfigError(
+                    f"model '{entry.model}': parameter '{key}' of '{method.name}' applies to the whole "
+                    "merge; put it under the top-level 'parameters'"
+                )
+    for param in method.all_params:
+        if param.default is None and param.name not in config.parameters:
+            raise ConfigError(f"merge_method '{method.name}' needs parameter '{param.name}' ({param.help})")
+
+
+def _uses_base(method: MergeMethod, config: MergeConfig) -> bool:
+    space = config.parameters.get("space", "weights")
+    return method.base != "unused" or (method.task_space and space == "task_vectors")
+
+
+def _select_inputs(
+    method: MergeMethod, config: MergeConfig
+) -> tuple[list[str], list[dict[str, ParamSpec]], str | None]:
+    """The method's input locations with their per-model parameters, and the base location."""
+    locations = [entry.model for entry in config.models]
+    for i, location in enumerate(locations):
+        if location in locations[:i]:
+            raise ConfigError(f"model '{location}' is listed twice; give it a larger weight instead")
+    specs = [dict(entry.parameters) for entry in config.models]
+    base = config.base_model if _uses_base(method, config) else None
+    if method.base == "required" and base is None:
+        raise ConfigError(f"merge_method '{method.name}' needs a base_model")
+    if method.task_space and config.parameters.get("space") == "task_vectors" and base is None:
+        raise ConfigError(f"merge_method '{method.name}' with space: task_vectors needs a base_model")
+    if base is not None:
+        base_specs = [spec for location, spec in zip(locations, specs, strict=True) if location == base]
+        kept = [(location, spec) for location, spec in zip(locations, specs, strict=True) if location != base]
+        locations, specs = [k[0] for k in kept], [k[1] for k in kept]
+        if method.base_is_input:
+            locations.insert(0, base)
+            specs.insert(0, base_specs[0] if base_specs else {})
+            base = None
+    count = len(locations)
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        wanted = (
+            f"exactly {method.min_models}"
+            if method.min_models == method.max_models
+            else f"at least {method.min_models}"
+        )
+        raise ConfigError(
+            f"merge_method '{method.name}' takes {wanted} models (base_model included where it is an input), "
+            f"got {count}"
+        )
+    return locations, specs, base
+
+
+def _check_alignment(checkpoints: Sequence[Checkpoint]) -> dict[str, TensorInfo]:
+    """All checkpoints must hold the same tensor names with the same shapes; returns the first's."""
+    reference = checkpoints[0]
+    names = reference.tensors
+    if not names:
+        raise MergeError(f"{reference.label}: the checkpoint holds no tensors")
+    for other in checkpoints[1:]:
+        for name in names:
+            if name not in other.tensors:
+                raise MergeError(f"tensor '{name}' is in {reference.label} but missing from {other.label}")
+        for name in other.tensors:
+            if name not in names:
+                raise MergeError(f"tensor '{name}' is in {other.label} but missing from {reference.label}")
+        for name, info in names.items():
+            if other.tensors[name].shape != info.shape:
+                raise MergeError(
+                    f"tensor '{name}' has shape {list(info.shape)} in {reference.label} "
+                    f"but {list(other.tensors[name].shape)} in {other.label}"
+                )
+    return names
+
+
+def _num_layers(checkpoint: Checkpoint) -> int:
+    """The depth used to spread gradient parameters over layers."""
+    config = checkpoint.read_config()
+    layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
+    return int(layers) if isinstance(layers, int) and layers > 0 else 1
+
+
+def _resolve(
+    spec: ParamSpec, param_name: str, method: MergeMethod, tensor: str, num_layers: int, where: str
+) -> ParamValue:
+    param = method.param(param_name)
+    assert param is not None
+    if isinstance(spec, list) and not spec:
+        raise ConfigError(f"{where}: parameter '{param_name}' is an empty list")
+    value = resolve_value(spec, tensor, num_layers)
+    if value is None:
+        if param.default is None:
+            raise ConfigError(f"{where}: no filter of parameter '{param_name}' matches tensor '{tensor}'")
+        value = param.default
+    context = where if not isinstance(spec, list) else f"{where} (tensor '{tensor}')"
+    return param.check(value, context)
+
+
+def _tensor_job(
+    name: str,
+    info: TensorInfo,
+    method: MergeMethod,
+    config: MergeConfig,
+    specs: list[dict[str, ParamSpec]],
+    locations: list[str],
+    num_layers: int,
+) -> TensorJob:
+    """Resolve every parameter for one tensor and check the weights make sense for the method."""
+    out_dtype = _torch_dtype(config.out_dtype) or _torch_dtype(config.dtype) or info.dtype
+    if not info.dtype.is_floating_point:
+        return TensorJob(name, info.shape, info.dtype, (), {}, mergeable=False)
+    params: dict[str, ParamValue | list[ParamValue]] = {}
+    for param in method.all_params:
+        if param.per_model:
+            values: list[ParamValue] = []
+            for location, model_specs in zip(locations, specs, strict=True):
+                spec = model_specs.get(param.name, config.parameters.get(param.name, param.default))
+                assert spec is not None
+                values.append(_resolve(spec, param.name, method, name, num_layers, f"model '{location}'"))
+            params[param.name] = values
+        else:
+            spec = config.parameters.get(param.name, param.default)
+            assert spec is not None
+            params[param.name] = _resolve(spec, param.name, method, name, num_layers, "parameters")
+    weights = tuple(float(w) for w in params.pop("weight"))  # type: ignore[union-attr]
+    if method.nonnegative_weights and any(w < 0 for w in weights):
+        raise ConfigError(f"merge_method '{method.name}' needs non-negative weights, got {list(weights)}")
+    if (method.nonnegative_weights or params.get("normalize") is True) and abs(sum(weights)) < 1e-12:
+        raise ConfigError(f"weights sum to zero for tensor '{name}': {list(weights)}")
+    return TensorJob(name, info.shape, out_dtype, weights, params, mergeable=True)
+
+
+def build_plan(config: MergeConfig) -> MergePlan:
+    """Check a merge config against its method and its inputs, reading no tensor data."""
+    method = get_method(config.merge_method)
+    _check_param_names(method, config)
+    locations, specs, base_location = _select_inputs(method, config)
+    opened: dict[str, Checkpoint] = {}
+    for location in [*locations, *([base_location] if base_location else [])]:
+        opened[location] = open_checkpoint(location)
+    inputs = tuple(opened[location] for location in locations)
+    base = opened[base_location] if base_location else None
+    names = _check_alignment([*inputs, *([base] if base else [])])
+    num_layers = _num_layers(inputs[0])
+    jobs = tuple(
+        _tensor_job(name, info, method, config, specs, locations, num_layers) for name, info in names.items()
+    )
+    compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    return MergePlan(method, inputs, base, jobs, compute_dtype, config)
+
+
+def _load(checkpoint: Checkpoint, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Read one tensor, move it to the compute device and dtype, and refuse NaN or Inf."""
+    tensor = checkpoint.load(name).to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(tensor).all()):
+        raise MergeError(f"tensor '{name}' in {checkpoint.label} contains NaN or Inf")
+    return tensor
+
+
+def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """Compute one merged tensor (on the CPU, in its output dtype)."""
+    if not job.mergeable:
+        source = plan.base or plan.inputs[0]
+        return source.load(job.name).clone()
+    tensors = [_load(checkpoint, job.name, plan.compute_dtype, device) for checkpoint in plan.inputs]
+    base = _load(plan.base, job.name, plan.compute_dtype, device) if plan.base else None
+    try:
+        merged = apply_method(plan.method, tensors, job.weights, base, job.params, job.name)  # type: ignore[arg-type]
+    except MergeError as error:
+        raise MergeError(f"tensor '{job.name}': {error}") from None
+    if not bool(torch.isfinite(merged).all()):
+        raise MergeError(f"tensor '{job.name}': the merge produced NaN or Inf")
+    return merged.to(device="cpu", dtype=job.out_dtype)
+
+
+def merge_tensors(
+    plan: MergePlan, device: torch.device, progress: Progress | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged tensor)`` in the plan's order."""
+    for job in plan.jobs:
+        merged = merge_tensor(plan, job, device)
+        if progress is not None:
+            progress(job.name, merged.numel() * merged.element_size())
+        yield job.name, merged
+
+
+def _dtype_overrides(plan: MergePlan) -> dict[str, object]:
+    """config.json keys that must follow the merged weights' dtype."""
+    float_dtypes = {job.out_dtype for job in plan.jobs if job.mergeable}
+    if len(float_dtypes) != 1:
+        return {}
+    name = str(next(iter(float_dtypes))).removeprefix("torch.")
+    existing = plan.inputs[0].read_config()
+    keys = [key for key in ("torch_dtype", "dtype") if key in existing] or ["dtype"]
+    return {key: name for key in keys}
+
+
+def model_card(plan: MergePlan) -> str:
+    """A short README naming the method, the inputs and the parameters."""
+    config = plan.config
+    sources = [entry.model for entry in config.models]
+    if config.base_model and config.base_model not in sources:
+        sources.append(config.base_model)
+    front = yaml.safe_dump({"library_name": "transformers", "tags": ["merge", "m3sb"], "base_model": sources})
+    inputs = "\n".join(f"- `{source}`" for source in sources)
+    recipe = yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False)
+    return (
+        f"---\n{front}---\n\n# {config.name or 'Merged model'}\n\n"
+        f"Merged with [m3sb](https://pypi.org/project/m3sb/) using **{plan.method.name}**: "
+        f"{plan.method.summary}.\n\n## Inputs\n\n{inputs}\n\n## Configuration\n\n```yaml\n{recipe}```\n"
+    )
+
+
+def merge_to_folder(
+    config: MergeConfig,
+    out_dir: str | Path,
+    device: str = "cpu",
+    out_shard_size: int = 5 * 10**9,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_plan: Callable[[MergePlan], None] | None = None,
+) -> MergeResult:
+    """Merge as ``config`` says and write a Hugging Face model folder at ``out_dir``, atomically."""
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    plan = build_plan(config)
+    destination = Path(out_dir).expanduser().absolute()
+    for checkpoint in (*plan.inputs, *([plan.base] if plan.base else [])):
+        if checkpoint.folder is not None and checkpoint.folder.absolute() == destination:
+            raise ConfigError(f"{destination}: the output folder is one of the input models")
+    if on_plan is not None:
+        on_plan(plan)
+    written = 0
+    with atomic_output_folder(destination, force=force) as staging:
+        writer = SafetensorsWriter(staging, plan.layout, out_shard_size)
+        for name, tensor in merge_tensors(plan, torch_device, progress):
+            writer.write(name, tensor)
+            written += tensor.numel() * tensor.element_size()
+        writer.close()
+        copy_support_files(
+            plan.inputs[0].folder if plan.base is None else plan.base.folder, staging, _dtype_overrides(plan)
+        )
+        tokenizer_source = config.tokenizer_source
+        if tokenizer_source and tokenizer_source != "base":
+            copy_support_files(open_checkpoint(tokenizer_source).folder, staging, {}, TOKENIZER_FILES)
+        (staging / "README.md").write_text(model_card(plan), encoding="utf-8")
+    return MergeResult(destination, len(plan.jobs), written, time.perf_counter() - started)

@@ -1,0 +1,46 @@
+"""Model Stock: interpolate between the base and the average by the task vectors' angle.
+
+Jang et al. 2024, https://arxiv.org/abs/2403.19522: with N fine-tunes whose task vectors
+meet at mean pairwise cosine c, the ratio is ``t = N c / (1 + (N - 1) c)`` and the result
+``t * mean(x_i) + (1 - t) * base``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from m3sb.geometry import combine, gram_matrix
+from m3sb.methods.registry import MergeMethod
+
+
+def interpolation_ratio(gram: torch.Tensor) -> float:
+    """Model Stock's ratio t from the Gram matrix of the task vectors (0 where undefined)."""
+    count = gram.shape[0]
+    cosines = []
+    for i, j in itertools.combinations(range(count), 2):
+        norms = math.sqrt(max(0.0, float(gram[i, i]) * float(gram[j, j])))
+        cosines.append(float(gram[i, j]) / max(norms, 1e-12))
+    cosine = sum(cosines) / len(cosines)
+    denominator = 1.0 + (count - 1) * cosine
+    return 0.0 if abs(denominator) < 1e-6 else count * cosine / denominator
+
+
+def model_stock(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None) -> torch.Tensor:
+    """``t * mean(x_i) + (1 - t) * base`` with t from the task vectors' mean pairwise cosine."""
+    assert base is not None
+    ratio = interpolation_ratio(gram_matrix([tensor - base for tensor in tensors]))
+    count = len(tensors)
+    return combine([*tensors, base], [ratio / count] * count + [1.0 - ratio])
+
+
+METHOD = MergeMethod(
+    name="model_stock",
+    function=model_stock,
+    summary="t * average + (1 - t) * base, t from the task vectors' mean pairwise cosine",
+    base="required",
+    min_models=2,
+    reference="https://arxiv.org/abs/2403.19522",
+)

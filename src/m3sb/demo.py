@@ -21,6 +21,7 @@ def demo_recipes(family: Family) -> dict[str, dict[str, Any]]:
     """One merge config per method (and per space where it applies), on the toy family."""
     models = [str(path) for path in family.models]
     base = str(family.base)
+    plain = [{"model": model} for model in models]
     weighted = [{"model": model, "parameters": {"weight": 1.0}} for model in models]
     sparse = [{"model": model, "parameters": {"weight": 1.0, "density": 0.5}} for model in models]
     return {
@@ -56,8 +57,8 @@ def demo_recipes(family: Family) -> dict[str, dict[str, Any]]:
             "base_model": base,
             "parameters": {"normalize": True},
         },
-        "model_stock": {"merge_method": "model_stock", "models": weighted, "base_model": base},
-        "slerp (first two)": {"merge_method": "slerp", "models": weighted[:2], "parameters": {"t": 0.5}},
+        "model_stock": {"merge_method": "model_stock", "models": plain, "base_model": base},
+        "slerp (first two)": {"merge_method": "slerp", "models": plain[:2], "parameters": {"t": 0.5}},
         "pairwise_slerp": {"merge_method": "pairwise_slerp", "models": weighted},
         "barycenter": {"merge_method": "barycenter", "models": weighted},
         "barycenter (task vectors)": {
@@ -96,7 +97,7 @@ def run_demo(out: Path, console: Console | None = None) -> list[dict[str, Any]]:
         merged = _flat(folder)
         row: dict[str, Any] = {"method": label, "seconds": round(seconds, 3)}
         for name, reference in references.items():
-            row[f"distance to {name}"] = round(float((merged - reference).norm() / reference.norm()), 5)
+            row[name] = round(float((merged - reference).norm() / reference.norm()), 5)
         rows.append(row)
     with open(out / "summary.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -104,10 +105,11 @@ def run_demo(out: Path, console: Console | None = None) -> list[dict[str, Any]]:
         writer.writerows(rows)
     if console is not None:
         table = Table(title="m3sb demo: three toy fine-tunes of a tiny Llama, merged every way")
+        table.caption = "columns after 'seconds': relative distance ||merged - model|| / ||model||"
         for column in rows[0]:
             table.add_column(column, justify="left" if column == "method" else "right")
         for row in rows:
             table.add_row(*(str(value) for value in row.values()))
         console.print(table)
-        console.print(f"relative distance = ||merged - model|| / ||model|| over all weights; files in {out}")
+        console.print(f"models, merges and summary.csv are in {out}")
     return rows

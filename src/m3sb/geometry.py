@@ -129,7 +129,7 @@ def karcher_coefficients(
     The mean direction minimises ``sum_i w_i * angle(m, u_i)^2`` over unit vectors m,
     where ``u_i`` are the inputs' directions; it is scaled by the weighted mean norm.
     Riemannian gradient steps start from the normalised weighted mean of the ``u_i``
-    and stop when the gradient norm (radians) falls below ``tol``. Zero-weight inputs
+    and stop after the step whose gradient norm (radians) is below ``tol``. Zero-weight inputs
     do not take part; zero-norm inputs add their (zero) norm but no direction.
     """
     weight = normalized_weights(weights)
@@ -172,12 +172,15 @@ def karcher_coefficients(
         # Riemannian gradient: sum_i w_i * theta_i / sin(theta_i) * (u_i - cos_i * m).
         gradient = factors - (factors @ cosines) * mean
         gradient_norm = math.sqrt(max(0.0, float(gradient @ unit_gram @ gradient)))
-        if gradient_norm < tol:
+        if gradient_norm == 0.0:
             break
+        # Steps cost O(N^2) here, so the last small step is taken too rather than skipped.
         stepped = math.cos(gradient_norm) * mean + (math.sin(gradient_norm) / gradient_norm) * gradient
         mean = unit(stepped)
         if mean is None:
             raise MergeError("Karcher mean iteration left the sphere (degenerate inputs)")
+        if gradient_norm < tol:
+            break
     for slot, i in enumerate(points):
         coefficients[i] = scale * float(mean[slot]) / norms[i]
     return coefficients, steps

@@ -215,7 +215,9 @@ def _tensor_job(
             spec = config.parameters.get(param.name, param.default)
             assert spec is not None
             params[param.name] = _resolve(spec, param.name, method, name, num_layers, "parameters")
-    weights = tuple(float(w) for w in params.pop("weight"))  # type: ignore[union-attr]
+    declared_weights = params.pop("weight", [1.0] * len(locations))
+    assert isinstance(declared_weights, list)
+    weights = tuple(float(w) for w in declared_weights)
     if method.nonnegative_weights and any(w < 0 for w in weights):
         raise ConfigError(f"merge_method '{method.name}' needs non-negative weights, got {list(weights)}")
     if (method.nonnegative_weights or params.get("normalize") is True) and abs(sum(weights)) < 1e-12:

@@ -42,5 +42,6 @@ METHOD = MergeMethod(
     summary="t * average + (1 - t) * base, t from the task vectors' mean pairwise cosine",
     base="required",
     min_models=2,
+    uses_weights=False,
     reference="https://arxiv.org/abs/2403.19522",
 )

@@ -83,12 +83,13 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     nonnegative_weights: bool = False
+    uses_weights: bool = True
     task_space: bool = False
     reference: str = ""
     all_params: tuple[Param, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        extra: list[Param] = [WEIGHT]
+        extra: list[Param] = [WEIGHT] if self.uses_weights else []
         if self.task_space:
             extra += [SPACE, LAMBDA]
         object.__setattr__(self, "all_params", tuple(extra) + self.params)

@@ -27,6 +27,7 @@ METHOD = MergeMethod(
     params=(Param("t", float, None, "position along the arc", minimum=0.0, maximum=1.0),),
     base="optional",
     base_is_input=True,
+    uses_weights=False,
     min_models=2,
     max_models=2,
     reference="https://en.wikipedia.org/wiki/Slerp",

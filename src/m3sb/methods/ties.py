@@ -37,7 +37,7 @@ def ties(
 METHOD = MergeMethod(
     name="ties",
     function=ties,
-    summary="trim to top-|density| magnitudes, elect sign by weighted sum, disjoint mean",
+    summary="keep the top density fraction of each task vector by magnitude, elect signs, disjoint mean",
     params=(
         DENSITY,
         Param("normalize", bool, True, "divide by the sum of the agreeing weights"),

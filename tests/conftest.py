@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny real Hugging Face models built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads spin by default, which stalls small tensor ops on 2-vCPU machines.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path
+
+import pytest
+
+from m3sb.toy import Family, make_family
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """A tiny random Llama base and three fine-tunes of it (float32 safetensors folders)."""
+    return make_family(tmp_path_factory.mktemp("family"), n_models=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def family_dir(family: Family) -> Path:
+    """The folder holding the toy family."""
+    return family.base.parent

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from m3sb.methods.model_stock import model_stock
+
+
+@pytest.mark.parametrize(
+    ("second_direction", "ratio"),
+    [
+        ((0.0, 1.0), 0.0),  # orthogonal task vectors: stay at the base
+        ((1.0, 0.0), 1.0),  # parallel: take the average
+        ((0.5, math.sqrt(3) / 2), 2.0 / 3.0),  # cos 0.5: t = 2 * 0.5 / (1 + 0.5)
+    ],
+)
+def test_interpolation_ratio_follows_the_task_vectors_angle(
+    second_direction: tuple[float, float], ratio: float
+) -> None:
+    base = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    models = [
+        base + torch.tensor([2.0, 0.0], dtype=torch.float64),
+        base + torch.tensor(second_direction, dtype=torch.float64),
+    ]
+    merged = model_stock(models, [1.0, 1.0], base)
+    expected = ratio * (models[0] + models[1]) / 2 + (1 - ratio) * base
+    assert torch.allclose(merged, expected, atol=1e-12)

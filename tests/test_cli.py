@@ -1,0 +1,308 @@
+"""``m3sb merge`` end to end, and the bad-input matrix: one line, non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from m3sb.cli import app
+from m3sb.toy import Family
+
+runner = CliRunner()
+
+
+def _write_config(folder: Path, recipe: dict[str, Any] | str) -> Path:
+    path = folder / "recipe.yml"
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    return path
+
+
+def _variant(family: Family, folder: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> str:
+    """A copy of fine-tune 0 whose state dict ``change`` edits."""
+    target = folder / "variant"
+    shutil.copytree(family.models[0], target)
+    state = load_file(target / "model.safetensors")
+    change(state)
+    save_file(state, target / "model.safetensors")
+    return str(target)
+
+
+def test_merge_writes_a_model_and_reports(family: Family, tmp_path: Path) -> None:
+    recipe = {"merge_method": "barycenter", "models": [{"model": str(p)} for p in family.models]}
+    result = runner.invoke(app, ["merge", str(_write_config(tmp_path, recipe)), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "merged" in result.stdout and "barycenter" in result.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> None:
+    state["model.layers.0.mlp.down_proj.weight"] = torch.zeros(2, 2)
+
+
+def _missing(state: dict[str, torch.Tensor]) -> None:
+    del state["model.layers.1.self_attn.q_proj.weight"]
+
+
+def _nan(state: dict[str, torch.Tensor]) -> None:
+    state["model.layers.1.mlp.gate_proj.weight"][0, 0] = float("nan")
+
+
+def _truncate(family: Family, folder: Path) -> str:
+    target = folder / "truncated"
+    shutil.copytree(family.models[0], target)
+    data = (target / "model.safetensors").read_bytes()
+    (target / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return str(target)
+
+
+class _Payload:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch PWNED",))
+
+
+def _pickle_with_code(family: Family, folder: Path) -> str:
+    target = folder / "evil"
+    target.mkdir()
+    shutil.copy(family.models[0] / "config.json", target / "config.json")
+    state: dict[str, Any] = dict(load_file(family.models[0] / "model.safetensors"))
+    state["payload"] = _Payload()
+    torch.save(state, target / "pytorch_model.bin")
+    return str(target)
+
+
+def _models(family: Family, *extra: str, **parameters: Any) -> list[dict[str, Any]]:
+    return [{"model": str(p), "parameters": dict(parameters)} for p in family.models[1:]] + [
+        {"model": e} for e in extra
+    ]
+
+
+# Each case: (id, recipe builder or raw YAML, extra CLI args, pattern the one-line error must match)
+CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str], str]] = [
+    (
+        "shape mismatch",
+        lambda f, d: {"merge_method": "linear", "models": _models(f, _variant(f, d, _shapes))},
+        [],
+        r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \[32, 64\] in .* "
+        r"but \[2, 2\] in .*variant",
+    ),
+    (
+        "missing tensor",
+        lambda f, d: {"merge_method": "linear", "models": _models(f, _variant(f, d, _missing))},
+        [],
+        r"tensor 'model\.layers\.1\.self_attn\.q_proj\.weight' is in .* but missing from .*variant",
+    ),
+    (
+        "NaN in an input",
+        lambda f, d: {"merge_method": "linear", "models": _models(f, _variant(f, d, _nan))},
+        [],
+        r"tensor 'model\.layers\.1\.mlp\.gate_proj\.weight' in .*variant contains NaN or Inf",
+    ),
+    (
+        "negative weight",
+        lambda f, d: {"merge_method": "barycenter", "models": _models(f, weight=-1.0)},
+        [],
+        r"merge_method 'barycenter' needs non-negative weights",
+    ),
+    (
+        "all-zero weights",
+        lambda f, d: {"merge_method": "linear", "models": _models(f, weight=0.0)},
+        [],
+        r"weights sum to zero for tensor '",
+    ),
+    (
+        "task vectors without base",
+        lambda f, d: {"merge_method": "ties", "models": _models(f)},
+        [],
+        r"merge_method 'ties' needs a base_model",
+    ),
+    (
+        "task-vector space without base",
+        lambda f, d: {
+            "merge_method": "barycenter",
+            "models": _models(f),
+            "parameters": {"space": "task_vectors"},
+        },
+        [],
+        r"'barycenter' with space: task_vectors needs a base_model",
+    ),
+    (
+        "unknown method",
+        lambda f, d: {"merge_method": "soup", "models": _models(f)},
+        [],
+        r"unknown merge_method 'soup'; choose one of: linear, task_arithmetic",
+    ),
+    (
+        "unknown parameter",
+        lambda f, d: {"merge_method": "ties", "base_model": str(f.base), "models": _models(f, densty=0.5)},
+        [],
+        r"unknown parameter 'densty' for merge_method 'ties'; allowed: weight, density",
+    ),
+    (
+        "whole-merge parameter on a model",
+        lambda f, d: {
+            "merge_method": "ties",
+            "base_model": str(f.base),
+            "models": _models(f, normalize=True),
+        },
+        [],
+        r"parameter 'normalize' of 'ties' applies to the whole merge",
+    ),
+    (
+        "parameter out of range",
+        lambda f, d: {"merge_method": "ties", "base_model": str(f.base), "models": _models(f, density=1.5)},
+        [],
+        r"parameter 'density' must be <= 1\.0, got 1\.5",
+    ),
+    (
+        "parameter of the wrong type",
+        lambda f, d: {"merge_method": "linear", "models": _models(f), "parameters": {"normalize": "yes"}},
+        [],
+        r"parameter 'normalize' must be true or false, got 'yes'",
+    ),
+    (
+        "required parameter missing",
+        lambda f, d: {"merge_method": "slerp", "models": _models(f)},
+        [],
+        r"merge_method 'slerp' needs parameter 't'",
+    ),
+    (
+        "too many models for slerp",
+        lambda f, d: {
+            "merge_method": "slerp",
+            "models": _models(f, str(f.models[0])),
+            "parameters": {"t": 0.5},
+        },
+        [],
+        r"merge_method 'slerp' takes exactly 2 models",
+    ),
+    (
+        "duplicate model",
+        lambda f, d: {"merge_method": "linear", "models": _models(f, str(f.models[1]))},
+        [],
+        r"model '.*finetune-1' is listed twice",
+    ),
+    (
+        "slices",
+        lambda f, d: {"merge_method": "linear", "slices": [], "models": _models(f)},
+        [],
+        r"unknown key 'slices'",
+    ),
+    (
+        "malformed YAML",
+        lambda f, d: "models: [\n  - model: x\nmerge_method: linear: bad\n",
+        [],
+        r"recipe\.yml: malformed YAML \(line \d+, column \d+\)",
+    ),
+    (
+        "missing model path",
+        lambda f, d: {"merge_method": "linear", "models": _models(f, str(d / "nowhere"))},
+        [],
+        r"nowhere: no such file or directory",
+    ),
+    (
+        "truncated safetensors",
+        lambda f, d: {"merge_method": "linear", "models": _models(f, _truncate(f, d))},
+        [],
+        r"truncated/model\.safetensors: not a valid safetensors file",
+    ),
+    (
+        "pickle carrying code",
+        lambda f, d: {"merge_method": "linear", "models": _models(f, _pickle_with_code(f, d))},
+        [],
+        r"evil/pytorch_model\.bin: refused: the pickle holds more than tensors and was not run",
+    ),
+    (
+        "no GPU",
+        lambda f, d: {"merge_method": "linear", "models": _models(f)},
+        ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
+        r"--device cuda",
+    ),
+    (
+        "bad shard size",
+        lambda f, d: {"merge_method": "linear", "models": _models(f)},
+        ["--out-shard-size", "lots"],
+        r"size 'lots'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("builder", "arguments", "pattern"), [case[1:] for case in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_gives_one_line_and_writes_nothing(
+    builder: Callable[[Family, Path], dict[str, Any] | str],
+    arguments: list[str],
+    pattern: str,
+    family: Family,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "inputs"
+    workdir.mkdir()
+    config = _write_config(workdir, builder(family, workdir))
+    out = tmp_path / "results" / "merged"
+    result = runner.invoke(app, ["merge", str(config), str(out), "--quiet", *arguments])
+    assert result.exit_code == 1, result.output
+    message = result.stderr.strip()
+    assert message.count("\n") == 0 and message.startswith("error: "), message
+    assert "Traceback" not in result.output
+    assert re.search(pattern, message), message
+    assert not out.exists()
+    assert not (tmp_path / "results").exists() or list((tmp_path / "results").iterdir()) == []
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["merge", str(tmp_path / "none.yml"), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {tmp_path / 'none.yml'}: no such file"
+
+
+def test_existing_output_is_kept_without_force(family: Family, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    config = _write_config(tmp_path, {"merge_method": "linear", "models": _models(family)})
+    result = runner.invoke(app, ["merge", str(config), str(out), "--quiet"])
+    assert result.exit_code == 1 and "pass --force" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert runner.invoke(app, ["merge", str(config), str(out), "--quiet", "--force"]).exit_code == 0
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.slow
+def test_console_script_error_has_no_traceback_unless_debug(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, {"merge_method": "soup", "models": [{"model": "x"}]})
+    script = Path(sys.executable).with_name("m3sb")
+    plain = subprocess.run(
+        [script, "merge", config, tmp_path / "out"], capture_output=True, text=True, check=False
+    )
+    assert plain.returncode == 1
+    assert plain.stderr.strip().startswith("error: unknown merge_method 'soup'")
+    assert "Traceback" not in plain.stderr and plain.stderr.strip().count("\n") == 0
+    debug = subprocess.run(
+        [script, "merge", config, tmp_path / "out", "--debug"], capture_output=True, text=True, check=False
+    )
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_methods_command_lists_every_method() -> None:
+    from m3sb.methods import METHODS
+
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0
+    for name in METHODS:
+        assert name in result.stdout

@@ -1,0 +1,137 @@
+"""The merge YAML schema: mergekit's keys, filters and gradients, sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from m3sb.config import (
+    FilteredValue,
+    layer_fraction,
+    load_merge_config,
+    parse_merge_config,
+    parse_size,
+    resolve_value,
+)
+from m3sb.errors import ConfigError
+
+MERGEKIT_EXAMPLE = """
+models:
+  - model: org/a
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: org/b
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+merge_method: ties
+base_model: org/base
+parameters:
+  normalize: true
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+
+def test_a_mergekit_yaml_parses(tmp_path: Path) -> None:
+    path = tmp_path / "ties.yml"
+    path.write_text(MERGEKIT_EXAMPLE)
+    config = load_merge_config(path)
+    assert config.merge_method == "ties"
+    assert config.dtype == "bfloat16"
+    assert config.models[1].parameters["density"] == 0.5
+    assert isinstance(config.parameters["t"], list) and isinstance(config.parameters["t"][0], FilteredValue)
+
+
+@pytest.mark.parametrize(
+    ("name", "layers", "fraction"),
+    [
+        ("model.embed_tokens.weight", 4, 0.0),
+        ("model.layers.0.mlp.up_proj.weight", 4, 0.0),
+        ("model.layers.2.self_attn.q_proj.weight", 5, 0.5),
+        ("model.layers.3.mlp.up_proj.weight", 4, 1.0),
+        ("lm_head.weight", 4, 1.0),
+    ],
+)
+def test_layer_fraction(name: str, layers: int, fraction: float) -> None:
+    assert layer_fraction(name, layers) == fraction
+
+
+def test_gradients_interpolate_over_layers_and_filters_pick_the_first_match() -> None:
+    config = parse_merge_config(
+        {
+            "models": [{"model": "x"}],
+            "merge_method": "slerp",
+            "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.25}]},
+        }
+    )
+    spec = config.parameters["t"]
+    assert resolve_value(spec, "model.layers.1.self_attn.q_proj.weight", 5) == 0.25  # 1/4 of the way
+    assert resolve_value(spec, "model.layers.4.self_attn.q_proj.weight", 5) == 1.0
+    assert resolve_value(spec, "model.layers.4.mlp.up_proj.weight", 5) == 0.25
+    assert resolve_value([0.0, 1.0, 0.0], "model.layers.1.x", 5) == 0.5
+    assert resolve_value([FilteredValue(filter="mlp", value=1.0)], "attn", 2) is None
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (
+            {"models": [{"model": "a"}], "merge_method": "linear", "slices": []},
+            "unknown key 'slices'.*slices are not",
+        ),
+        (
+            {"models": [{"model": "a"}], "merge_method": "linear", "weird": 1},
+            "unknown key 'weird'.*allowed: models",
+        ),
+        (
+            {"models": [{"model": "a", "params": {}}], "merge_method": "linear"},
+            "unknown key 'params'.*allowed: model",
+        ),
+        ({"merge_method": "linear"}, "missing required key 'models'"),
+        ({"models": [], "merge_method": "linear"}, "models"),
+        ({"models": [{"model": "a"}], "merge_method": "linear", "dtype": "float8"}, "unknown dtype 'float8'"),
+        (["not", "a", "mapping"], "expected a mapping"),
+    ],
+)
+def test_schema_errors_are_one_line_and_name_the_key(document: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        parse_merge_config(document, source="recipe.yml")
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith("recipe.yml")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text("models:\n  - model: a\n   merge_method: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yml: malformed YAML \(line \d+"):
+        load_merge_config(path)
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    path = tmp_path / "evil.yml"
+    path.write_text("models: !!python/object/apply:os.system ['touch PWNED']\nmerge_method: linear\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_merge_config(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5G", 1_500_000_000), ("123", 123)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["five", "0", "-1GB", "5XB"])
+def test_parse_size_rejects_nonsense(text: str) -> None:
+    with pytest.raises(ConfigError, match="size"):
+        parse_size(text)

@@ -1,0 +1,138 @@
+"""The merge engine on tiny real Hugging Face models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from m3sb.checkpoints import open_checkpoint
+from m3sb.config import parse_merge_config
+from m3sb.merge import build_plan, merge_to_folder
+from m3sb.toy import Family
+
+
+def _merge(recipe: dict[str, Any], out: Path, **options: Any) -> dict[str, torch.Tensor]:
+    merge_to_folder(parse_merge_config(recipe), out, **options)
+    checkpoint = open_checkpoint(out)
+    return {name: checkpoint.load(name) for name in checkpoint.tensors}
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["barycenter", "pairwise_slerp", "linear", "karcher"])
+def test_one_hot_weights_reproduce_the_model_exactly(method: str, family: Family, tmp_path: Path) -> None:
+    models = [
+        {"model": str(path), "parameters": {"weight": 1.0 if i == 1 else 0.0}}
+        for i, path in enumerate(family.models)
+    ]
+    merged = _merge({"merge_method": method, "models": models}, tmp_path / "out")
+    expected = _state(family.models[1])
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[name], expected[name]) for name in expected)
+
+
+def test_output_is_a_loadable_hugging_face_model_with_card_and_config(family: Family, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(p)} for p in family.models],
+        "out_dtype": "bfloat16",
+    }
+    merged = _merge(recipe, tmp_path / "out", out_shard_size=20_000)
+    out = tmp_path / "out"
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert "linear" in card and str(family.models[0]) in card
+    model = AutoModelForCausalLM.from_pretrained(out)
+    loaded = model.state_dict()
+    inputs = [_state(p) for p in family.models]
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.bfloat16
+        expected = (sum(state[name] for state in inputs) / 3).to(torch.bfloat16)
+        assert torch.equal(tensor, expected)
+        assert torch.equal(loaded[name], tensor)
+
+
+def test_base_listed_among_models_is_the_base_as_in_mergekit(family: Family, tmp_path: Path) -> None:
+    sparse = [{"model": str(p), "parameters": {"density": 0.5}} for p in family.models]
+    recipe = {"merge_method": "ties", "base_model": str(family.base), "models": sparse}
+    plain = _merge(recipe, tmp_path / "plain")
+    listed = _merge(recipe | {"models": [{"model": str(family.base)}, *sparse]}, tmp_path / "listed")
+    assert all(torch.equal(plain[name], listed[name]) for name in plain)
+
+
+def test_slerp_starts_at_the_base_model(family: Family, tmp_path: Path) -> None:
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(family.base),
+        "models": [{"model": str(family.models[0])}, {"model": str(family.base)}],
+        "parameters": {"t": 0.0},
+    }
+    merged = _merge(recipe, tmp_path / "out")
+    base = _state(family.base)
+    assert all(torch.equal(merged[name], base[name]) for name in base)
+
+
+def test_gradient_parameters_vary_over_layers(family: Family, tmp_path: Path) -> None:
+    recipe = {
+        "merge_method": "slerp",
+        "models": [{"model": str(family.models[0])}, {"model": str(family.models[1])}],
+        "parameters": {"t": [0.0, 1.0]},  # the toy family has two layers: layer 0 -> t=0, layer 1 -> t=1
+    }
+    merged = _merge(recipe, tmp_path / "out")
+    first, second = _state(family.models[0]), _state(family.models[1])
+    name0, name1 = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(merged[name0], first[name0]) and torch.equal(merged[name1], second[name1])
+
+
+def test_non_float_tensors_are_copied_and_mixed_dtypes_merge(tmp_path: Path) -> None:
+    a = {"w": torch.tensor([1.0, 2.0], dtype=torch.float16), "ids": torch.tensor([1, 2, 3])}
+    b = {"w": torch.tensor([3.0, 4.0], dtype=torch.float32), "ids": torch.tensor([7, 8, 9])}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(tmp_path / n)} for n in ("a.safetensors", "b.safetensors")],
+    }
+    merged = _merge(recipe, tmp_path / "out")
+    assert merged["w"].dtype == torch.float16 and merged["w"].tolist() == [2.0, 3.0]
+    assert torch.equal(merged["ids"], a["ids"])
+
+
+def test_same_config_and_seed_give_bit_identical_files(family: Family, tmp_path: Path) -> None:
+    recipe = {
+        "merge_method": "dare_ties",
+        "base_model": str(family.base),
+        "models": [{"model": str(p), "parameters": {"density": 0.4}} for p in family.models],
+        "parameters": {"random_seed": 11},
+    }
+    _merge(recipe, tmp_path / "one")
+    _merge(recipe, tmp_path / "two")
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (
+        tmp_path / "two" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_plan_checks_everything_before_reading_tensors(family: Family, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(family.models[0], broken)
+    state = _state(broken)
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(state, broken / "model.safetensors")
+    recipe = {"merge_method": "linear", "models": [{"model": str(family.models[1])}, {"model": str(broken)}]}
+    with pytest.raises(
+        Exception, match=r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' has shape \[64, 32\]"
+    ):
+        build_plan(parse_merge_config(recipe))

@@ -147,7 +147,7 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
         "unknown parameter",
         lambda f, d: {"merge_method": "ties", "base_model": str(f.base), "models": _models(f, densty=0.5)},
         [],
-        r"unknown parameter 'densty' for merge_method 'ties'; allowed: weight, density",
+        r"unknown parameter 'densty' for merge_method 'ties'; allowed: weight, lambda, density",
     ),
     (
         "whole-merge parameter on a model",

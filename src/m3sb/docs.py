@@ -23,9 +23,12 @@ def method_rows() -> list[tuple[str, str, str, str]]:
             f"{p.name}{' (per model)' if p.per_model else ''}={_format_default(p.default)}"
             for p in method.all_params
         )
-        base = {"required": "required", "optional": "optional", "unused": "-"}[method.base]
-        if method.task_space:
-            base = "with space: task_vectors"
+        params = params or "-"
+        base = {"weights": "-", "task_vectors": "required", "either": "with space: task_vectors"}[
+            method.space
+        ]
+        if method.base_is_input:
+            base = "optional (one more input)"
         rows.append((method.name, base, params, method.summary))
     return rows
 

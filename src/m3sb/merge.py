@@ -104,8 +104,7 @@ def _check_param_names(method: MergeMethod, config: MergeConfig) -> None:
 
 
 def _uses_base(method: MergeMethod, config: MergeConfig) -> bool:
-    space = config.parameters.get("space", "weights")
-    return method.base != "unused" or (method.task_space and space == "task_vectors")
+    return method.base_is_input or method.merges_task_vectors(config.parameters.get("space"))
 
 
 def _select_inputs(
@@ -118,10 +117,9 @@ def _select_inputs(
             raise ConfigError(f"model '{location}' is listed twice; give it a larger weight instead")
     specs = [dict(entry.parameters) for entry in config.models]
     base = config.base_model if _uses_base(method, config) else None
-    if method.base == "required" and base is None:
-        raise ConfigError(f"merge_method '{method.name}' needs a base_model")
-    if method.task_space and config.parameters.get("space") == "task_vectors" and base is None:
-        raise ConfigError(f"merge_method '{method.name}' with space: task_vectors needs a base_model")
+    if base is None and method.merges_task_vectors(config.parameters.get("space")):
+        with_space = " with space: task_vectors" if method.space == "either" else ""
+        raise ConfigError(f"merge_method '{method.name}'{with_space} needs a base_model")
     if base is not None:
         base_specs = [spec for location, spec in zip(locations, specs, strict=True) if location == base]
         kept = [(location, spec) for location, spec in zip(locations, specs, strict=True) if location != base]
@@ -260,7 +258,15 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     tensors = [_load(checkpoint, job.name, plan.compute_dtype, device) for checkpoint in plan.inputs]
     base = _load(plan.base, job.name, plan.compute_dtype, device) if plan.base else None
     try:
-        merged = apply_method(plan.method, tensors, job.weights, base, job.params, job.name)  # type: ignore[arg-type]
+        merged = apply_method(
+            plan.method,
+            tensors,
+            job.weights,
+            base,
+            job.params,
+            job.name,
+            consume_inputs=True,
+        )
     except MergeError as error:
         raise MergeError(f"tensor '{job.name}': {error}") from None
     if not bool(torch.isfinite(merged).all()):

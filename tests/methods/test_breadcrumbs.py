@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from m3sb.methods.breadcrumbs import breadcrumbs
+from m3sb.methods import merge_group
 from m3sb.methods.sparsify import outlier_mask
 
 
@@ -17,8 +17,8 @@ def test_outlier_mask_drops_the_top_gamma_and_the_smallest() -> None:
 def test_breadcrumbs_is_the_weighted_sum_of_masked_task_vectors() -> None:
     base = torch.zeros(100)
     task = torch.arange(1.0, 101.0)
-    merged = breadcrumbs(
-        [base + task, base + 2 * task], [1.0, 0.5], base, density=[0.9, 0.9], gamma=[0.05, 0.05]
+    merged = merge_group(
+        "breadcrumbs", [base + task, base + 2 * task], [1.0, 0.5], base, density=0.9, gamma=0.05
     )
     expected = torch.where((task > 5) & (task < 96), 2 * task, 0.0)
     assert torch.allclose(merged, expected)

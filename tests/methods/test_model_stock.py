@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from m3sb.methods.model_stock import model_stock
+from m3sb.methods import merge_group
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,6 @@ def test_interpolation_ratio_follows_the_task_vectors_angle(
         base + torch.tensor([2.0, 0.0], dtype=torch.float64),
         base + torch.tensor(second_direction, dtype=torch.float64),
     ]
-    merged = model_stock(models, [1.0, 1.0], base)
+    merged = merge_group("model_stock", models, base=base)
     expected = ratio * (models[0] + models[1]) / 2 + (1 - ratio) * base
     assert torch.allclose(merged, expected, atol=1e-12)

@@ -11,7 +11,7 @@ def test_whole_tensor_slerp_is_not_row_wise() -> None:
     """Rows meeting at different angles: the whole-tensor arc differs from mergekit's per-row arcs."""
     x0 = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
     x1 = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
-    merged = slerp([x0, x1], [1.0, 1.0], None, t=0.5)
+    merged = slerp([x0, x1], [1.0, 1.0], t=0.5)
     # whole tensors meet at 60 degrees (cosine 1/2); the midpoint is 30 degrees from each
     u0, u1 = x0.flatten() / x0.norm(), x1.flatten() / x1.norm()
     theta = math.pi / 3

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from m3sb.methods import merge_group
 from m3sb.methods.sparsify import magnitude_mask
-from m3sb.methods.ties import ties
 
 BASE = torch.zeros(4)
 MODELS = [
@@ -15,23 +15,29 @@ MODELS = [
 
 
 def test_without_trimming_entries_against_the_elected_sign_are_dropped() -> None:
-    merged = ties(MODELS, [1.0, 1.0, 1.0], BASE, density=[1.0, 1.0, 1.0])
+    merged = merge_group("ties", MODELS, base=BASE)
     # elected signs [+, -, +, +]; agreeing means: (1+2)/2, (-2-1.5)/2, (3+2)/2, 0.35/3
     assert torch.allclose(merged, torch.tensor([1.5, -1.75, 2.5, 0.35 / 3]))
 
 
 def test_trimming_and_weights_reference_values() -> None:
-    merged = ties(MODELS, [1.0, 2.0, 1.0], BASE, density=[0.5, 0.5, 0.5])
+    merged = merge_group("ties", MODELS, [1.0, 2.0, 1.0], BASE, density=0.5)
     # kept: [0,-2,3,0], 2*[0,-1.5,2,0], [2,0,-4,0]; signs [+,-,+,+]
     assert torch.allclose(merged, torch.tensor([2.0, -5.0 / 3.0, 7.0 / 3.0, 0.0]))
 
 
 def test_without_normalize_the_agreeing_entries_are_summed_and_scaled() -> None:
-    merged = ties(MODELS, [1.0, 1.0, 1.0], BASE + 1.0, density=[1.0] * 3, normalize=False, lambda_=0.5)
+    merged = merge_group("ties", MODELS, base=BASE + 1.0, normalize=False, **{"lambda": 0.5})
     # task vectors MODELS - 1: [0,-3,2,-.9], [-2,-2.5,1,-.8], [1,0,-5,-.95]; elected signs all -1,
     # zeros take no side; agreeing sums [-2, -5.5, -5, -2.65]; result 1 + 0.5 * sums
-    expected = torch.tensor([0.0, -1.75, -1.5, -0.325])
-    assert torch.allclose(merged, expected)
+    assert torch.allclose(merged, torch.tensor([0.0, -1.75, -1.5, -0.325]))
+
+
+def test_a_negative_weight_flips_the_side_a_model_votes_for() -> None:
+    merged = merge_group("ties", MODELS[:2], [1.0, -1.0], BASE)
+    # weighted entries [1,-2,3,.1] and [1,1.5,-2,-.2]: signs [+,-,+,-]. Divisors are the agreeing
+    # weights' sum, as in mergekit: 1 + (-1) = 0 (taken as 1), 1, 1 and -1.
+    assert torch.allclose(merged, torch.tensor([2.0, -2.0, 3.0, 0.2]))
 
 
 @pytest.mark.parametrize(("density", "kept"), [(0.25, 1), (0.5, 2), (0.75, 3), (0.01, 1), (1.0, 4), (0.0, 0)])

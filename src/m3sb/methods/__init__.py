@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+
 from m3sb.errors import ConfigError
 from m3sb.methods import barycenter, breadcrumbs, dare, linear, model_stock, slerp, task_arithmetic, ties
-from m3sb.methods.registry import MergeMethod, Param, apply_method
+from m3sb.methods.registry import MergeMethod, Param, ParamValue, apply_method
 
 METHODS: dict[str, MergeMethod] = {
     method.name: method
@@ -32,4 +36,38 @@ def get_method(name: str) -> MergeMethod:
         raise ConfigError(f"unknown merge_method '{name}'; choose one of: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "MergeMethod", "Param", "apply_method", "get_method"]
+def merge_group(
+    method_name: str,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    base: torch.Tensor | None = None,
+    tensor_name: str = "tensor",
+    **params: ParamValue | Sequence[ParamValue],
+) -> torch.Tensor:
+    """Merge one group of aligned tensors in memory, with the method's defaults and checks.
+
+    Per-model parameters take one value for all models or a sequence of N values. The
+    inputs are left unchanged. Example: ``merge_group("ties", [a, b], base=c, density=0.5)``.
+    """
+    method = get_method(method_name)
+    count = len(tensors)
+    resolved: dict[str, ParamValue | list[ParamValue]] = {}
+    for param in method.params + tuple(p for p in method.all_params if p.name in ("space", "lambda")):
+        value = params.pop(param.name, param.default)
+        if value is None:
+            raise ConfigError(f"merge_method '{method_name}' needs parameter '{param.name}'")
+        if param.per_model:
+            values = (
+                list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * count
+            )
+            resolved[param.name] = [param.check(v, method_name) for v in values]
+        else:
+            assert not isinstance(value, Sequence) or isinstance(value, str)
+            resolved[param.name] = param.check(value, method_name)
+    if params:
+        raise ConfigError(f"unknown parameter '{next(iter(params))}' for merge_method '{method_name}'")
+    weight_list = [1.0] * count if weights is None else [float(w) for w in weights]
+    return apply_method(method, tensors, weight_list, base, resolved, tensor_name)
+
+
+__all__ = ["METHODS", "MergeMethod", "Param", "apply_method", "get_method", "merge_group"]

@@ -24,7 +24,6 @@ KARCHER_PARAMS = (
 def barycenter(
     tensors: list[torch.Tensor],
     weights: list[float],
-    base: torch.Tensor | None,
     tol: float = 1e-7,
     max_iter: int = 100,
 ) -> torch.Tensor:
@@ -32,9 +31,7 @@ def barycenter(
     return geometry.karcher_mean(tensors, weights, tol=tol, max_iter=max_iter)
 
 
-def pairwise_slerp(
-    tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None
-) -> torch.Tensor:
+def pairwise_slerp(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Fold the models in order: ``acc = slerp(acc, x_i, w_i / (w_1 + ... + w_i))``."""
     shares = geometry.normalized_weights(weights)
     active = [i for i, share in enumerate(shares) if share > 0.0]
@@ -66,7 +63,7 @@ BARYCENTER = MergeMethod(
     summary="weighted Karcher mean on the unit sphere, scaled by the weighted mean norm",
     params=KARCHER_PARAMS,
     nonnegative_weights=True,
-    task_space=True,
+    space="either",
     reference="Buss & Fillmore 2001, ACM TOG 20(2)",
 )
 KARCHER = MergeMethod(
@@ -74,7 +71,6 @@ KARCHER = MergeMethod(
     function=barycenter,
     summary="barycenter with mergekit's conventions: base_model is one more point",
     params=KARCHER_PARAMS,
-    base="optional",
     base_is_input=True,
     nonnegative_weights=True,
     reference="Buss & Fillmore 2001, ACM TOG 20(2)",
@@ -84,5 +80,5 @@ PAIRWISE_SLERP = MergeMethod(
     function=pairwise_slerp,
     summary="fold the models in order with SLERP at t_i = w_i / (w_1 + ... + w_i)",
     nonnegative_weights=True,
-    task_space=True,
+    space="either",
 )

@@ -9,21 +9,18 @@ from m3sb.methods.sparsify import outlier_mask, weighted_sum
 
 
 def breadcrumbs(
-    tensors: list[torch.Tensor],
+    task_vectors: list[torch.Tensor],
     weights: list[float],
-    base: torch.Tensor | None,
     density: list[float],
     gamma: list[float],
     normalize: bool = False,
-    lambda_: float = 1.0,
 ) -> torch.Tensor:
-    """Base plus lambda times the weighted sum of the masked task vectors."""
-    assert base is not None
-    masked = []
-    for tensor, keep, drop_top in zip(tensors, density, gamma, strict=True):
-        task_vector = tensor - base
-        masked.append(task_vector.mul_(outlier_mask(task_vector, keep, drop_top)))
-    return weighted_sum(masked, weights, normalize).mul_(lambda_).add_(base)
+    """Weighted sum of the task vectors without their largest ``gamma`` and smallest entries."""
+    masked = [
+        task_vector * outlier_mask(task_vector, keep, drop_top)
+        for task_vector, keep, drop_top in zip(task_vectors, density, gamma, strict=True)
+    ]
+    return weighted_sum(masked, weights, normalize)
 
 
 METHOD = MergeMethod(
@@ -50,8 +47,7 @@ METHOD = MergeMethod(
             maximum=1.0,
         ),
         Param("normalize", bool, False, "divide by the sum of weights"),
-        Param("lambda", float, 1.0, "scale of the merged task vector"),
     ),
-    base="required",
+    space="task_vectors",
     reference="https://arxiv.org/abs/2312.06795",
 )

@@ -9,12 +9,7 @@ from m3sb.geometry import combine
 from m3sb.methods.registry import MergeMethod, Param
 
 
-def linear(
-    tensors: list[torch.Tensor],
-    weights: list[float],
-    base: torch.Tensor | None,
-    normalize: bool = True,
-) -> torch.Tensor:
+def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
     """``sum_i w_i * x_i``, divided by ``sum_i w_i`` when ``normalize``."""
     total = float(sum(weights))
     if normalize and abs(total) < 1e-12:
@@ -28,6 +23,6 @@ METHOD = MergeMethod(
     function=linear,
     summary="weighted average of the models",
     params=(Param("normalize", bool, True, "divide by the sum of the weights"),),
-    task_space=True,
+    space="either",
     reference="https://arxiv.org/abs/2203.05482",
 )

@@ -1,8 +1,8 @@
-"""Model Stock: interpolate between the base and the average by the task vectors' angle.
+"""Model Stock: move from the base towards the average by the task vectors' angle.
 
 Jang et al. 2024, https://arxiv.org/abs/2403.19522: with N fine-tunes whose task vectors
 meet at mean pairwise cosine c, the ratio is ``t = N c / (1 + (N - 1) c)`` and the result
-``t * mean(x_i) + (1 - t) * base``.
+``t * mean(x_i) + (1 - t) * base``, that is ``base + t * mean(tau_i)``.
 """
 
 from __future__ import annotations
@@ -28,19 +28,17 @@ def interpolation_ratio(gram: torch.Tensor) -> float:
     return 0.0 if abs(denominator) < 1e-6 else count * cosine / denominator
 
 
-def model_stock(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None) -> torch.Tensor:
-    """``t * mean(x_i) + (1 - t) * base`` with t from the task vectors' mean pairwise cosine."""
-    assert base is not None
-    ratio = interpolation_ratio(gram_matrix([tensor - base for tensor in tensors]))
-    count = len(tensors)
-    return combine([*tensors, base], [ratio / count] * count + [1.0 - ratio])
+def model_stock(task_vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``t * mean(tau_i)`` with t from the task vectors' mean pairwise cosine."""
+    ratio = interpolation_ratio(gram_matrix(task_vectors))
+    return combine(task_vectors, [ratio / len(task_vectors)] * len(task_vectors))
 
 
 METHOD = MergeMethod(
     name="model_stock",
     function=model_stock,
     summary="t * average + (1 - t) * base, t from the task vectors' mean pairwise cosine",
-    base="required",
+    space="task_vectors",
     min_models=2,
     uses_weights=False,
     reference="https://arxiv.org/abs/2403.19522",

@@ -1,10 +1,11 @@
 """What a merge method is: a pure function over one aligned tensor group, plus its declaration.
 
-A method function has the signature ``(tensors, weights, base, **params) -> tensor``:
+A method function has the signature ``(tensors, weights, **params) -> tensor``:
 ``tensors`` are the N models' versions of one tensor (same shape, float32 or float64),
-``weights`` their N per-model weights, ``base`` the base model's version or None, and
-``params`` the method's declared parameters resolved for this tensor (per-model ones as
-lists of N values). It opens no file, loops over no state dict and prints nothing.
+or their task vectors (model - base) for a method that merges task vectors; ``weights``
+are the N per-model weights and ``params`` the method's declared parameters resolved for
+this tensor (per-model ones as lists of N values). It returns a new tensor, leaves its
+inputs unchanged, opens no file, loops over no state dict and prints nothing.
 
 The declaration (:class:`MergeMethod`) is the one place a method's parameters are
 described: the config validation, the defaults and the README's table all read it.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import keyword
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,33 +71,47 @@ class Param:
         return value
 
 
+Space = Literal["weights", "task_vectors", "either"]
+
+
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method: its function and everything the engine must know about it."""
+    """A registered merge method: its function and everything the engine must know about it.
+
+    ``space`` says what the function merges: the models' weights, their task vectors
+    (model - base; the engine adds ``lambda`` times the result to the base), or either,
+    as the user's ``space`` parameter chooses. With ``base_is_input``, a ``base_model``
+    is one more input rather than the origin of task vectors.
+    """
 
     name: str
     function: MethodFunction
     summary: str
     params: tuple[Param, ...] = ()
-    base: Literal["required", "optional", "unused"] = "unused"
+    space: Space = "weights"
     base_is_input: bool = False
     min_models: int = 1
     max_models: int | None = None
     nonnegative_weights: bool = False
     uses_weights: bool = True
-    task_space: bool = False
     reference: str = ""
     all_params: tuple[Param, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         extra: list[Param] = [WEIGHT] if self.uses_weights else []
-        if self.task_space:
-            extra += [SPACE, LAMBDA]
+        if self.space == "either":
+            extra.append(SPACE)
+        if self.space != "weights":
+            extra.append(LAMBDA)
         object.__setattr__(self, "all_params", tuple(extra) + self.params)
 
     def param(self, name: str) -> Param | None:
         """The declared parameter called ``name``, if any."""
         return next((p for p in self.all_params if p.name == name), None)
+
+    def merges_task_vectors(self, space: object) -> bool:
+        """Whether the function receives task vectors, given the user's ``space`` parameter."""
+        return self.space == "task_vectors" or (self.space == "either" and space == "task_vectors")
 
 
 WEIGHT = Param("weight", float, 1.0, "relative weight of this model", per_model=True)
@@ -121,17 +136,29 @@ def apply_method(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
     base: torch.Tensor | None,
-    params: dict[str, ParamValue],
+    params: Mapping[str, ParamValue | list[ParamValue]],
     tensor_name: str,
+    consume_inputs: bool = False,
 ) -> torch.Tensor:
-    """Merge one tensor group with ``method``, handling task-vector space and per-tensor seeds."""
+    """Merge one tensor group with ``method``: task vectors, ``lambda`` and per-tensor seeds.
+
+    With ``consume_inputs`` the input tensors are turned into task vectors in place,
+    saving one copy of each; the engine passes tensors it read for this call alone.
+    """
     kwargs = {p.argument: params[p.name] for p in method.params}
     if "random_seed" in kwargs:
-        kwargs["random_seed"] = tensor_seed(int(kwargs["random_seed"]), tensor_name)
-    if method.task_space and params.get("space") == "task_vectors":
-        if base is None:
-            raise MergeError(f"method '{method.name}' with space: task_vectors needs a base_model")
+        seed = kwargs["random_seed"]
+        assert isinstance(seed, int)
+        kwargs["random_seed"] = tensor_seed(seed, tensor_name)
+    if not method.merges_task_vectors(params.get("space")):
+        return method.function(list(tensors), list(weights), **kwargs)
+    if base is None:
+        raise MergeError(f"method '{method.name}' merges task vectors and needs a base_model")
+    if consume_inputs:
+        task_vectors = [tensor.sub_(base) for tensor in tensors]
+    else:
         task_vectors = [tensor - base for tensor in tensors]
-        merged = method.function(task_vectors, list(weights), None, **kwargs)
-        return merged.mul_(float(params["lambda"])).add_(base)
-    return method.function(list(tensors), list(weights), base, **kwargs)
+    merged = method.function(task_vectors, list(weights), **kwargs)
+    scale = params["lambda"]
+    assert isinstance(scale, float)
+    return merged.mul_(scale).add_(base)

@@ -13,9 +13,7 @@ from m3sb import geometry
 from m3sb.methods.registry import MergeMethod, Param
 
 
-def slerp(
-    tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None, t: float
-) -> torch.Tensor:
+def slerp(tensors: list[torch.Tensor], weights: list[float], t: float) -> torch.Tensor:
     """The point at fraction ``t`` of the way from the first tensor to the second."""
     return geometry.slerp(tensors[0], tensors[1], t)
 
@@ -25,7 +23,6 @@ METHOD = MergeMethod(
     function=slerp,
     summary="great-circle interpolation of two models (t=0: first or base, t=1: second); norm linear",
     params=(Param("t", float, None, "position along the arc", minimum=0.0, maximum=1.0),),
-    base="optional",
     base_is_input=True,
     uses_weights=False,
     min_models=2,

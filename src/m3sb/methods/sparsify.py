@@ -55,28 +55,41 @@ def random_mask(
     return (torch.rand(shape, generator=generator) < density).to(device)
 
 
-def elect_sign(weighted_task_vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per element, the sign (+1 or -1) of the sum of the weighted task vectors; ties go to +1."""
-    total = torch.stack(list(weighted_task_vectors)).sum(dim=0)
+def elect_sign(
+    task_vectors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], weights: Sequence[float]
+) -> torch.Tensor:
+    """Per element, the sign (+1 or -1) of the sum of the kept, weighted entries; ties go to +1."""
+    total = torch.zeros_like(task_vectors[0])
+    for task_vector, mask, weight in zip(task_vectors, masks, weights, strict=True):
+        total.add_(task_vector if mask is None else task_vector * mask, alpha=weight)
     return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
 
 
 def disjoint_merge(
-    weighted_task_vectors: Sequence[torch.Tensor],
+    task_vectors: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
     weights: Sequence[float],
-    sign: torch.Tensor,
     normalize: bool,
 ) -> torch.Tensor:
-    """Sum the entries that agree with ``sign``; with ``normalize``, divide by the agreeing weights."""
+    """Sum the kept, weighted entries whose sign agrees with the elected one.
+
+    With ``normalize``, each element is divided by the weights of the models that agree
+    there (1 where none does). Zero entries and zero-weight models take no side.
+    """
+    sign = elect_sign(task_vectors, masks, weights)
     merged = torch.zeros_like(sign)
     agreeing_weight = torch.zeros_like(sign)
-    for task_vector, weight in zip(weighted_task_vectors, weights, strict=True):
-        agrees = torch.sign(task_vector) == sign
-        merged += torch.where(agrees, task_vector, 0.0)
-        agreeing_weight += agrees.to(sign.dtype) * weight
+    for task_vector, mask, weight in zip(task_vectors, masks, weights, strict=True):
+        if weight == 0.0:
+            continue
+        agrees = torch.sign(task_vector) == sign * (1.0 if weight > 0 else -1.0)
+        if mask is not None:
+            agrees &= mask
+        merged.add_(task_vector * agrees, alpha=weight)
+        agreeing_weight.add_(agrees.to(sign.dtype), alpha=weight)
     if normalize:
         agreeing_weight[agreeing_weight == 0] = 1.0
-        merged /= agreeing_weight
+        merged.div_(agreeing_weight)
     return merged
 
 

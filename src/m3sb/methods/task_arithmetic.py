@@ -9,26 +9,17 @@ from m3sb.methods.sparsify import weighted_sum
 
 
 def task_arithmetic(
-    tensors: list[torch.Tensor],
-    weights: list[float],
-    base: torch.Tensor | None,
-    normalize: bool = False,
-    lambda_: float = 1.0,
+    task_vectors: list[torch.Tensor], weights: list[float], normalize: bool = False
 ) -> torch.Tensor:
-    """``base + lambda * sum_i w_i * (x_i - base)`` (divided by ``sum_i w_i`` when ``normalize``)."""
-    assert base is not None
-    merged = weighted_sum([tensor - base for tensor in tensors], weights, normalize)
-    return merged.mul_(lambda_).add_(base)
+    """``sum_i w_i * tau_i``, divided by ``sum_i w_i`` when ``normalize``."""
+    return weighted_sum(task_vectors, weights, normalize)
 
 
 METHOD = MergeMethod(
     name="task_arithmetic",
     function=task_arithmetic,
     summary="base + lambda * sum_i w_i * tau_i",
-    params=(
-        Param("normalize", bool, False, "divide the sum of task vectors by the sum of weights"),
-        Param("lambda", float, 1.0, "scale of the merged task vector"),
-    ),
-    base="required",
+    params=(Param("normalize", bool, False, "divide the sum of task vectors by the sum of weights"),),
+    space="task_vectors",
     reference="https://arxiv.org/abs/2212.04089",
 )

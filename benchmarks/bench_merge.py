@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -56,7 +57,6 @@ MODEL_CONFIG: dict[str, object] = {
     "vocab_size": 32000,
     "max_position_embeddings": 2048,
     "tie_word_embeddings": False,
-    "torch_dtype": "float32",
 }
 BIN_DIR = Path(sys.prefix) / "bin"
 EXECUTABLES = {"m3sb": BIN_DIR / "m3sb", "mergekit": BIN_DIR / "mergekit-yaml"}
@@ -87,8 +87,10 @@ class Measurement:
 def build_checkpoints(workdir: Path) -> Checkpoints:
     """Build (or reuse) the base model and the fine-tunes under ``workdir/models``.
 
-    The base model is ``LlamaForCausalLM(config)`` with seed 0; fine-tune ``i``
-    is ``base + N(0, (NOISE_REL_STD * std(tensor))^2)`` with seed ``i + 1``.
+    The base model is ``LlamaForCausalLM(config)`` in float32 with seed 0;
+    fine-tune ``i`` is ``base + N(0, (NOISE_REL_STD * s)^2)`` with seed ``i + 1``,
+    where ``s`` is the tensor's std (its mean absolute value for constant
+    tensors such as the RMSNorm weights, so those differ between models too).
     A marker file records the recipe so that a changed recipe rebuilds.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -98,7 +100,12 @@ def build_checkpoints(workdir: Path) -> Checkpoints:
         base=models_dir / "base",
         finetunes=[models_dir / f"ft{i}" for i in range(N_FINETUNES)],
     )
-    recipe = {"config": MODEL_CONFIG, "noise": NOISE_REL_STD, "n": N_FINETUNES}
+    recipe = {
+        "config": MODEL_CONFIG,
+        "noise": NOISE_REL_STD,
+        "n": N_FINETUNES,
+        "version": 2,
+    }
     marker = models_dir / "COMPLETE.json"
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         print(f"Reusing checkpoints in {models_dir}")
@@ -109,8 +116,6 @@ def build_checkpoints(workdir: Path) -> Checkpoints:
     print(f"Building checkpoints in {models_dir} ...", flush=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG)).float()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"  parameters per model: {n_params:,}")
     save = {"safe_serialization": True, "max_shard_size": "100GB"}
     model.save_pretrained(ckpts.base, **save)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -120,7 +125,9 @@ def build_checkpoints(workdir: Path) -> Checkpoints:
         with torch.no_grad():
             for name, tensor in model.state_dict().items():
                 ref = base_state[name]
-                std = ref.std() if ref.numel() > 1 else ref.abs()
+                std = ref.std() if ref.numel() > 1 else ref.new_zeros(())
+                if std == 0:
+                    std = ref.abs().mean()
                 noise = torch.randn(ref.shape, generator=gen, dtype=ref.dtype)
                 tensor.copy_(ref + noise * (NOISE_REL_STD * std))
         model.save_pretrained(path, **save)
@@ -130,12 +137,20 @@ def build_checkpoints(workdir: Path) -> Checkpoints:
     return ckpts
 
 
+def count_parameters(checkpoint: Path) -> int:
+    """Return the number of scalars stored in ``checkpoint``'s safetensors files."""
+    total = 0
+    for file in checkpoint.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118
+                total += math.prod(fh.get_slice(key).get_shape())
+    return total
+
+
 def _method_config(method: str, tool: str, ckpts: Checkpoints) -> dict[str, object]:
     """Return the mergekit-schema config dict for one method and tool."""
     if method == "linear":
-        models = [
-            {"model": str(p), "parameters": {"weight": 1.0}} for p in ckpts.finetunes
-        ]
+        models = [{"model": str(p), "parameters": {"weight": 1.0}} for p in ckpts.finetunes]
         return {
             "models": models,
             "merge_method": "linear",
@@ -144,9 +159,7 @@ def _method_config(method: str, tool: str, ckpts: Checkpoints) -> dict[str, obje
         }
     if method == "ties":
         params = {"weight": 1.0, "density": 0.5}
-        models = [
-            {"model": str(p), "parameters": dict(params)} for p in ckpts.finetunes
-        ]
+        models = [{"model": str(p), "parameters": dict(params)} for p in ckpts.finetunes]
         return {
             "models": models,
             "merge_method": "ties",
@@ -155,9 +168,7 @@ def _method_config(method: str, tool: str, ckpts: Checkpoints) -> dict[str, obje
             "dtype": "float32",
         }
     if method == "barycenter":
-        models = [
-            {"model": str(p), "parameters": {"weight": 1.0}} for p in ckpts.finetunes
-        ]
+        models = [{"model": str(p), "parameters": {"weight": 1.0}} for p in ckpts.finetunes]
         return {
             "models": models,
             "merge_method": "barycenter" if tool == "m3sb" else "karcher",
@@ -323,9 +334,7 @@ def measure_tool(
         shutil.rmtree(out, ignore_errors=True)
         warm_page_cache(inputs)
         secs, rss, rc = run_measured(tool_command(tool, config, out), log)
-        print(
-            f"  {out.name:>20}: {secs:7.2f} s {rss / 1e9:6.2f} GB  rc={rc}", flush=True
-        )
+        print(f"  {out.name:>20}: {secs:7.2f} s {rss / 1e9:6.2f} GB  rc={rc}", flush=True)
         if rc != 0:
             tail = log.read_text(errors="replace").splitlines()[-20:]
             print(f"--- tail of {log} ---", *tail, "---", sep="\n")
@@ -335,9 +344,7 @@ def measure_tool(
     return Measurement(_aggregate(times, stat), int(_aggregate(rsss, stat)), 0, log)
 
 
-def format_table(
-    results: dict[tuple[str, str], Measurement], out_root: Path
-) -> list[str]:
+def format_table(results: dict[tuple[str, str], Measurement], out_root: Path) -> list[str]:
     """Return the markdown result table, one row per (method, tool)."""
     columns = ["method", "tool", "wall s", "peak RSS GB"]
     columns += ["time m3sb/mk", "mem m3sb/mk", "max rel err"]
@@ -379,9 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma list")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method/tool")
-    parser.add_argument(
-        "--stat", choices=("best", "median"), default="best", help="combine repeats"
-    )
+    parser.add_argument("--stat", choices=("best", "median"), default="best", help="combine repeats")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.tools = [t for t in args.tools.split(",") if t]
@@ -402,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(machine_facts()))
     ckpts = build_checkpoints(workdir)
     sizes = [f.stat().st_size for p in ckpts.all() for f in p.glob("*.safetensors")]
+    print(f"Parameters per model: {count_parameters(ckpts.base):,}")
     print(f"Inputs: {len(sizes)} safetensors files, {sum(sizes) / 1e9:.2f} GB total")
     configs = write_configs(workdir, ckpts, args.methods, args.tools)
     for tool in args.tools:

@@ -203,4 +203,5 @@ def test_gram_matrix_is_exact_in_float64_for_large_float32_inputs() -> None:
     tensors = [torch.randn(3_000_001, generator=generator) for _ in range(2)]
     gram = geometry.gram_matrix(tensors)
     expected = torch.stack([t.double() for t in tensors]) @ torch.stack([t.double() for t in tensors]).T
-    assert torch.allclose(gram, expected, rtol=1e-13, atol=0)
+    # float32 accumulation would be off by ~0.1 here; float64 agrees to rounding of the sum order
+    assert torch.allclose(gram, expected, rtol=1e-12, atol=1e-12 * float(expected.diagonal().max()))

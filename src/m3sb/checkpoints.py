@@ -21,11 +21,13 @@ import struct
 import uuid
 import zipfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -330,7 +332,11 @@ class _Slot:
 
 
 class SafetensorsWriter:
-    """Writes tensors, in a fixed order, straight into pre-planned safetensors shards."""
+    """Writes tensors, in a fixed order, straight into pre-planned safetensors shards.
+
+    The bytes of one tensor are written on a background thread while the caller merges
+    the next one; at most one tensor waits to be written.
+    """
 
     def __init__(self, folder: Path, layout: dict[str, TensorInfo], max_shard_bytes: int) -> None:
         self.folder = folder
@@ -346,24 +352,27 @@ class SafetensorsWriter:
         self._handle: BinaryIO | None = None
         self._open_shard = -1
         self._written = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3sb-writer")
+        self._pending: Future[None] | None = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor of the layout; names must arrive in layout order."""
         expected = next(self._order, None)
         if name != expected:
             raise RuntimeError(f"writer expected tensor '{expected}', got '{name}'")
-        info, slot = self.layout[name], self._slots[name]
+        info = self.layout[name]
         if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
             raise RuntimeError(f"tensor '{name}': expected {info}, got {tuple(tensor.shape)} {tensor.dtype}")
-        handle = self._shard(slot.shard)
-        if self._written != slot.begin:
-            raise RuntimeError(f"tensor '{name}': shard offset {self._written}, planned {slot.begin}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        handle.write(data.data)
-        self._written = slot.end
+        self._wait()
+        self._pending = self._worker.submit(self._write_bytes, name, data)
 
     def close(self) -> None:
         """Finish the last shard and write the index (when there are several shards)."""
+        try:
+            self._wait()
+        finally:
+            self._worker.shutdown(wait=True)
         if next(self._order, None) is not None:
             raise RuntimeError("writer closed before every tensor was written")
         while self._open_shard < len(self._shard_infos) - 1:  # shards with no tensors left to write
@@ -378,6 +387,27 @@ class SafetensorsWriter:
             (self.folder / "model.safetensors.index.json").write_text(
                 json.dumps(index, indent=2) + "\n", encoding="utf-8"
             )
+
+    def abort(self) -> None:
+        """Stop writing (after an error elsewhere): wait for the thread and close the file."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _wait(self) -> None:
+        """Wait for the tensor being written; re-raise its error (a full disk, say)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write_bytes(self, name: str, data: np.ndarray) -> None:
+        slot = self._slots[name]
+        handle = self._shard(slot.shard)
+        if self._written != slot.begin:
+            raise RuntimeError(f"tensor '{name}': shard offset {self._written}, planned {slot.begin}")
+        handle.write(data.data)
+        self._written = slot.end
 
     def _shard(self, shard: int) -> BinaryIO:
         """The open file of ``shard``, opening it (header written) and closing the previous one."""

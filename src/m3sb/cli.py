@@ -139,10 +139,19 @@ def main() -> None:
     # Idle OpenMP threads spin by default; on small or shared machines (2 vCPUs) the spin
     # makes every element-wise tensor op wait milliseconds. Merging is bulk work: sleep.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    code: int | str | None = 0
     try:
         app()
     except SystemExit as exit_:
-        sys.exit(exit_.code)
+        code = exit_.code
+    # Every command has finished its work and closed its files. Tearing down the
+    # interpreter after importing torch takes about half a second; skip it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if isinstance(code, str):
+        print(code, file=sys.stderr, flush=True)
+        code = 1
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from m3sb.errors import MergeError
 _SMALL_ANGLE = 1e-4
 # Points whose cosine is closer than this to -1 are treated as antipodal.
 _ANTIPODAL_GAP = 1e-12
-_GRAM_CHUNK_ELEMENTS = 1 << 22
+_GRAM_CHUNK_ELEMENTS = 1 << 20  # fastest here: blocks stay in cache
 
 
 def gram_matrix(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -242,10 +242,15 @@ def build_plan(config: MergeConfig) -> MergePlan:
     return MergePlan(method, inputs, base, jobs, compute_dtype, config)
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no element is NaN or infinite (a sum first: one cheap pass in the usual case)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _load(checkpoint: Checkpoint, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Read one tensor, move it to the compute device and dtype, and refuse NaN or Inf."""
     tensor = checkpoint.load(name).to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(tensor).all()):
+    if not _all_finite(tensor):
         raise MergeError(f"tensor '{name}' in {checkpoint.label} contains NaN or Inf")
     return tensor
 
@@ -269,7 +274,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
         )
     except MergeError as error:
         raise MergeError(f"tensor '{job.name}': {error}") from None
-    if not bool(torch.isfinite(merged).all()):
+    if not _all_finite(merged):
         raise MergeError(f"tensor '{job.name}': the merge produced NaN or Inf")
     return merged.to(device="cpu", dtype=job.out_dtype)
 
@@ -283,6 +288,7 @@ def merge_tensors(
         if progress is not None:
             progress(job.name, merged.numel() * merged.element_size())
         yield job.name, merged
+        del merged  # free it before the next tensor is merged
 
 
 def _dtype_overrides(plan: MergePlan) -> dict[str, object]:
@@ -334,9 +340,14 @@ def merge_to_folder(
     written = 0
     with atomic_output_folder(destination, force=force) as staging:
         writer = SafetensorsWriter(staging, plan.layout, out_shard_size)
-        for name, tensor in merge_tensors(plan, torch_device, progress):
-            writer.write(name, tensor)
-            written += tensor.numel() * tensor.element_size()
+        try:
+            for name, tensor in merge_tensors(plan, torch_device, progress):
+                writer.write(name, tensor)
+                written += tensor.numel() * tensor.element_size()
+                del tensor
+        except BaseException:
+            writer.abort()
+            raise
         writer.close()
         copy_support_files(
             plan.inputs[0].folder if plan.base is None else plan.base.folder, staging, _dtype_overrides(plan)

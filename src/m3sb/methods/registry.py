@@ -142,8 +142,9 @@ def apply_method(
 ) -> torch.Tensor:
     """Merge one tensor group with ``method``: task vectors, ``lambda`` and per-tensor seeds.
 
-    With ``consume_inputs`` the input tensors are turned into task vectors in place,
-    saving one copy of each; the engine passes tensors it read for this call alone.
+    With ``consume_inputs`` (a list the engine filled for this call alone) each input is
+    dropped from the list as soon as its task vector exists, so that at most one extra
+    tensor is alive while task vectors are formed.
     """
     kwargs = {p.argument: params[p.name] for p in method.params}
     if "random_seed" in kwargs:
@@ -154,8 +155,10 @@ def apply_method(
         return method.function(list(tensors), list(weights), **kwargs)
     if base is None:
         raise MergeError(f"method '{method.name}' merges task vectors and needs a base_model")
-    if consume_inputs:
-        task_vectors = [tensor.sub_(base) for tensor in tensors]
+    if consume_inputs and isinstance(tensors, list):
+        task_vectors = []
+        while tensors:
+            task_vectors.append(tensors.pop(0) - base)
     else:
         task_vectors = [tensor - base for tensor in tensors]
     merged = method.function(task_vectors, list(weights), **kwargs)

@@ -1,21 +1,35 @@
 """Small primitives that TIES, DARE and Model Breadcrumbs are built from.
 
-Each takes a task vector (or a stack of them) and returns a mask or a merged tensor.
-Masks keep elements by magnitude rank through ``torch.kthvalue`` (linear time, unlike a
-full sort); elements that tie with the threshold value are all kept.
+Each takes a task vector (or several) and returns a mask or a merged tensor. Masks keep
+elements by magnitude rank through a selection of the k-th largest magnitude (linear
+time, unlike a full sort); elements tied with that threshold are all kept. The
+element-wise merges run over slices of a few million elements, so their temporaries stay
+small whatever the size of the tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
+_SLICE = 1 << 22
 
-def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest (1-based) of a flat tensor, in float32 at least (kthvalue needs it)."""
-    work = values if values.dtype in (torch.float32, torch.float64) else values.float()
-    return work.kthvalue(k).values
+
+def _slices(numel: int) -> Iterator[slice]:
+    for start in range(0, numel, _SLICE):
+        yield slice(start, min(start + _SLICE, numel))
+
+
+def kth_largest_magnitude(tensor: torch.Tensor, k: int) -> float:
+    """The k-th largest absolute value (1-based) of a tensor."""
+    magnitude = tensor.detach().abs().reshape(-1)
+    position = magnitude.numel() - k
+    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
+        values = magnitude.numpy()
+        values.partition(position)  # in place: no index array, unlike torch.kthvalue
+        return float(values[position])
+    return float(magnitude.float().kthvalue(position + 1).values)
 
 
 def magnitude_mask(task_vector: torch.Tensor, density: float) -> torch.Tensor:
@@ -26,9 +40,7 @@ def magnitude_mask(task_vector: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0.0:
         return torch.zeros_like(task_vector, dtype=torch.bool)
     keep = max(1, int(density * numel))
-    magnitude = task_vector.abs()
-    threshold = _kth_smallest(magnitude.reshape(-1), numel - keep + 1)
-    return magnitude >= threshold
+    return task_vector.abs() >= kth_largest_magnitude(task_vector, keep)
 
 
 def outlier_mask(task_vector: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -41,10 +53,9 @@ def outlier_mask(task_vector: torch.Tensor, density: float, gamma: float) -> tor
         return torch.zeros_like(task_vector, dtype=torch.bool)
     drop_top = int(gamma * numel)
     drop_bottom = max(0, numel - keep - drop_top)
+    high = kth_largest_magnitude(task_vector, numel - drop_bottom - keep + 1)
+    low = kth_largest_magnitude(task_vector, numel - drop_bottom)
     magnitude = task_vector.abs()
-    flat = magnitude.reshape(-1)
-    low = _kth_smallest(flat, drop_bottom + 1)
-    high = _kth_smallest(flat, drop_bottom + keep)
     return (magnitude >= low) & (magnitude <= high)
 
 
@@ -55,13 +66,13 @@ def random_mask(
     return (torch.rand(shape, generator=generator) < density).to(device)
 
 
-def elect_sign(
+def _elected_sign(
     task_vectors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], weights: Sequence[float]
 ) -> torch.Tensor:
     """Per element, the sign (+1 or -1) of the sum of the kept, weighted entries; ties go to +1."""
     total = torch.zeros_like(task_vectors[0])
     for task_vector, mask, weight in zip(task_vectors, masks, weights, strict=True):
-        total.add_(task_vector if mask is None else task_vector * mask, alpha=weight)
+        total.add_(task_vector if mask is None else torch.where(mask, task_vector, 0.0), alpha=weight)
     return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
 
 
@@ -71,26 +82,35 @@ def disjoint_merge(
     weights: Sequence[float],
     normalize: bool,
 ) -> torch.Tensor:
-    """Sum the kept, weighted entries whose sign agrees with the elected one.
+    """Sum the kept, weighted entries whose sign agrees with the elected one (TIES).
 
-    With ``normalize``, each element is divided by the weights of the models that agree
-    there (1 where none does). Zero entries and zero-weight models take no side.
+    The elected sign of an element is that of the sum of its kept, weighted entries.
+    With ``normalize``, each element is divided by the sum of the weights of the models
+    that agree there (1 where none does), as in mergekit. Zero entries and zero-weight
+    models take no side.
     """
-    sign = elect_sign(task_vectors, masks, weights)
-    merged = torch.zeros_like(sign)
-    agreeing_weight = torch.zeros_like(sign)
-    for task_vector, mask, weight in zip(task_vectors, masks, weights, strict=True):
-        if weight == 0.0:
-            continue
-        agrees = torch.sign(task_vector) == sign * (1.0 if weight > 0 else -1.0)
-        if mask is not None:
-            agrees &= mask
-        merged.add_(task_vector * agrees, alpha=weight)
-        agreeing_weight.add_(agrees.to(sign.dtype), alpha=weight)
-    if normalize:
-        agreeing_weight[agreeing_weight == 0] = 1.0
-        merged.div_(agreeing_weight)
-    return merged
+    flat = [task_vector.reshape(-1) for task_vector in task_vectors]
+    flat_masks = [None if mask is None else mask.reshape(-1) for mask in masks]
+    merged = torch.empty_like(flat[0])
+    for part in _slices(merged.numel()):
+        vectors = [vector[part] for vector in flat]
+        kept = [None if mask is None else mask[part] for mask in flat_masks]
+        sign = _elected_sign(vectors, kept, weights)
+        total = torch.zeros_like(sign)
+        agreeing_weight = torch.zeros_like(sign)
+        for vector, mask, weight in zip(vectors, kept, weights, strict=True):
+            if weight == 0.0:
+                continue
+            agrees = torch.sign(vector) == (sign if weight > 0 else -sign)
+            if mask is not None:
+                agrees &= mask
+            total.add_(torch.where(agrees, vector, 0.0), alpha=weight)
+            agreeing_weight.add_(agrees.to(sign.dtype), alpha=weight)
+        if normalize:
+            agreeing_weight[agreeing_weight == 0] = 1.0
+            total.div_(agreeing_weight)
+        merged[part] = total
+    return merged.reshape(task_vectors[0].shape)
 
 
 def weighted_sum(

@@ -323,8 +323,9 @@ def measure_tool(
 ) -> Measurement:
     """Run one tool ``repeat`` times on ``config`` and combine the runs with ``stat``.
 
-    ``out`` is removed and the inputs are re-read into the page cache before
-    every run; the last run's output is left in place for comparison.
+    ``out`` is removed, the inputs are re-read into the page cache and dirty pages
+    are flushed (``os.sync``) before every run; the last run's output is left in
+    place for comparison.
     """
     log = out.parent.parent / "logs" / f"{out.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +334,7 @@ def measure_tool(
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
         warm_page_cache(inputs)
+        os.sync()  # no run pays for flushing the previous run's output to disk
         secs, rss, rc = run_measured(tool_command(tool, config, out), log)
         print(f"  {out.name:>20}: {secs:7.2f} s {rss / 1e9:6.2f} GB  rc={rc}", flush=True)
         if rc != 0:

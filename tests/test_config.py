@@ -8,6 +8,7 @@ import pytest
 
 from m3sb.config import (
     FilteredValue,
+    count_layers,
     layer_fraction,
     load_merge_config,
     parse_merge_config,
@@ -62,6 +63,12 @@ def test_a_mergekit_yaml_parses(tmp_path: Path) -> None:
 )
 def test_layer_fraction(name: str, layers: int, fraction: float) -> None:
     assert layer_fraction(name, layers) == fraction
+
+
+def test_count_layers_from_tensor_names() -> None:
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.w", "model.layers.11.mlp.w", "lm_head.weight"]
+    assert count_layers(names) == 12
+    assert count_layers(["w", "b"]) == 1
 
 
 def test_gradients_interpolate_over_layers_and_filters_pick_the_first_match() -> None:

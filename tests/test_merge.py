@@ -136,3 +136,19 @@ def test_plan_checks_everything_before_reading_tensors(family: Family, tmp_path:
         Exception, match=r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' has shape \[64, 32\]"
     ):
         build_plan(parse_merge_config(recipe))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["barycenter", "ties"])
+def test_merging_on_the_gpu_matches_the_cpu(method: str, family: Family, tmp_path: Path) -> None:
+    recipe = {
+        "merge_method": method,
+        "base_model": str(family.base),
+        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in family.models],
+    }
+    if method == "barycenter":
+        recipe["parameters"] = {"space": "task_vectors"}
+    on_cpu = _merge(recipe, tmp_path / "cpu")
+    on_gpu = _merge(recipe, tmp_path / "gpu", device="cuda")
+    for name, tensor in on_cpu.items():
+        assert torch.allclose(on_gpu[name], tensor, rtol=1e-5, atol=1e-6), name

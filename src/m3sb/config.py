@@ -22,6 +22,7 @@ without ``filter`` matches every tensor).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -150,11 +151,17 @@ def load_merge_config(path: str | Path) -> MergeConfig:
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
+def count_layers(tensor_names: Iterable[str]) -> int:
+    """The number of numbered layers (``...layers.N...``) among tensor names; at least 1."""
+    indices = [int(match.group(1)) for name in tensor_names if (match := _LAYER_INDEX.search(name))]
+    return max(indices, default=0) + 1
+
+
 def layer_fraction(tensor_name: str, num_layers: int) -> float:
     """Where a tensor sits in the depth of the network, from 0 (embeddings) to 1 (last layer, head)."""
     match = _LAYER_INDEX.search(tensor_name)
     if match:
-        return int(match.group(1)) / max(1, num_layers - 1)
+        return min(1.0, int(match.group(1)) / max(1, num_layers - 1))
     return 0.0 if "embed" in tensor_name or "wte" in tensor_name or "wpe" in tensor_name else 1.0
 
 

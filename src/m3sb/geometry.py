@@ -49,10 +49,12 @@ def gram_matrix(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def combine(tensors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
     """Return ``sum_j coefficients[j] * tensors[j]`` in the tensors' dtype."""
-    result = torch.zeros_like(tensors[0])
-    for tensor, coefficient in zip(tensors, coefficients, strict=True):
-        if coefficient != 0.0:
-            result.add_(tensor, alpha=float(coefficient))
+    terms = [(t, float(c)) for t, c in zip(tensors, coefficients, strict=True) if c != 0.0]
+    if not terms:
+        return torch.zeros_like(tensors[0])
+    result = torch.mul(terms[0][0], terms[0][1])
+    for tensor, coefficient in terms[1:]:
+        result.add_(tensor, alpha=coefficient)
     return result
 
 

@@ -25,7 +25,7 @@ from m3sb.checkpoints import (
     copy_support_files,
     open_checkpoint,
 )
-from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, resolve_value
+from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, count_layers, resolve_value
 from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, get_method
@@ -165,10 +165,10 @@ def _check_alignment(checkpoints: Sequence[Checkpoint]) -> dict[str, TensorInfo]
 
 
 def _num_layers(checkpoint: Checkpoint) -> int:
-    """The depth used to spread gradient parameters over layers."""
+    """The depth over which gradient parameters are spread: from config.json, else the tensor names."""
     config = checkpoint.read_config()
     layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
-    return int(layers) if isinstance(layers, int) and layers > 0 else 1
+    return layers if isinstance(layers, int) and layers > 0 else count_layers(checkpoint.tensors)
 
 
 def _resolve(
@@ -313,7 +313,7 @@ def model_card(plan: MergePlan) -> str:
     recipe = yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False)
     return (
         f"---\n{front}---\n\n# {config.name or 'Merged model'}\n\n"
-        f"Merged with [m3sb](https://pypi.org/project/m3sb/) using **{plan.method.name}**: "
+        f"Merged with m3sb using **{plan.method.name}**: "
         f"{plan.method.summary}.\n\n## Inputs\n\n{inputs}\n\n## Configuration\n\n```yaml\n{recipe}```\n"
     )
 

@@ -1,9 +1,10 @@
 """Reading checkpoints lazily and writing merged ones atomically.
 
 Readers hold no tensor data: they know each tensor's name, shape and dtype and load one
-tensor on request, opening (and memory-mapping) its file only for that read, so a merge
-holds about one tensor per input at a time. Pickle checkpoints (``.bin``) are read only
-through ``torch.load(weights_only=True)``, which refuses anything but tensors.
+tensor on request, as a view of the memory-mapped file that pages in as it is read and
+is unmapped when the tensor is freed, so a merge holds about one tensor per input at a
+time. Pickle checkpoints (``.bin``) are read only through
+``torch.load(weights_only=True)``, which refuses anything but tensors.
 
 The writer streams safetensors: shard layout and headers are known before any tensor is
 merged (names, shapes and dtypes are), so each merged tensor goes to disk as soon as it
@@ -14,12 +15,14 @@ hidden folder beside the destination and renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import shutil
 import struct
 import uuid
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -79,13 +82,10 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         """Size of the tensor's data in bytes."""
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-class Checkpoint:
+class Checkpoint(ABC):
     """A model's tensors, readable one at a time, and the folder its config lives in."""
 
     def __init__(self, label: str, folder: Path | None) -> None:
@@ -93,13 +93,13 @@ class Checkpoint:
         self.folder = folder
 
     @property
+    @abstractmethod
     def tensors(self) -> dict[str, TensorInfo]:
         """Every tensor's name, shape and dtype, in the checkpoint's order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory (CPU)."""
-        raise NotImplementedError
+        """Read one tensor (on the CPU)."""
 
     def read_config(self) -> dict[str, object]:
         """The model's config.json as a dict, or an empty dict when there is none."""

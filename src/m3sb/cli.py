@@ -117,6 +117,25 @@ def methods(debug: DebugOption = False) -> None:
 
 
 @app.command()
+def zoo(
+    folder: Annotated[Path, typer.Argument(help="Folder for the zoo (reused when already built).")],
+    seed: Annotated[int, typer.Option(help="Seed of the data splits and training.")] = 0,
+    debug: DebugOption = False,
+) -> None:
+    """Build the digits zoo offline: a tiny ViT base, five fine-tunes and their datasets."""
+
+    def run() -> None:
+        from m3sb.zoo import ZooRecipe, build_zoo
+
+        manifest = build_zoo(
+            folder, ZooRecipe(seed=seed), log=lambda line: console.print(line, highlight=False)
+        )
+        console.print(f"zoo ready: {manifest}", highlight=False)
+
+    guarded(run, debug)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's models and results.")] = Path(
         "m3sb-demo"

@@ -82,6 +82,30 @@ def _pickle_with_code(family: Family, folder: Path) -> str:
     return str(target)
 
 
+def _overflowing_float16(folder: Path) -> dict[str, Any]:
+    for name, value in (("a", 60000.0), ("b", 20000.0)):
+        save_file({"w": torch.tensor([value, 1.0], dtype=torch.float16)}, folder / f"{name}.safetensors")
+    models = [{"model": str(folder / f"{name}.safetensors")} for name in ("a", "b")]
+    return {"merge_method": "linear", "models": models, "parameters": {"normalize": False}}
+
+
+def _int_dtype_mismatch(folder: Path) -> dict[str, Any]:
+    for name, dtype in (("a", torch.int64), ("b", torch.int32)):
+        save_file({"w": torch.ones(2), "ids": torch.arange(3, dtype=dtype)}, folder / f"{name}.safetensors")
+    return {
+        "merge_method": "linear",
+        "models": [{"model": str(folder / f"{n}.safetensors")} for n in ("a", "b")],
+    }
+
+
+def _empty_index(family: Family, folder: Path) -> str:
+    target = folder / "indexed"
+    shutil.copytree(family.models[0], target)
+    (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
+    (target / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    return str(target)
+
+
 def _models(family: Family, *extra: str, **parameters: Any) -> list[dict[str, Any]]:
     return [{"model": str(p), "parameters": dict(parameters)} for p in family.models[1:]] + [
         {"model": e} for e in extra
@@ -230,6 +254,42 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
         r"--device cuda",
     ),
     (
+        "lambda without task vectors",
+        lambda f, d: {"merge_method": "linear", "models": _models(f), "parameters": {"lambda": 0.5}},
+        [],
+        r"parameter 'lambda' of 'linear' scales task vectors; it needs space: task_vectors",
+    ),
+    (
+        "float16 overflow",
+        lambda f, d: _overflowing_float16(d),
+        [],
+        r"tensor 'w': merged values overflow float16",
+    ),
+    (
+        "integer tensor of another dtype",
+        lambda f, d: _int_dtype_mismatch(d),
+        [],
+        r"tensor 'ids' is int64 in .*a\.safetensors but int32 in .*b\.safetensors",
+    ),
+    (
+        "malformed shard index",
+        lambda f, d: {"merge_method": "linear", "models": _models(f, _empty_index(f, d))},
+        [],
+        r"model\.safetensors\.index\.json: 'weight_map' must map tensor names to shard file names",
+    ),
+    (
+        "tokenizer source without tokenizer files",
+        lambda f, d: {"merge_method": "linear", "models": _models(f), "tokenizer_source": str(f.models[1])},
+        [],
+        r"tokenizer_source .*finetune-1: no tokenizer files in",
+    ),
+    (
+        "tokenizer union",
+        lambda f, d: {"merge_method": "linear", "models": _models(f), "tokenizer_source": "union"},
+        [],
+        r"tokenizer_source: union is not supported",
+    ),
+    (
         "bad shard size",
         lambda f, d: {"merge_method": "linear", "models": _models(f)},
         ["--out-shard-size", "lots"],
@@ -297,6 +357,9 @@ def test_console_script_error_has_no_traceback_unless_debug(tmp_path: Path) -> N
         [script, "merge", config, tmp_path / "out", "--debug"], capture_output=True, text=True, check=False
     )
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+    usage = subprocess.run([script, "merge", config, "--bogus"], capture_output=True, text=True, check=False)
+    assert usage.returncode == 2
+    assert usage.stderr.strip() == "error: No such option: --bogus (see m3sb merge --help)"
 
 
 def test_methods_command_lists_every_method() -> None:
@@ -306,3 +369,36 @@ def test_methods_command_lists_every_method() -> None:
     assert result.exit_code == 0
     for name in METHODS:
         assert name in result.stdout
+
+
+@pytest.mark.parametrize("target", ["sibling via ..", "the family folder"])
+def test_output_that_would_replace_an_input_is_refused(family: Family, tmp_path: Path, target: str) -> None:
+    before = sorted(p.name for p in family.base.parent.iterdir())
+    config = _write_config(tmp_path, {"merge_method": "linear", "models": _models(family)})
+    out = family.models[0] / ".." / "finetune-1" if target == "sibling via .." else family.base.parent
+    result = runner.invoke(app, ["merge", str(config), str(out), "--quiet", "--force"])
+    assert result.exit_code == 1
+    assert "the output folder holds input" in result.stderr
+    assert sorted(p.name for p in family.base.parent.iterdir()) == before
+    assert (family.models[1] / "model.safetensors").is_file()
+
+
+def test_uncreatable_output_folder_is_one_line(family: Family, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    config = _write_config(tmp_path, {"merge_method": "linear", "models": _models(family)})
+    result = runner.invoke(app, ["merge", str(config), str(tmp_path / "a_file" / "out"), "--quiet"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().startswith("error: ") and "cannot create the output folder" in result.stderr
+
+
+def test_tokenizer_files_come_from_tokenizer_source(family: Family, tmp_path: Path) -> None:
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text('{"marker": 1}')
+    (tokenizer / "vocab.json").write_text('{"a": 0}')
+    recipe = {"merge_method": "linear", "models": _models(family), "tokenizer_source": str(tokenizer)}
+    config = _write_config(tmp_path, recipe)
+    assert runner.invoke(app, ["merge", str(config), str(tmp_path / "out"), "--quiet"]).exit_code == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"marker": 1}'
+    assert (tmp_path / "out" / "vocab.json").read_text() == '{"a": 0}'
+    assert (tmp_path / "out" / "config.json").is_file()

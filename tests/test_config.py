@@ -59,6 +59,8 @@ def test_a_mergekit_yaml_parses(tmp_path: Path) -> None:
         ("model.layers.2.self_attn.q_proj.weight", 5, 0.5),
         ("model.layers.3.mlp.up_proj.weight", 4, 1.0),
         ("lm_head.weight", 4, 1.0),
+        ("h.0.attn.c_attn.weight", 12, 0.0),  # gpt2's keys have no prefix
+        ("transformer.h.11.mlp.c_fc.weight", 12, 1.0),
     ],
 )
 def test_layer_fraction(name: str, layers: int, fraction: float) -> None:
@@ -85,6 +87,7 @@ def test_gradients_interpolate_over_layers_and_filters_pick_the_first_match() ->
     assert resolve_value(spec, "model.layers.4.mlp.up_proj.weight", 5) == 0.25
     assert resolve_value([0.0, 1.0, 0.0], "model.layers.1.x", 5) == 0.5
     assert resolve_value([FilteredValue(filter="mlp", value=1.0)], "attn", 2) is None
+    assert resolve_value([FilteredValue(filter="*", value=0.3)], "attn", 2) == 0.3  # mergekit's wildcard
 
 
 @pytest.mark.parametrize(

@@ -152,3 +152,41 @@ def test_merging_on_the_gpu_matches_the_cpu(method: str, family: Family, tmp_pat
     on_gpu = _merge(recipe, tmp_path / "gpu", device="cuda")
     for name, tensor in on_cpu.items():
         assert torch.allclose(on_gpu[name], tensor, rtol=1e-5, atol=1e-6), name
+
+
+def test_a_model_filter_that_does_not_match_falls_back_to_the_top_level_value(family: Family) -> None:
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(family.base),
+        "models": [
+            {"model": str(family.models[0]), "parameters": {"density": [{"filter": "mlp", "value": 0.3}]}},
+            {"model": str(family.models[1])},
+        ],
+        "parameters": {"density": 0.5},
+    }
+    jobs = {job.name: job for job in build_plan(parse_merge_config(recipe)).jobs}
+    assert jobs["model.layers.0.mlp.up_proj.weight"].params["density"] == [0.3, 0.5]
+    assert jobs["model.layers.0.self_attn.q_proj.weight"].params["density"] == [0.5, 0.5]
+
+
+def test_numbers_written_in_scientific_notation_are_numbers(family: Family) -> None:
+    recipe = {"merge_method": "barycenter", "models": [{"model": str(p)} for p in family.models]}
+    plan = build_plan(parse_merge_config(recipe | {"parameters": {"tol": "1e-8"}}))
+    assert plan.jobs[0].params["tol"] == 1e-8
+
+
+def test_output_config_keeps_the_dtype_key_convention_of_the_copied_config(
+    family: Family, tmp_path: Path
+) -> None:
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(family.base),
+        "models": [{"model": str(p), "parameters": {"density": 0.5}} for p in family.models],
+        "out_dtype": "bfloat16",
+    }
+    _merge(recipe, tmp_path / "out")
+    source = json.loads((family.base / "config.json").read_text())
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    keys = [key for key in ("dtype", "torch_dtype") if key in source] or ["dtype"]
+    assert all(written[key] == "bfloat16" for key in keys)
+    assert {k for k in ("dtype", "torch_dtype") if k in written} == set(keys)

@@ -49,10 +49,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-SUPPORT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "preprocessor_config.json",
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -66,9 +63,7 @@ SUPPORT_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-TOKENIZER_FILES = tuple(
-    name for name in SUPPORT_FILES if "token" in name or name.endswith((".txt", ".model"))
-)
+SUPPORT_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", *TOKENIZER_FILES)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -88,9 +83,10 @@ class TensorInfo:
 class Checkpoint(ABC):
     """A model's tensors, readable one at a time, and the folder its config lives in."""
 
-    def __init__(self, label: str, folder: Path | None) -> None:
+    def __init__(self, label: str, folder: Path | None, files: Sequence[Path]) -> None:
         self.label = label
         self.folder = folder
+        self.files = tuple(files)
 
     @property
     @abstractmethod
@@ -116,7 +112,7 @@ class SafetensorsCheckpoint(Checkpoint):
     """One or more safetensors files (a sharded checkpoint keeps one file per shard)."""
 
     def __init__(self, label: str, folder: Path | None, files: Sequence[Path]) -> None:
-        super().__init__(label, folder)
+        super().__init__(label, folder, files)
         self._file_of: dict[str, Path] = {}
         self._infos: dict[str, TensorInfo] = {}
         for file in files:
@@ -142,30 +138,12 @@ class PickleCheckpoint(Checkpoint):
     """A PyTorch ``.bin`` state dict, loaded with ``weights_only=True`` (never runs code)."""
 
     def __init__(self, label: str, folder: Path | None, files: Sequence[Path]) -> None:
-        super().__init__(label, folder)
+        super().__init__(label, folder, files)
         self._state: dict[str, torch.Tensor] = {}
         for file in files:
             self._state.update(_load_pickle_state_dict(file))
         self._infos = {
             name: TensorInfo(tuple(tensor.shape), tensor.dtype) for name, tensor in self._state.items()
-        }
-
-    @property
-    def tensors(self) -> dict[str, TensorInfo]:
-        return self._infos
-
-    def load(self, name: str) -> torch.Tensor:
-        return self._state[name]
-
-
-class StateDictCheckpoint(Checkpoint):
-    """Tensors already in memory (for merging models built in Python)."""
-
-    def __init__(self, label: str, state_dict: dict[str, torch.Tensor]) -> None:
-        super().__init__(label, None)
-        self._state = state_dict
-        self._infos = {
-            name: TensorInfo(tuple(tensor.shape), tensor.dtype) for name, tensor in state_dict.items()
         }
 
     @property
@@ -220,6 +198,12 @@ def _shards_from_index(index_file: Path) -> list[Path]:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{index_file}: not a valid shard index ({error})") from None
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(v, str) and v and "/" not in v for v in weight_map.values())
+    ):
+        raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard file names")
     shards = sorted({index_file.parent / name for name in weight_map.values()})
     for shard in shards:
         if not shard.is_file():
@@ -284,6 +268,27 @@ def _download_from_hub(repo_id: str) -> Path:
             f"({first_line[:200]})"
         ) from None
     return Path(folder)
+
+
+def model_folder(location: str) -> Path:
+    """The local folder of a model given as a folder, a file in one, or a hub id (config files only)."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent
+    if HUB_ID.match(location):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(location, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja"]))
+        except Exception as error:  # noqa: BLE001 (any hub failure becomes one line)
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(
+                f"'{location}' is not a local path and could not be fetched from the Hugging Face Hub "
+                f"({first_line[:200]})"
+            ) from None
+    raise CheckpointError(f"{location}: no such file or directory")
 
 
 def open_checkpoint(location: str | Path) -> Checkpoint:
@@ -467,14 +472,18 @@ def atomic_output_folder(destination: Path, force: bool = False) -> Iterator[Pat
         raise CheckpointError(f"{destination}: exists and is not a folder")
     if destination.is_dir() and any(destination.iterdir()) and not force:
         raise CheckpointError(f"{destination}: folder exists and is not empty (pass --force to replace it)")
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    created = next((p for p in reversed(destination.parents) if not p.exists()), None)
     token = uuid.uuid4().hex[:8]
     staging = destination.parent / f".{destination.name}.m3sb-partial-{token}"
-    staging.mkdir()
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as error:
+        raise CheckpointError(f"{destination}: cannot create the output folder ({error.strerror})") from None
     try:
         yield staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(created or staging, ignore_errors=True)
         raise
     retired = destination.parent / f".{destination.name}.m3sb-old-{token}"
     if destination.exists():

@@ -16,6 +16,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.exceptions import TyperException
 
 app = typer.Typer(
     name="m3sb",
@@ -64,8 +65,10 @@ def guarded(action: Callable[[], T], debug: bool) -> T:
 
 @app.command()
 def merge(
-    config: Annotated[Path, typer.Argument(help="Merge recipe (mergekit's YAML schema).")],
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the merged model into.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Merge recipe (mergekit's YAML schema).")],
+    out_dir: Annotated[
+        Path, typer.Argument(metavar="OUT_DIR", help="Folder to write the merged model into.")
+    ],
     device: DeviceOption = "cpu",
     out_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
@@ -118,7 +121,9 @@ def methods(debug: DebugOption = False) -> None:
 
 @app.command()
 def zoo(
-    folder: Annotated[Path, typer.Argument(help="Folder for the zoo (reused when already built).")],
+    folder: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Folder for the zoo (reused when already built).")
+    ],
     seed: Annotated[int, typer.Option(help="Seed of the data splits and training.")] = 0,
     debug: DebugOption = False,
 ) -> None:
@@ -160,7 +165,16 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     code: int | str | None = 0
     try:
-        app()
+        result = app(standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except typer.Abort:
+        code = 130
+    except TyperException as error:  # usage errors: unknown option, missing argument, ...
+        context = getattr(error, "ctx", None)
+        command = f"m3sb {context.info_name} --help" if context and context.parent else "m3sb --help"
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        errors.print(f"[red]error:[/red] {escape(message)} (see {command})", highlight=False, soft_wrap=True)
+        code = getattr(error, "exit_code", 2)
     except SystemExit as exit_:
         code = exit_.code
     # Every command has finished its work and closed its files. Tearing down the

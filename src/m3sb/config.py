@@ -16,7 +16,8 @@ existing mergekit YAML works unchanged::
 A parameter value is a number (or boolean or string), a *gradient* (a list of numbers
 interpolated over the layers), or a list of ``{filter: SUBSTRING, value: V}`` entries
 where the first entry whose filter occurs in the tensor's name applies (an entry
-without ``filter`` matches every tensor).
+without ``filter``, or with ``filter: "*"``, matches every tensor). A model's own value
+that matches no filter falls back to the top-level one, then to the method's default.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     return parse_merge_config(load_yaml(path), source=str(path))
 
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 def count_layers(tensor_names: Iterable[str]) -> int:
@@ -186,7 +187,7 @@ def resolve_value(spec: ParamSpec, tensor_name: str, num_layers: int) -> Scalar 
         )
     for entry in spec:
         assert isinstance(entry, FilteredValue)
-        if entry.filter is None or entry.filter in tensor_name:
+        if entry.filter in (None, "*") or entry.filter in tensor_name:
             value = entry.value
             if isinstance(value, list):
                 return _interpolate(value, layer_fraction(tensor_name, num_layers))

@@ -23,13 +23,14 @@ from m3sb.checkpoints import (
     TensorInfo,
     atomic_output_folder,
     copy_support_files,
+    model_folder,
     open_checkpoint,
 )
 from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, count_layers, resolve_value
 from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, get_method
-from m3sb.methods.registry import ParamValue
+from m3sb.methods.registry import MIN_WEIGHT_SUM, ParamValue
 
 Progress = Callable[[str, int], None]
 
@@ -56,6 +57,17 @@ class MergePlan:
     jobs: tuple[TensorJob, ...]
     compute_dtype: torch.dtype
     config: MergeConfig
+    tokenizer_folder: Path | None = None
+
+    @property
+    def config_source(self) -> Checkpoint:
+        """The checkpoint whose config.json (and tokenizer, by default) the output takes."""
+        return self.base or self.inputs[0]
+
+    @property
+    def sources(self) -> tuple[Checkpoint, ...]:
+        """Every checkpoint the merge reads."""
+        return (*self.inputs, *([self.base] if self.base else []))
 
     @property
     def layout(self) -> dict[str, TensorInfo]:
@@ -98,6 +110,10 @@ def _check_param_names(method: MergeMethod, config: MergeConfig) -> None:
                     f"model '{entry.model}': parameter '{key}' of '{method.name}' applies to the whole "
                     "merge; put it under the top-level 'parameters'"
                 )
+    if "lambda" in config.parameters and not method.merges_task_vectors(config.parameters.get("space")):
+        raise ConfigError(
+            f"parameter 'lambda' of '{method.name}' scales task vectors; it needs space: task_vectors"
+        )
     for param in method.all_params:
         if param.default is None and param.name not in config.parameters:
             raise ConfigError(f"merge_method '{method.name}' needs parameter '{param.name}' ({param.help})")
@@ -156,10 +172,17 @@ def _check_alignment(checkpoints: Sequence[Checkpoint]) -> dict[str, TensorInfo]
             if name not in names:
                 raise MergeError(f"tensor '{name}' is in {other.label} but missing from {reference.label}")
         for name, info in names.items():
-            if other.tensors[name].shape != info.shape:
+            theirs = other.tensors[name]
+            if theirs.shape != info.shape:
                 raise MergeError(
                     f"tensor '{name}' has shape {list(info.shape)} in {reference.label} "
-                    f"but {list(other.tensors[name].shape)} in {other.label}"
+                    f"but {list(theirs.shape)} in {other.label}"
+                )
+            both_float = info.dtype.is_floating_point and theirs.dtype.is_floating_point
+            if theirs.dtype != info.dtype and not both_float:
+                raise MergeError(
+                    f"tensor '{name}' is {str(info.dtype).removeprefix('torch.')} in {reference.label} "
+                    f"but {str(theirs.dtype).removeprefix('torch.')} in {other.label}"
                 )
     return names
 
@@ -172,19 +195,28 @@ def _num_layers(checkpoint: Checkpoint) -> int:
 
 
 def _resolve(
-    spec: ParamSpec, param_name: str, method: MergeMethod, tensor: str, num_layers: int, where: str
+    specs: Sequence[ParamSpec | None],
+    param_name: str,
+    method: MergeMethod,
+    tensor: str,
+    num_layers: int,
+    where: str,
 ) -> ParamValue:
+    """The first of ``specs`` (most specific first) that has a value for ``tensor``, checked."""
     param = method.param(param_name)
     assert param is not None
-    if isinstance(spec, list) and not spec:
-        raise ConfigError(f"{where}: parameter '{param_name}' is an empty list")
-    value = resolve_value(spec, tensor, num_layers)
-    if value is None:
-        if param.default is None:
-            raise ConfigError(f"{where}: no filter of parameter '{param_name}' matches tensor '{tensor}'")
-        value = param.default
-    context = where if not isinstance(spec, list) else f"{where} (tensor '{tensor}')"
-    return param.check(value, context)
+    for spec in specs:
+        if spec is None:
+            continue
+        if isinstance(spec, list) and not spec:
+            raise ConfigError(f"{where}: parameter '{param_name}' is an empty list")
+        value = resolve_value(spec, tensor, num_layers)
+        if value is not None:
+            context = where if not isinstance(spec, list) else f"{where} (tensor '{tensor}')"
+            return param.check(value, context)
+    if param.default is None:
+        raise ConfigError(f"{where}: no filter of parameter '{param_name}' matches tensor '{tensor}'")
+    return param.default
 
 
 def _tensor_job(
@@ -202,23 +234,27 @@ def _tensor_job(
         return TensorJob(name, info.shape, info.dtype, (), {}, mergeable=False)
     params: dict[str, ParamValue | list[ParamValue]] = {}
     for param in method.all_params:
+        top_level = config.parameters.get(param.name)
         if param.per_model:
-            values: list[ParamValue] = []
-            for location, model_specs in zip(locations, specs, strict=True):
-                spec = model_specs.get(param.name, config.parameters.get(param.name, param.default))
-                assert spec is not None
-                values.append(_resolve(spec, param.name, method, name, num_layers, f"model '{location}'"))
-            params[param.name] = values
+            params[param.name] = [
+                _resolve(
+                    [model_specs.get(param.name), top_level],
+                    param.name,
+                    method,
+                    name,
+                    num_layers,
+                    f"model '{location}'",
+                )
+                for location, model_specs in zip(locations, specs, strict=True)
+            ]
         else:
-            spec = config.parameters.get(param.name, param.default)
-            assert spec is not None
-            params[param.name] = _resolve(spec, param.name, method, name, num_layers, "parameters")
+            params[param.name] = _resolve([top_level], param.name, method, name, num_layers, "parameters")
     declared_weights = params.pop("weight", [1.0] * len(locations))
     assert isinstance(declared_weights, list)
     weights = tuple(float(w) for w in declared_weights)
     if method.nonnegative_weights and any(w < 0 for w in weights):
         raise ConfigError(f"merge_method '{method.name}' needs non-negative weights, got {list(weights)}")
-    if (method.nonnegative_weights or params.get("normalize") is True) and abs(sum(weights)) < 1e-12:
+    if (method.nonnegative_weights or params.get("normalize") is True) and abs(sum(weights)) < MIN_WEIGHT_SUM:
         raise ConfigError(f"weights sum to zero for tensor '{name}': {list(weights)}")
     return TensorJob(name, info.shape, out_dtype, weights, params, mergeable=True)
 
@@ -239,7 +275,35 @@ def build_plan(config: MergeConfig) -> MergePlan:
         _tensor_job(name, info, method, config, specs, locations, num_layers) for name, info in names.items()
     )
     compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    return MergePlan(method, inputs, base, jobs, compute_dtype, config)
+    tokenizer_folder = _tokenizer_folder(config)
+    return MergePlan(method, inputs, base, jobs, compute_dtype, config, tokenizer_folder)
+
+
+def _tokenizer_folder(config: MergeConfig) -> Path | None:
+    """The folder named by ``tokenizer_source``, checked to hold tokenizer files."""
+    source = config.tokenizer_source
+    if source is None:
+        return None
+    if source == "union":
+        raise ConfigError("tokenizer_source: union is not supported; name 'base' or one model")
+    location = config.base_model if source == "base" else source
+    if location is None:
+        raise ConfigError("tokenizer_source: base needs a base_model")
+    folder = model_folder(location)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"tokenizer_source {source}: no tokenizer files in {folder}")
+    return folder
+
+
+def _check_destination(plan: MergePlan, destination: Path) -> None:
+    """Refuse an output folder that is, or contains, one of the inputs (--force would delete it)."""
+    for checkpoint in plan.sources:
+        for file in checkpoint.files:
+            resolved = file.resolve()
+            if destination == resolved or destination in resolved.parents:
+                raise ConfigError(
+                    f"{destination}: the output folder holds input {checkpoint.label}; choose another"
+                )
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -276,7 +340,11 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
         raise MergeError(f"tensor '{job.name}': {error}") from None
     if not _all_finite(merged):
         raise MergeError(f"tensor '{job.name}': the merge produced NaN or Inf")
-    return merged.to(device="cpu", dtype=job.out_dtype)
+    merged = merged.to(device="cpu", dtype=job.out_dtype)
+    if not _all_finite(merged):
+        dtype = str(job.out_dtype).removeprefix("torch.")
+        raise MergeError(f"tensor '{job.name}': merged values overflow {dtype}; choose a wider out_dtype")
+    return merged
 
 
 def merge_tensors(
@@ -297,7 +365,7 @@ def _dtype_overrides(plan: MergePlan) -> dict[str, object]:
     if len(float_dtypes) != 1:
         return {}
     name = str(next(iter(float_dtypes))).removeprefix("torch.")
-    existing = plan.inputs[0].read_config()
+    existing = plan.config_source.read_config()
     keys = [key for key in ("torch_dtype", "dtype") if key in existing] or ["dtype"]
     return {key: name for key in keys}
 
@@ -313,8 +381,9 @@ def model_card(plan: MergePlan) -> str:
     recipe = yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False)
     return (
         f"---\n{front}---\n\n# {config.name or 'Merged model'}\n\n"
-        f"Merged with m3sb using **{plan.method.name}**: "
-        f"{plan.method.summary}.\n\n## Inputs\n\n{inputs}\n\n## Configuration\n\n```yaml\n{recipe}```\n"
+        f"Merged with m3sb using **{plan.method.name}**: {plan.method.summary}"
+        f"{f' ({plan.method.reference})' if plan.method.reference else ''}."
+        f"\n\n## Inputs\n\n{inputs}\n\n## Configuration\n\n```yaml\n{recipe}```\n"
     )
 
 
@@ -331,10 +400,8 @@ def merge_to_folder(
     started = time.perf_counter()
     torch_device = resolve_device(device)
     plan = build_plan(config)
-    destination = Path(out_dir).expanduser().absolute()
-    for checkpoint in (*plan.inputs, *([plan.base] if plan.base else [])):
-        if checkpoint.folder is not None and checkpoint.folder.absolute() == destination:
-            raise ConfigError(f"{destination}: the output folder is one of the input models")
+    destination = Path(out_dir).expanduser().resolve()
+    _check_destination(plan, destination)
     if on_plan is not None:
         on_plan(plan)
     written = 0
@@ -349,11 +416,8 @@ def merge_to_folder(
             writer.abort()
             raise
         writer.close()
-        copy_support_files(
-            plan.inputs[0].folder if plan.base is None else plan.base.folder, staging, _dtype_overrides(plan)
-        )
-        tokenizer_source = config.tokenizer_source
-        if tokenizer_source and tokenizer_source != "base":
-            copy_support_files(open_checkpoint(tokenizer_source).folder, staging, {}, TOKENIZER_FILES)
+        copy_support_files(plan.config_source.folder, staging, _dtype_overrides(plan))
+        if plan.tokenizer_folder is not None:
+            copy_support_files(plan.tokenizer_folder, staging, {}, TOKENIZER_FILES)
         (staging / "README.md").write_text(model_card(plan), encoding="utf-8")
     return MergeResult(destination, len(plan.jobs), written, time.perf_counter() - started)

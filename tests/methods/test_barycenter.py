@@ -47,3 +47,8 @@ def test_task_vector_barycenter_is_base_plus_scaled_spherical_mean_of_task_vecto
 
 def test_karcher_is_the_barycenter_under_mergekits_name() -> None:
     assert torch.equal(merge_group("karcher", MODELS), barycenter(MODELS, [1.0] * 4))
+
+
+def test_karcher_in_memory_takes_the_base_as_one_more_point() -> None:
+    with_base = merge_group("karcher", MODELS[1:], base=MODELS[0])
+    assert torch.equal(with_base, merge_group("karcher", MODELS))

@@ -22,3 +22,8 @@ def test_breadcrumbs_is_the_weighted_sum_of_masked_task_vectors() -> None:
     )
     expected = torch.where((task > 5) & (task < 96), 2 * task, 0.0)
     assert torch.allclose(merged, expected)
+
+
+def test_a_one_element_tensor_keeps_its_entry() -> None:
+    merged = merge_group("breadcrumbs", [torch.tensor(1.0), torch.tensor(2.0)], base=torch.tensor(3.0))
+    assert float(merged) == 0.0  # 3 + (1 - 3) + (2 - 3): no entry dropped

@@ -46,13 +46,29 @@ def merge_group(
 ) -> torch.Tensor:
     """Merge one group of aligned tensors in memory, with the method's defaults and checks.
 
-    Per-model parameters take one value for all models or a sequence of N values. The
-    inputs are left unchanged. Example: ``merge_group("ties", [a, b], base=c, density=0.5)``.
+    Per-model parameters take one value for all models or a sequence of N values;
+    ``lambda`` may be written ``lambda_``. For methods where the base is an input
+    (``karcher``, ``slerp``) a given ``base`` becomes the first input, with weight 1.
+    The inputs are left unchanged. Example: ``merge_group("ties", [a, b], base=c, density=0.5)``.
     """
     method = get_method(method_name)
+    tensors = list(tensors)
+    weight_list = [1.0] * len(tensors) if weights is None else [float(w) for w in weights]
+    if len(weight_list) != len(tensors):
+        raise ConfigError(f"{method_name}: {len(weight_list)} weights for {len(tensors)} tensors")
+    if method.base_is_input and base is not None:
+        tensors, weight_list, base = [base, *tensors], [1.0, *weight_list], None
     count = len(tensors)
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        raise ConfigError(
+            f"{method_name}: takes {method.min_models} to {method.max_models or 'any'} inputs, got {count}"
+        )
+    if "lambda_" in params:
+        params["lambda"] = params.pop("lambda_")
     resolved: dict[str, ParamValue | list[ParamValue]] = {}
-    for param in method.params + tuple(p for p in method.all_params if p.name in ("space", "lambda")):
+    for param in method.all_params:
+        if param.name == "weight":
+            continue
         value = params.pop(param.name, param.default)
         if value is None:
             raise ConfigError(f"merge_method '{method_name}' needs parameter '{param.name}'")
@@ -60,13 +76,16 @@ def merge_group(
             values = (
                 list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * count
             )
+            if len(values) != count:
+                raise ConfigError(
+                    f"{method_name}: {len(values)} values of '{param.name}' for {count} tensors"
+                )
             resolved[param.name] = [param.check(v, method_name) for v in values]
         else:
             assert not isinstance(value, Sequence) or isinstance(value, str)
             resolved[param.name] = param.check(value, method_name)
     if params:
         raise ConfigError(f"unknown parameter '{next(iter(params))}' for merge_method '{method_name}'")
-    weight_list = [1.0] * count if weights is None else [float(w) for w in weights]
     return apply_method(method, tensors, weight_list, base, resolved, tensor_name)
 
 

@@ -24,6 +24,8 @@ import torch
 from m3sb.errors import ConfigError, MergeError
 
 MethodFunction = Callable[..., torch.Tensor]
+# Weight sums smaller than this in magnitude are treated as zero (mergekit's threshold).
+MIN_WEIGHT_SUM = 1e-8
 ParamValue = float | int | bool | str
 
 
@@ -53,6 +55,11 @@ class Param:
                 raise ConfigError(f"{label} must be true or false, got {value!r}")
             return value
         if self.kind in (int, float):
+            if isinstance(value, str):  # YAML reads 1e-8 (no dot) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(f"{label} must be a number, got {value!r}") from None
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{label} must be a number, got {value!r}")
             if self.kind is int and float(value) != int(value):

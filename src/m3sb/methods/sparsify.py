@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from m3sb.methods.registry import MIN_WEIGHT_SUM
+
 _SLICE = 1 << 22
 
 
@@ -48,9 +50,9 @@ def outlier_mask(task_vector: torch.Tensor, density: float, gamma: float) -> tor
     numel = task_vector.numel()
     if density >= 1.0 or numel == 0:
         return torch.ones_like(task_vector, dtype=torch.bool)
-    keep = int(density * numel)
-    if keep == 0:
+    if density <= 0.0:
         return torch.zeros_like(task_vector, dtype=torch.bool)
+    keep = max(1, int(density * numel))
     drop_top = int(gamma * numel)
     drop_bottom = max(0, numel - keep - drop_top)
     high = kth_largest_magnitude(task_vector, numel - drop_bottom - keep + 1)
@@ -118,7 +120,7 @@ def weighted_sum(
 ) -> torch.Tensor:
     """``sum_i w_i * tau_i``, divided by ``sum_i w_i`` when ``normalize`` (and that sum is not 0)."""
     total = float(sum(weights))
-    divisor = total if normalize and abs(total) > 1e-8 else 1.0
+    divisor = total if normalize and abs(total) >= MIN_WEIGHT_SUM else 1.0
     merged = torch.zeros_like(task_vectors[0])
     for task_vector, weight in zip(task_vectors, weights, strict=True):
         merged.add_(task_vector, alpha=weight / divisor)

@@ -24,3 +24,11 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
 def family_dir(family: Family) -> Path:
     """The folder holding the toy family."""
     return family.base.parent
+
+
+@pytest.fixture(scope="session")
+def zoo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits zoo, built once per test session (about a minute on two cores)."""
+    from m3sb.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))

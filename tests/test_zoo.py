@@ -15,9 +15,8 @@ from m3sb.zoo import TASKS, build_zoo
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    manifest = build_zoo(tmp_path_factory.mktemp("zoo"))
-    return dict(json.loads(manifest.read_text()))
+def zoo(zoo_manifest: Path) -> dict[str, Any]:
+    return dict(json.loads(zoo_manifest.read_text()))
 
 
 def _test_split(task: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,6 +120,41 @@ def methods(debug: DebugOption = False) -> None:
 
 
 @app.command()
+def experiment(
+    config: Annotated[
+        Path, typer.Argument(metavar="CONFIG", help="Experiment YAML (models, datasets, merges).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for results.csv.")] = Path("m3sb-experiment"),
+    device: DeviceOption = "cpu",
+    debug: DebugOption = False,
+) -> None:
+    """Merge the task models every configured way, rebuild each task's classifier, score them."""
+
+    def run() -> None:
+        from m3sb.config import load_experiment_config
+        from m3sb.experiment import Experiment, TaskVectorExperiment
+        from m3sb.report import print_results, write_results
+
+        spec = load_experiment_config(config)
+        kind = TaskVectorExperiment if spec.task_vectors else Experiment
+        runner = kind(
+            spec.name,
+            spec.model_checkpoints,
+            spec.datasets_config,
+            spec.merge_configs,
+            spec.base_model_checkpoint,
+            device=device,
+            log=lambda line: console.print(line, highlight=False),
+        )
+        results = runner.run()
+        written = write_results(results, out)
+        print_results(results, console)
+        console.print(f"results: {written}", highlight=False)
+
+    guarded(run, debug)
+
+
+@app.command()
 def zoo(
     folder: Annotated[
         Path, typer.Argument(metavar="DIR", help="Folder for the zoo (reused when already built).")

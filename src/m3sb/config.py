@@ -212,3 +212,31 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise ConfigError(f"size '{text}' must be positive")
     return size
+
+
+class ExperimentConfig(BaseModel):
+    """An M3SB experiment: task models, their datasets, the merges to compare."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "experiment"
+    model_checkpoints: list[str] = Field(min_length=1)
+    datasets_config: list[dict[str, Any]] = Field(min_length=1)
+    merge_configs: dict[str, dict[str, Any]] = Field(min_length=1)
+    base_model_checkpoint: str | None = None
+    task_vectors: bool = False
+
+
+def load_experiment_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        if first["type"] == "extra_forbidden":
+            allowed = ", ".join(ExperimentConfig.model_fields)
+            raise ConfigError(f"{path}: unknown key '{location}'; allowed: {allowed}") from None
+        raise ConfigError(f"{path}: {location}: {first['msg']}") from None

@@ -1,0 +1,118 @@
+"""M3SB experiments on the digits zoo: references, merges, the results table, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from m3sb.cli import app
+from m3sb.data import DataError
+from m3sb.errors import ConfigError, MergeError
+from m3sb.experiment import RESULT_COLUMNS, Experiment, TaskVectorExperiment
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def zoo(zoo_manifest: Path) -> dict[str, Any]:
+    return dict(json.loads(zoo_manifest.read_text()))
+
+
+def _arguments(zoo: dict[str, Any], merges: dict[str, dict[str, Any]], tasks: int = 3) -> dict[str, Any]:
+    chosen = zoo["tasks"][:tasks]
+    return {
+        "name": "zoo",
+        "model_checkpoints": [task["checkpoint"] for task in chosen],
+        "datasets_config": [task["dataset"] | {"max_samples": 120} for task in chosen],
+        "merge_configs": merges,
+        "base_model_checkpoint": zoo["base_model_checkpoint"],
+    }
+
+
+@pytest.mark.parametrize("kind", [Experiment, TaskVectorExperiment])
+def test_one_hot_weights_reproduce_the_finetuned_model(zoo: dict[str, Any], kind: type[Experiment]) -> None:
+    merges = {"linear": {"weights": [0, 1, 0]}, "barycenter": {"weights": [0, 1, 0]}}
+    results = kind(**_arguments(zoo, merges)).run()
+    assert tuple(results.columns) == RESULT_COLUMNS
+    second = _arguments(zoo, {})["datasets_config"][1]["dataset_name"].split("/")[-1]
+    rows = results[results["dataset"] == second].set_index("merge_method")
+    for method in ("linear", "barycenter"):
+        for metric in ("accuracy", "precision", "recall", "f1_score"):
+            assert rows.loc[method, metric] == rows.loc["finetuned", metric]
+        assert rows.loc[method, "normalized_accuracy"] == pytest.approx(100.0)
+
+
+def test_reference_rows_and_merges_are_scored_on_every_dataset(zoo: dict[str, Any]) -> None:
+    merges = {"linear": {}, "ties": {"density": 0.2}, "my-dare": {"method": "dare_ties", "density": 0.3}}
+    results = Experiment(**_arguments(zoo, merges)).run()
+    assert list(dict.fromkeys(results["merge_method"])) == ["finetuned", "base", "linear", "ties", "my-dare"]
+    assert (results.groupby("merge_method").size() == 3).all()
+    assert (results["samples"] == 120).all() and (results["skipped_images"] == 0).all()
+    finetuned = results[results["merge_method"] == "finetuned"]
+    assert (finetuned["accuracy"] >= 85).all()
+    base = results[results["merge_method"] == "base"]
+    assert base["accuracy"].mean() < finetuned["accuracy"].mean() - 10
+
+
+def test_linear_merge_is_the_same_in_both_spaces(zoo: dict[str, Any]) -> None:
+    """base + mean(model - base) = mean(model): the two experiment classes must agree."""
+    merges = {"linear": {"weights": [1, 2, 3]}}
+    full = Experiment(**_arguments(zoo, merges)).run()
+    task_vectors = TaskVectorExperiment(**_arguments(zoo, merges)).run()
+    pd.testing.assert_frame_equal(full, task_vectors, atol=1e-9)
+
+
+def test_bad_input_is_named_before_heavy_work(zoo: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"merge_configs\['linear'\]: 2 weights for 3 models"):
+        Experiment(**_arguments(zoo, {"linear": {"weights": [1, 1]}}))
+    with pytest.raises(ConfigError, match="unknown merge_method 'soup'"):
+        Experiment(**_arguments(zoo, {"soup": {}}))
+    with pytest.raises(ConfigError, match="3 model_checkpoints but 2 datasets_config"):
+        Experiment(**(_arguments(zoo, {"linear": {}}) | {"datasets_config": zoo["tasks"][0:2]}))
+    arguments = _arguments(zoo, {"linear": {}})
+    arguments["datasets_config"][0] = arguments["datasets_config"][0] | {"label_col": "digit"}
+    with pytest.raises(DataError, match="no column 'digit'; columns are image, label"):
+        Experiment(**arguments).run()
+    arguments = _arguments(zoo, {"linear": {}}, tasks=5)
+    arguments["model_checkpoints"][0] = zoo["tasks"][4]["checkpoint"]  # a 2-class head on a 10-class dataset
+    with pytest.raises(DataError, match=r"label [2-9] is outside the classifier's range 0\.\.1"):
+        Experiment(**arguments).run()
+
+
+def test_backbones_that_differ_are_refused(zoo: dict[str, Any], tmp_path: Path) -> None:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    other = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    other.num_labels = 10
+    ViTForImageClassification(other).save_pretrained(tmp_path / "other")
+    shutil.copy(Path(zoo["tasks"][0]["checkpoint"]) / "preprocessor_config.json", tmp_path / "other")
+    arguments = _arguments(zoo, {"linear": {}})
+    arguments["model_checkpoints"][2] = str(tmp_path / "other")
+    with pytest.raises(MergeError, match=r"backbones differ: tensor '.*' has shape"):
+        Experiment(**arguments).run()
+
+
+def test_experiment_command_writes_results_csv(zoo: dict[str, Any], tmp_path: Path) -> None:
+    document = _arguments(zoo, {"linear": {}, "barycenter": {}}) | {"task_vectors": True}
+    config = tmp_path / "experiment.yml"
+    config.write_text(yaml.safe_dump(document))
+    result = CliRunner().invoke(app, ["experiment", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert tuple(table.columns) == RESULT_COLUMNS
+    assert set(table["merge_method"]) == {"finetuned", "base", "linear", "barycenter"}

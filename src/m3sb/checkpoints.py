@@ -245,29 +245,22 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
     )
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    """Fetch a model's weights and configs from the Hugging Face Hub into the local cache."""
+CONFIG_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja")
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", *CONFIG_PATTERNS)
+
+
+def _download_from_hub(repo_id: str, patterns: Sequence[str]) -> Path:
+    """Fetch the files of a hub repository that match ``patterns`` into the local cache."""
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(
-            repo_id,
-            allow_patterns=[
-                "*.safetensors",
-                "*.safetensors.index.json",
-                "*.json",
-                "*.txt",
-                "*.model",
-                "*.jinja",
-            ],
-        )
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except Exception as error:  # noqa: BLE001 (any hub failure becomes one line)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"'{repo_id}' is not a local path and could not be fetched from the Hugging Face Hub "
             f"({first_line[:200]})"
         ) from None
-    return Path(folder)
 
 
 def model_folder(location: str) -> Path:
@@ -278,16 +271,7 @@ def model_folder(location: str) -> Path:
     if path.is_file():
         return path.parent
     if HUB_ID.match(location):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(location, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja"]))
-        except Exception as error:  # noqa: BLE001 (any hub failure becomes one line)
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointError(
-                f"'{location}' is not a local path and could not be fetched from the Hugging Face Hub "
-                f"({first_line[:200]})"
-            ) from None
+        return _download_from_hub(location, CONFIG_PATTERNS)
     raise CheckpointError(f"{location}: no such file or directory")
 
 
@@ -300,7 +284,7 @@ def open_checkpoint(location: str | Path) -> Checkpoint:
     if path.is_file():
         return _open_file(label, path)
     if isinstance(location, str) and HUB_ID.match(location) and not location.startswith((".", "/")):
-        return _open_folder(label, _download_from_hub(location))
+        return _open_folder(label, _download_from_hub(location, WEIGHT_PATTERNS))
     raise CheckpointError(f"{location}: no such file or directory")
 
 

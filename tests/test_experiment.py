@@ -117,3 +117,25 @@ def test_experiment_command_writes_results_csv(zoo: dict[str, Any], tmp_path: Pa
     table = pd.read_csv(tmp_path / "out" / "results.csv")
     assert tuple(table.columns) == RESULT_COLUMNS
     assert set(table["merge_method"]) == {"finetuned", "base", "linear", "barycenter"}
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert report.count('src="data:image/png;base64,') == 4
+    for title in ("radar", "per task and method", "relative to the fine-tuned", "hypersphere"):
+        assert title in report
+    for figure in ("radar.png", "bars.png", "heatmap.png", "sphere.png"):
+        assert (tmp_path / "out" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sphere_coordinates_of_the_models() -> None:
+    """PCA of unit vectors: scale does not matter, and symmetric points land symmetrically."""
+    import torch
+
+    from m3sb.plots import sphere_coordinates
+
+    points = {
+        "a": torch.tensor([1.0, 0.0, 0.0]),
+        "b": torch.tensor([0.0, 5.0, 0.0]),
+        "c": torch.tensor([-2.0, 0.0, 0.0]),
+    }
+    coordinates = sphere_coordinates(points)
+    assert abs(coordinates["a"][0] + coordinates["c"][0]) < 1e-9  # a and c are antipodal directions
+    assert abs(abs(coordinates["a"][0]) - 1.0) < 1e-9

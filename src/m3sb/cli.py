@@ -124,16 +124,20 @@ def experiment(
     config: Annotated[
         Path, typer.Argument(metavar="CONFIG", help="Experiment YAML (models, datasets, merges).")
     ],
-    out: Annotated[Path, typer.Option("--out", help="Folder for results.csv.")] = Path("m3sb-experiment"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for results.csv, the plots and report.html.")
+    ] = Path("m3sb-experiment"),
     device: DeviceOption = "cpu",
     debug: DebugOption = False,
 ) -> None:
     """Merge the task models every configured way, rebuild each task's classifier, score them."""
 
     def run() -> None:
+        import yaml
+
         from m3sb.config import load_experiment_config
         from m3sb.experiment import Experiment, TaskVectorExperiment
-        from m3sb.report import print_results, write_results
+        from m3sb.report import print_results, write_figures, write_report, write_results
 
         spec = load_experiment_config(config)
         kind = TaskVectorExperiment if spec.task_vectors else Experiment
@@ -148,8 +152,10 @@ def experiment(
         )
         results = runner.run()
         written = write_results(results, out)
+        figures = write_figures(results, runner.points, runner.point_kinds, out)
+        report = write_report(results, figures, yaml.safe_dump(spec.model_dump(), sort_keys=False), out)
         print_results(results, console)
-        console.print(f"results: {written}", highlight=False)
+        console.print(f"results: {written}\nreport: {report}", highlight=False)
 
     guarded(run, debug)
 

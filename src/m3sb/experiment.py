@@ -83,6 +83,8 @@ class Experiment:
         self.trust_remote_code = trust_remote_code
         self._log = log or (lambda _: None)
         self._rows: list[dict[str, Any]] = []
+        self.points: dict[str, torch.Tensor] = {}
+        self.point_kinds: dict[str, str] = {}
         self._check_merge_configs()
 
     def _check_merge_configs(self) -> None:
@@ -141,6 +143,11 @@ class Experiment:
             dataset = load_task_data(spec)
             inputs.append(prepare_inputs(dataset, spec, task.processor, task.num_channels, task.num_labels))
         self._rows = []
+        self.points, self.point_kinds = {}, {}
+        if base is not None:
+            self._keep_point(BASE, "base", base.backbone)
+        for task, spec in zip(tasks, self.datasets, strict=True):
+            self._keep_point(_dataset_label(spec), "finetuned", task.backbone)
         finetuned: list[float] = []
         for task, spec, data in zip(tasks, self.datasets, inputs, strict=True):
             metrics = self._score(task, data, None)
@@ -152,11 +159,18 @@ class Experiment:
         for label in self.merge_configs:
             self._log(f"merging with {label}")
             backbone = self._merge(label, tasks, base)
+            self._keep_point(label, "merge", backbone)
             for task, spec, data, reference in zip(tasks, self.datasets, inputs, finetuned, strict=True):
                 self._record(label, spec, data, self._score(task, data, backbone), reference)
         for task in tasks:
             task.use_backbone(None)
         return self.get_results_df()
+
+    def _keep_point(self, label: str, kind: str, backbone: dict[str, torch.Tensor]) -> None:
+        """Keep a flattened copy of a backbone for the plot of the models on the sphere."""
+        floats = [tensor.reshape(-1).float() for tensor in backbone.values() if tensor.is_floating_point()]
+        self.points[label] = torch.cat(floats)
+        self.point_kinds[label] = kind
 
     def _record(
         self, label: str, spec: DatasetSpec, data: TaskInputs, metrics: dict[str, float], finetuned: float

@@ -189,7 +189,7 @@ def demo(
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Build tiny models offline, merge them with every method and print what each did."""
+    """Offline tour: merge toy models every way, then run M3SB experiments on the digits zoo."""
 
     def run() -> None:
         from m3sb.demo import run_demo

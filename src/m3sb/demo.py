@@ -1,4 +1,6 @@
-"""``m3sb demo``: merge a toy family offline with every method and show what each did."""
+"""``m3sb demo``: everything offline. First the merge engine: a toy Llama family merged with
+every method. Then M3SB experiments on the digits zoo: full-weight and task-vector merges,
+each task's classifier rebuilt and scored, a results table, figures and a report."""
 
 from __future__ import annotations
 
@@ -76,7 +78,65 @@ def _flat(path: Path) -> torch.Tensor:
     return torch.cat([checkpoint.load(name).double().reshape(-1) for name in checkpoint.tensors])
 
 
-def run_demo(out: Path, console: Console | None = None) -> list[dict[str, Any]]:
+DEMO_METHODS: dict[str, dict[str, Any]] = {
+    "linear": {},
+    "pairwise_slerp": {},
+    "barycenter": {},
+    "task_arithmetic": {"lambda": 0.3},
+    "ties": {"density": 0.2},
+    "dare_ties": {"density": 0.3, "lambda": 0.5},
+}
+
+
+def run_demo(out: Path, console: Console | None = None) -> Any:
+    """The merge engine on toy Llamas, then M3SB experiments on the digits zoo, with a report."""
+    out = Path(out)
+    merge_engine_demo(out, console)
+    return experiments_demo(out, console)
+
+
+def experiments_demo(out: Path, console: Console | None = None) -> Any:
+    """Full-weight and task-vector experiments with every demo method on the digits zoo."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from m3sb.experiment import BASE, FINETUNED, Experiment, TaskVectorExperiment
+    from m3sb.report import print_results, write_figures, write_report, write_results
+    from m3sb.zoo import build_zoo
+
+    def say(line: str) -> None:
+        if console is not None:
+            console.print(line, highlight=False)
+
+    say("building (or reusing) the digits zoo ...")
+    zoo = json.loads(build_zoo(out / "zoo", log=say).read_text())
+    arguments = {
+        "model_checkpoints": [task["checkpoint"] for task in zoo["tasks"]],
+        "datasets_config": [task["dataset"] for task in zoo["tasks"]],
+        "merge_configs": DEMO_METHODS,
+        "base_model_checkpoint": zoo["base_model_checkpoint"],
+    }
+    full = Experiment("digits zoo", **arguments)
+    task_vectors = TaskVectorExperiment("digits zoo", **arguments)
+    tables = [full.run(), task_vectors.run()]
+    merged_in_both = tables[1]["merge_method"].isin([FINETUNED, BASE])
+    tables[1] = tables[1][~merged_in_both].assign(merge_method=lambda t: t["merge_method"] + " (tv)")
+    results = pd.concat(tables, ignore_index=True)
+    points = dict(full.points) | {f"{k} (tv)": v for k, v in task_vectors.points.items() if k in DEMO_METHODS}
+    kinds = dict(full.point_kinds) | {f"{k} (tv)": "merge" for k in DEMO_METHODS}
+    write_results(results, out)
+    figures = write_figures(results, points, kinds, out)
+    configuration = yaml.safe_dump(arguments | {"task_vectors": "both (tv rows)"}, sort_keys=False)
+    report = write_report(results, figures, configuration, out)
+    if console is not None:
+        print_results(results, console)
+        console.print(f"results.csv, figures and {report} are in {out}", highlight=False)
+    return results
+
+
+def merge_engine_demo(out: Path, console: Console | None = None) -> list[dict[str, Any]]:
     """Build the toy family under ``out``, merge it every way, and return (and print) a summary."""
     out = Path(out)
     family = make_family(out / "models")
@@ -99,7 +159,7 @@ def run_demo(out: Path, console: Console | None = None) -> list[dict[str, Any]]:
         for name, reference in references.items():
             row[name] = round(float((merged - reference).norm() / reference.norm()), 5)
         rows.append(row)
-    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as handle:
+    with open(out / "merges.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -111,5 +171,5 @@ def run_demo(out: Path, console: Console | None = None) -> list[dict[str, Any]]:
         for row in rows:
             table.add_row(*(str(value) for value in row.values()))
         console.print(table)
-        console.print(f"models, merges and summary.csv are in {out}")
+        console.print(f"toy models, merges and merges.csv are in {out}")
     return rows

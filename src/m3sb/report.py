@@ -32,21 +32,23 @@ def write_results(results: Any, folder: Path) -> Path:
 
 
 def print_results(results: Any, console: Console) -> None:
-    """A method x dataset table of accuracy (normalised accuracy in brackets)."""
-    table = Table(title=f"accuracy % (normalised to the fine-tuned model) - {results['experiment'].iloc[0]}")
+    """A method x dataset table of accuracy, with the mean and the mean normalised accuracy."""
+    table = Table(title=f"accuracy % on each task - {results['experiment'].iloc[0]}")
     datasets = list(dict.fromkeys(results["dataset"]))
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     for dataset in datasets:
-        table.add_column(dataset, justify="right")
+        table.add_column(str(dataset), justify="right")
     table.add_column("mean", justify="right")
+    table.add_column("norm %", justify="right")
     for method, rows in results.groupby("merge_method", sort=False):
         by_dataset = rows.set_index("dataset")
-        cells = [
-            f"{by_dataset.loc[d, 'accuracy']:.1f} ({by_dataset.loc[d, 'normalized_accuracy']:.0f})"
-            for d in datasets
-        ]
-        mean = f"{rows['accuracy'].mean():.1f} ({rows['normalized_accuracy'].mean():.0f})"
-        table.add_row(str(method), *cells, mean)
+        cells = [f"{by_dataset.loc[d, 'accuracy']:.1f}" for d in datasets]
+        table.add_row(
+            str(method),
+            *cells,
+            f"{rows['accuracy'].mean():.1f}",
+            f"{rows['normalized_accuracy'].mean():.0f}",
+        )
     console.print(table)
 
 

@@ -1,0 +1,23 @@
+"""``m3sb demo`` runs end to end offline and writes what the README says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from m3sb.demo import DEMO_METHODS, run_demo
+
+
+@pytest.mark.slow
+def test_demo_writes_merges_results_figures_and_report(zoo_manifest: Path, tmp_path: Path) -> None:
+    (tmp_path / "zoo").symlink_to(zoo_manifest.parent)  # reuse the session's zoo: a cache hit
+    results = run_demo(tmp_path)
+    merges = pd.read_csv(tmp_path / "merges.csv")
+    assert len(merges) == 13 and (merges["seconds"] > 0).all()
+    table = pd.read_csv(tmp_path / "results.csv")
+    expected = ["finetuned", "base", *DEMO_METHODS, *(f"{m} (tv)" for m in DEMO_METHODS)]
+    assert list(dict.fromkeys(table["merge_method"])) == expected
+    assert len(table) == len(results) == 5 * len(expected)
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == 4

@@ -91,3 +91,18 @@ def test_a_second_build_is_a_cache_hit(zoo: dict[str, Any], tmp_path: Path) -> N
     before = manifest.stat().st_mtime_ns
     assert build_zoo(manifest.parent) == manifest
     assert manifest.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_the_zoo_is_deterministic_from_its_seed(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from m3sb.zoo import ZooRecipe
+
+    recipe = ZooRecipe(pretrain_epochs=1, finetune_epochs=1)
+    first = json.loads(build_zoo(tmp_path / "one", recipe).read_text())
+    second = json.loads(build_zoo(tmp_path / "two", recipe).read_text())
+    for a, b in zip(first["tasks"], second["tasks"], strict=True):
+        assert a["finetuned_accuracy"] == b["finetuned_accuracy"]
+        left, right = (load_file(Path(t["checkpoint"]) / "model.safetensors") for t in (a, b))
+        assert all(torch.equal(left[name], right[name]) for name in left)

@@ -72,6 +72,8 @@ def test_linear_merge_is_the_same_in_both_spaces(zoo: dict[str, Any]) -> None:
 def test_bad_input_is_named_before_heavy_work(zoo: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"merge_configs\['linear'\]: 2 weights for 3 models"):
         Experiment(**_arguments(zoo, {"linear": {"weights": [1, 1]}}))
+    with pytest.raises(ConfigError, match=r"merge_configs\['ties'\]: unknown parameter 'densty' for 'ties'"):
+        Experiment(**_arguments(zoo, {"ties": {"densty": 0.5}}))
     with pytest.raises(ConfigError, match="unknown merge_method 'soup'"):
         Experiment(**_arguments(zoo, {"soup": {}}))
     with pytest.raises(ConfigError, match="3 model_checkpoints but 2 datasets_config"):

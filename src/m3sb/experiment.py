@@ -92,6 +92,13 @@ class Experiment:
         count = len(self.model_checkpoints)
         for label, params in self.merge_configs.items():
             method = get_method(str(params.get("method", label)))
+            for key in params:
+                if key not in ("method", "weights") and method.param(key) is None:
+                    allowed = ", ".join(p.name for p in method.all_params if p.name != "weight")
+                    raise ConfigError(
+                        f"merge_configs['{label}']: unknown parameter '{key}' for '{method.name}'; "
+                        f"allowed: {allowed}"
+                    )
             weights = params.get("weights")
             if weights is not None and len(weights) != count:
                 raise ConfigError(

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from m3sb.errors import CheckpointError
+from m3sb.errors import CheckpointError, first_line
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -256,10 +256,9 @@ def _download_from_hub(repo_id: str, patterns: Sequence[str]) -> Path:
 
         return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except Exception as error:  # noqa: BLE001 (any hub failure becomes one line)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"'{repo_id}' is not a local path and could not be fetched from the Hugging Face Hub "
-            f"({first_line[:200]})"
+            f"({first_line(error)[:200]})"
         ) from None
 
 

@@ -36,7 +36,7 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cu
 
 def guarded(action: Callable[[], T], debug: bool) -> T:
     """Run ``action``; turn any failure into one line on stderr and exit status 1."""
-    from m3sb.errors import M3SBError
+    from m3sb.errors import M3SBError, first_line
 
     try:
         return action()
@@ -53,7 +53,7 @@ def guarded(action: Callable[[], T], debug: bool) -> T:
     except Exception as error:
         if debug:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        message = first_line(error)
         errors.print(
             f"[red]error:[/red] unexpected {type(error).__name__}: {escape(message)} "
             "(rerun with --debug for the traceback)",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from m3sb.errors import ConfigError, M3SBError
+from m3sb.errors import ConfigError, M3SBError, first_line
 
 
 class DataError(M3SBError):
@@ -65,9 +65,8 @@ def _load_split(spec: DatasetSpec) -> Any:
     except DataError:
         raise
     except Exception as error:  # noqa: BLE001 (every loading failure becomes one line)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(
-            f"{spec.dataset_name}: cannot load split '{spec.split}' ({first_line[:200]})"
+            f"{spec.dataset_name}: cannot load split '{spec.split}' ({first_line(error)[:200]})"
         ) from None
 
 

@@ -7,6 +7,12 @@ class M3SBError(Exception):
     """Base class of every error m3sb reports to a user as one line."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class ConfigError(M3SBError):
     """A configuration file or parameter is malformed or not allowed."""
 

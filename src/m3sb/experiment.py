@@ -19,7 +19,7 @@ from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError
 from m3sb.eval import classification_metrics, predict
 from m3sb.methods import get_method, merge_group
-from m3sb.models import TaskModel, check_shared_backbone, is_head, load_task_model
+from m3sb.models import TaskModel, check_shared_backbone, load_task_model
 
 RESULT_COLUMNS = (
     "experiment",
@@ -208,4 +208,4 @@ class TaskVectorExperiment(Experiment):
     space = "task_vectors"
 
 
-__all__ = ["Experiment", "TaskVectorExperiment", "is_head"]
+__all__ = ["Experiment", "TaskVectorExperiment"]

@@ -85,6 +85,11 @@ class MergeResult:
     seconds: float
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _torch_dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, DTYPE_ALIASES[name])
 
@@ -144,17 +149,7 @@ def _select_inputs(
             locations.insert(0, base)
             specs.insert(0, base_specs[0] if base_specs else {})
             base = None
-    count = len(locations)
-    if count < method.min_models or (method.max_models is not None and count > method.max_models):
-        wanted = (
-            f"exactly {method.min_models}"
-            if method.min_models == method.max_models
-            else f"at least {method.min_models}"
-        )
-        raise ConfigError(
-            f"merge_method '{method.name}' takes {wanted} models (base_model included where it is an input), "
-            f"got {count}"
-        )
+    method.check_input_count(len(locations))
     return locations, specs, base
 
 
@@ -181,8 +176,8 @@ def _check_alignment(checkpoints: Sequence[Checkpoint]) -> dict[str, TensorInfo]
             both_float = info.dtype.is_floating_point and theirs.dtype.is_floating_point
             if theirs.dtype != info.dtype and not both_float:
                 raise MergeError(
-                    f"tensor '{name}' is {str(info.dtype).removeprefix('torch.')} in {reference.label} "
-                    f"but {str(theirs.dtype).removeprefix('torch.')} in {other.label}"
+                    f"tensor '{name}' is {_dtype_name(info.dtype)} in {reference.label} "
+                    f"but {_dtype_name(theirs.dtype)} in {other.label}"
                 )
     return names
 
@@ -340,10 +335,13 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
         raise MergeError(f"tensor '{job.name}': {error}") from None
     if not _all_finite(merged):
         raise MergeError(f"tensor '{job.name}': the merge produced NaN or Inf")
+    narrowed = merged.dtype != job.out_dtype
     merged = merged.to(device="cpu", dtype=job.out_dtype)
-    if not _all_finite(merged):
-        dtype = str(job.out_dtype).removeprefix("torch.")
-        raise MergeError(f"tensor '{job.name}': merged values overflow {dtype}; choose a wider out_dtype")
+    if narrowed and not _all_finite(merged):
+        raise MergeError(
+            f"tensor '{job.name}': merged values overflow {_dtype_name(job.out_dtype)}; "
+            "choose a wider out_dtype"
+        )
     return merged
 
 
@@ -364,7 +362,7 @@ def _dtype_overrides(plan: MergePlan) -> dict[str, object]:
     float_dtypes = {job.out_dtype for job in plan.jobs if job.mergeable}
     if len(float_dtypes) != 1:
         return {}
-    name = str(next(iter(float_dtypes))).removeprefix("torch.")
+    name = _dtype_name(next(iter(float_dtypes)))
     existing = plan.config_source.read_config()
     keys = [key for key in ("torch_dtype", "dtype") if key in existing] or ["dtype"]
     return {key: name for key in keys}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from m3sb.errors import CheckpointError, MergeError
+from m3sb.errors import CheckpointError, MergeError, first_line
 
 HEAD_MODULES = ("classifier", "head", "fc", "score", "distillation_classifier", "classifier_distill")
 
@@ -70,8 +70,9 @@ def load_task_model(
         )
         processor = AutoImageProcessor.from_pretrained(checkpoint) if with_processor else None  # type: ignore[no-untyped-call]
     except Exception as error:  # noqa: BLE001 (any loading failure becomes one line)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{checkpoint}: cannot load an image classifier ({first_line[:200]})") from None
+        raise CheckpointError(
+            f"{checkpoint}: cannot load an image classifier ({first_line(error)[:200]})"
+        ) from None
     weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     return TaskModel(checkpoint, model.eval(), processor, weights)
 

@@ -59,10 +59,7 @@ def merge_group(
     if method.base_is_input and base is not None:
         tensors, weight_list, base = [base, *tensors], [1.0, *weight_list], None
     count = len(tensors)
-    if count < method.min_models or (method.max_models is not None and count > method.max_models):
-        raise ConfigError(
-            f"{method_name}: takes {method.min_models} to {method.max_models or 'any'} inputs, got {count}"
-        )
+    method.check_input_count(count)
     if "lambda_" in params:
         params["lambda"] = params.pop("lambda_")
     resolved: dict[str, ParamValue | list[ParamValue]] = {}

@@ -116,6 +116,20 @@ class MergeMethod:
         """The declared parameter called ``name``, if any."""
         return next((p for p in self.all_params if p.name == name), None)
 
+    def check_input_count(self, count: int) -> None:
+        """Raise ConfigError unless the method takes ``count`` inputs."""
+        if count >= self.min_models and (self.max_models is None or count <= self.max_models):
+            return
+        wanted = (
+            f"exactly {self.min_models}"
+            if self.min_models == self.max_models
+            else f"at least {self.min_models}"
+        )
+        raise ConfigError(
+            f"merge_method '{self.name}' takes {wanted} models (base_model included where it is an input), "
+            f"got {count}"
+        )
+
     def merges_task_vectors(self, space: object) -> bool:
         """Whether the function receives task vectors, given the user's ``space`` parameter."""
         return self.space == "task_vectors" or (self.space == "either" and space == "task_vectors")

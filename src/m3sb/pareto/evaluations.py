@@ -1,0 +1,106 @@
+"""The record of a search's evaluations: budget, validation, reuse of earlier results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from m3sb.errors import M3SBError
+
+Evaluate = Callable[[np.ndarray], "np.ndarray | list[float] | tuple[float, ...]"]
+
+
+class SearchError(M3SBError):
+    """A Pareto search cannot run as asked (bad budget, preference or evaluator output)."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One really evaluated candidate: its coefficients, the T metrics, and why it was asked for."""
+
+    coefficients: np.ndarray
+    metrics: np.ndarray
+    phase: str
+
+
+def point_key(coefficients: np.ndarray) -> tuple[float, ...]:
+    """A hashable key for a coefficient vector (equal up to 1e-12)."""
+    return tuple(float(round(value, 12)) + 0.0 for value in np.asarray(coefficients, dtype=float))
+
+
+class EvaluationLog:
+    """Calls ``evaluate`` for new points, reuses known ones, and keeps the budget.
+
+    Every point a search asks for counts against ``budget``, whether it is evaluated now
+    or found among ``known`` (the evaluations of an earlier, interrupted run), so a
+    resumed search takes exactly the same decisions. ``on_evaluation`` sees each new
+    evaluation as soon as it finishes.
+    """
+
+    def __init__(
+        self,
+        evaluate: Evaluate,
+        n_tasks: int,
+        budget: int | None,
+        known: Iterable[Evaluation] = (),
+        on_evaluation: Callable[[Evaluation], None] | None = None,
+    ) -> None:
+        self.evaluate = evaluate
+        self.n_tasks = n_tasks
+        self.budget = budget
+        self.spent = 0
+        self.evaluations: list[Evaluation] = []
+        self.reused = 0
+        self._known = {point_key(e.coefficients): e.metrics for e in known}
+        self._on_evaluation = on_evaluation
+
+    @property
+    def remaining(self) -> int:
+        """How many more points the budget allows (a large number when there is no budget)."""
+        return 1 << 62 if self.budget is None else self.budget - self.spent
+
+    def __call__(self, points: np.ndarray, phase: str, charge: bool = True) -> np.ndarray:
+        """The metrics at every row of ``points``, shape (n, T)."""
+        points = np.atleast_2d(np.asarray(points, dtype=float))
+        if charge and len(points) > self.remaining:
+            raise SearchError(f"the search asked for {len(points)} evaluations with {self.remaining} left")
+        rows = [self._one(point, phase) for point in points]
+        if charge:
+            self.spent += len(points)
+        return np.stack(rows) if rows else np.empty((0, self.n_tasks))
+
+    def _one(self, point: np.ndarray, phase: str) -> np.ndarray:
+        key = point_key(point)
+        if key in self._known:
+            self.reused += 1
+            metrics = self._known[key]
+        else:
+            metrics = self._checked(self.evaluate(point.copy()), point)
+            self._known[key] = metrics
+            evaluation = Evaluation(point.copy(), metrics, phase)
+            if self._on_evaluation is not None:
+                self._on_evaluation(evaluation)
+        self.evaluations.append(Evaluation(point.copy(), metrics, phase))
+        return metrics
+
+    def _checked(self, output: object, point: np.ndarray) -> np.ndarray:
+        try:
+            metrics = np.asarray(output, dtype=float).reshape(-1)
+        except (TypeError, ValueError):
+            raise SearchError(
+                f"evaluate({_show(point)}) returned {type(output).__name__}, not numbers"
+            ) from None
+        if metrics.shape != (self.n_tasks,):
+            raise SearchError(
+                f"evaluate({_show(point)}) returned {metrics.size} metrics for {self.n_tasks} tasks"
+            )
+        bad = np.flatnonzero(~np.isfinite(metrics))
+        if bad.size:
+            raise SearchError(f"evaluate({_show(point)}) returned {metrics[bad[0]]} for task {bad[0]}")
+        return metrics
+
+
+def _show(point: np.ndarray) -> str:
+    return "[" + ", ".join(f"{value:.4g}" for value in point) + "]"

@@ -1,0 +1,212 @@
+"""MAP: an amortized Pareto front of a black-box ``evaluate(c) -> metrics`` from few evaluations.
+
+``map`` evaluates a one-hot plus Latin-hypercube design, fits a quadratic surrogate per
+task and searches it with NSGA-III. ``bayesian`` spends the same budget in batches placed
+where a quadratic-plus-Gaussian-process surrogate is unsure near its predicted front,
+refitting on every new point. ``nested`` merges tasks pairwise along 2-task fronts
+(see :mod:`m3sb.pareto.nested`). Nothing here knows about models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from m3sb.pareto.design import Bounds, initial_design
+from m3sb.pareto.evaluations import Evaluate, Evaluation, EvaluationLog, SearchError
+from m3sb.pareto.preference import Rule, select_index
+from m3sb.pareto.search import SearchSettings, non_dominated, search_front
+from m3sb.pareto.surrogate import SurrogateKind, TaskSurrogates, Warp, fit_surrogates
+
+Mode = Literal["map", "bayesian", "nested"]
+MetricSense = Literal["score", "loss"]
+MODES: tuple[str, ...] = ("map", "bayesian", "nested")
+ADAPTIVE_ROUNDS = 4  # bayesian: the adaptive half of the budget is spent in this many batches
+
+
+@dataclass
+class ParetoFront:
+    """An amortized front: coefficients, the surrogate's metrics there, and what was evaluated.
+
+    ``predicted`` is in the evaluator's units: higher is better, except with
+    ``metric="loss"`` where lower is.
+    """
+
+    coefficients: np.ndarray
+    predicted: np.ndarray
+    evaluated: list[Evaluation]
+    r2: np.ndarray
+    metric: MetricSense
+    mode: Mode
+    surrogates: TaskSurrogates | None = None
+    reused: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sign(self) -> float:
+        """+1 when higher metrics are better, -1 for losses."""
+        return -1.0 if self.metric == "loss" else 1.0
+
+    def select_index(self, preference: Sequence[float] | np.ndarray, rule: Rule = "weighted_sum") -> int:
+        """Row of the front that ``preference`` (one weight per task) picks."""
+        return select_index(self.sign * self.predicted, preference, rule)
+
+    def select(self, preference: Sequence[float] | np.ndarray, rule: Rule = "weighted_sum") -> np.ndarray:
+        """The coefficients, shape (T,), that ``preference`` picks on the front."""
+        return np.asarray(self.coefficients[self.select_index(preference, rule)].copy())
+
+
+def default_budget(n_tasks: int, mode: Mode = "map") -> int:
+    """(T+1)(T+2) evaluations: twice a full quadratic's parameters (nested: 12 per pair)."""
+    if mode == "nested":
+        return 12 * (n_tasks - 1)
+    return (n_tasks + 1) * (n_tasks + 2)
+
+
+def check_search_inputs(n_tasks: int, budget: int, bounds: Bounds, mode: str, metric: str) -> None:
+    """One-line errors for a search that cannot run as asked."""
+    if mode not in MODES:
+        raise SearchError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+    if metric not in ("score", "loss"):
+        raise SearchError(f"unknown metric sense '{metric}'; choose score (higher is better) or loss")
+    if n_tasks < 2:
+        raise SearchError(f"a Pareto front needs at least 2 tasks, got {n_tasks}")
+    low, high = bounds
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise SearchError(f"bounds must be two finite numbers, low < high; got {list(bounds)}")
+    smallest = 3 * (n_tasks - 1) if mode == "nested" else n_tasks + 1
+    if budget < smallest:
+        why = "3 per pair of tasks" if mode == "nested" else "T + 1"
+        raise SearchError(f"budget {budget} is smaller than {smallest} ({why}, with T = {n_tasks} tasks)")
+
+
+def amortized_pareto_front(
+    evaluate: Evaluate,
+    n_tasks: int,
+    budget: int | None = None,
+    bounds: Bounds = (0.0, 1.0),
+    mode: Mode = "map",
+    seed: int = 0,
+    metric: MetricSense = "score",
+    warp: Warp | None = None,
+    preference: Sequence[float] | None = None,
+    similarity: np.ndarray | None = None,
+    known: Iterable[Evaluation] = (),
+    on_evaluation: Callable[[Evaluation], None] | None = None,
+    search: SearchSettings | None = None,
+) -> ParetoFront:
+    """The amortized Pareto front of ``evaluate`` over the coefficient box ``bounds``.
+
+    ``evaluate(c)`` takes a (T,) array and returns T metrics (higher is better, or lower
+    with ``metric="loss"``); it is called at most ``budget`` times (default (T+1)(T+2)).
+    ``warp`` is the surrogate's warp (sigmoid for bounded scores, softplus for losses).
+    ``nested`` uses ``preference`` to merge pairs and ``similarity`` (a T x T Gram matrix
+    of the task vectors) to choose them. ``known`` evaluations (from an earlier run) are
+    reused instead of evaluated again; ``on_evaluation`` sees each new one.
+    """
+    budget = default_budget(n_tasks, mode) if budget is None else int(budget)
+    check_search_inputs(n_tasks, budget, bounds, mode, metric)
+    warp = warp or Warp()
+    search = search or SearchSettings()
+    log = EvaluationLog(evaluate, n_tasks, budget, known, on_evaluation)
+    sign = -1.0 if metric == "loss" else 1.0
+    if mode == "nested":
+        from m3sb.pareto.nested import nested_front
+
+        front = nested_front(log, n_tasks, preference, similarity, bounds, seed, warp, sign, search)
+    elif mode == "bayesian":
+        front = _bayesian_front(log, n_tasks, budget, bounds, seed, warp, sign, search)
+    else:
+        points = initial_design(n_tasks, budget, bounds, seed)
+        metrics = log(points, "design")
+        surrogates = fit_surrogates(points, metrics, warp, "quadratic", seed=seed)
+        front = _searched_front(surrogates, n_tasks, bounds, sign, seed, search, points)
+    front.evaluated, front.reused, front.metric, front.mode = log.evaluations, log.reused, metric, mode
+    return front
+
+
+def _searched_front(
+    surrogates: TaskSurrogates,
+    n_var: int,
+    bounds: Bounds,
+    sign: float,
+    seed: int,
+    settings: SearchSettings,
+    evaluated_points: np.ndarray,
+) -> ParetoFront:
+    """NSGA-III on the surrogates; the non-dominated points, ordered along the first task."""
+    points = search_front(
+        lambda x: -sign * surrogates.predict(x), n_var, bounds, seed, settings, seeds=evaluated_points
+    )
+    predicted = surrogates.predict(points)
+    keep = non_dominated(sign * predicted)
+    points, predicted = points[keep], predicted[keep]
+    order = np.argsort(-sign * predicted[:, 0], kind="stable")
+    return ParetoFront(points[order], predicted[order], [], surrogates.r2, "score", "map", surrogates)
+
+
+def _bayesian_front(
+    log: EvaluationLog,
+    n_tasks: int,
+    budget: int,
+    bounds: Bounds,
+    seed: int,
+    warp: Warp,
+    sign: float,
+    settings: SearchSettings,
+) -> ParetoFront:
+    """Half the budget on the initial design, the rest in batches where the surrogate is unsure."""
+    kind: SurrogateKind = "quadratic+gp"
+    first = max(n_tasks + 1, budget // 2)
+    points = initial_design(n_tasks, first, bounds, seed)
+    metrics = log(points, "design")
+    batch = max(1, -(-(budget - first) // ADAPTIVE_ROUNDS))
+    quick = SearchSettings(
+        generations=60, max_seconds=settings.max_seconds / 4, partitions=settings.partitions
+    )
+    round_number = 0
+    while log.remaining > 0:
+        round_number += 1
+        surrogates = fit_surrogates(points, metrics, warp, kind, seed=seed, with_r2=False)
+        candidates = _searched_front(surrogates, n_tasks, bounds, sign, seed + round_number, quick, points)
+        chosen = uncertain_batch(
+            candidates.coefficients, surrogates, points, metrics, bounds, min(batch, log.remaining)
+        )
+        points = np.vstack([points, chosen])
+        metrics = np.vstack([metrics, log(chosen, f"adaptive {round_number}")])
+    surrogates = fit_surrogates(points, metrics, warp, kind, seed=seed)
+    return _searched_front(surrogates, n_tasks, bounds, sign, seed, settings, points)
+
+
+def uncertain_batch(
+    candidates: np.ndarray,
+    surrogates: TaskSurrogates,
+    evaluated: np.ndarray,
+    metrics: np.ndarray,
+    bounds: Bounds,
+    size: int,
+) -> np.ndarray:
+    """``size`` candidates where the surrogates are least sure, kept apart from each other.
+
+    Each task's predictive spread is scaled by the spread of its measured metrics; a
+    candidate's score shrinks as it comes within a tenth of the box of an evaluated or
+    already chosen point, so a batch covers different parts of the front.
+    """
+    scale = np.maximum(metrics.std(axis=0), 1e-12)
+    uncertainty = (surrogates.predict_std(candidates) / scale).sum(axis=1) + 1e-9
+    radius = 0.1 * (bounds[1] - bounds[0]) * np.sqrt(candidates.shape[1])
+    taken: list[np.ndarray] = list(evaluated)
+    chosen: list[np.ndarray] = []
+    for _ in range(min(size, len(candidates))):
+        nearest = np.min(np.linalg.norm(candidates[:, None, :] - np.asarray(taken)[None], axis=2), axis=1)
+        score = uncertainty * np.minimum(1.0, nearest / radius) + 1e-12 * nearest
+        best = int(np.argmax(score))
+        chosen.append(candidates[best])
+        taken.append(candidates[best])
+    while len(chosen) < size:  # a front with fewer points than the batch: fill with fresh random points
+        rng = np.random.default_rng(len(taken))
+        chosen.append(np.asarray(rng.uniform(bounds[0], bounds[1], size=candidates.shape[1])))
+    return np.asarray(chosen)

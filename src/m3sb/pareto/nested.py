@@ -1,0 +1,177 @@
+"""Nested MAP for many tasks: merge pairs along their 2-task fronts, then merge the merged.
+
+Each node of the tree is a coefficient vector over the original tasks (a leaf is a
+one-hot vector). A pair (A, B) is searched in the 2-D space ``a * c_A + b * c_B``, with
+one objective per side: the preference-weighted mean of that side's task metrics. The
+pair is merged at the point the preference picks (a side weighs the sum of its tasks'
+weights) and becomes a node of the next level, until one node is left. Pairs are formed
+greedily: most similar task vectors first when their Gram matrix is given, otherwise the
+nodes whose predicted metrics across all tasks are closest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from m3sb.pareto.design import Bounds, initial_design
+from m3sb.pareto.evaluations import EvaluationLog, SearchError
+from m3sb.pareto.preference import check_preference, select_index
+from m3sb.pareto.search import SearchSettings, non_dominated, search_front
+from m3sb.pareto.surrogate import Warp, fit_surrogates
+
+if TYPE_CHECKING:
+    from m3sb.pareto.front import ParetoFront
+
+
+@dataclass(frozen=True)
+class Node:
+    """A group of tasks merged into one coefficient vector, and its predicted metrics."""
+
+    tasks: tuple[int, ...]
+    coefficients: np.ndarray
+    profile: np.ndarray  # predicted (or measured) metric of every task at ``coefficients``
+
+
+@dataclass(frozen=True)
+class PairFront:
+    """The searched front of one pair, in its 2-D coordinates and in task coefficients."""
+
+    points: np.ndarray  # (K, 2)
+    coefficients: np.ndarray  # (K, T)
+    predicted: np.ndarray  # (K, T) per-task metrics
+    r2: np.ndarray  # (T,)
+
+
+def side_weights(preference: np.ndarray, tasks: Sequence[int]) -> np.ndarray:
+    """The preference inside one side, normalised to sum 1 (uniform when it is all zero)."""
+    inside = preference[list(tasks)]
+    return inside / inside.sum() if inside.sum() > 0 else np.full(len(tasks), 1.0 / len(tasks))
+
+
+def pair_greedily(
+    nodes: list[Node], similarity: np.ndarray | None
+) -> tuple[list[tuple[Node, Node]], list[Node]]:
+    """Disjoint pairs, most similar first; an odd node out waits for the next level."""
+    count = len(nodes)
+    closeness = np.full((count, count), -np.inf)
+    for i in range(count):
+        for j in range(i + 1, count):
+            closeness[i, j] = _closeness(nodes[i], nodes[j], similarity)
+    pairs: list[tuple[Node, Node]] = []
+    used: set[int] = set()
+    for flat in np.argsort(-closeness, axis=None, kind="stable"):
+        i, j = divmod(int(flat), count)
+        if i < j and i not in used and j not in used and np.isfinite(closeness[i, j]):
+            pairs.append((nodes[i], nodes[j]))
+            used.update((i, j))
+    rest = [node for index, node in enumerate(nodes) if index not in used]
+    return pairs, rest
+
+
+def _closeness(a: Node, b: Node, gram: np.ndarray | None) -> float:
+    if gram is not None:
+        cross = a.coefficients @ gram @ b.coefficients
+        norms = np.sqrt(
+            max(a.coefficients @ gram @ a.coefficients, 1e-30)
+            * max(b.coefficients @ gram @ b.coefficients, 1e-30)
+        )
+        return float(cross / norms)
+    return -float(np.linalg.norm(a.profile - b.profile))
+
+
+def nested_front(
+    log: EvaluationLog,
+    n_tasks: int,
+    preference: Sequence[float] | np.ndarray | None,
+    similarity: np.ndarray | None,
+    bounds: Bounds,
+    seed: int,
+    warp: Warp,
+    sign: float,
+    settings: SearchSettings,
+) -> ParetoFront:
+    """Run nested MAP within ``log``'s budget; the last pair's front over all T tasks."""
+    from m3sb.pareto.front import ParetoFront
+
+    weights = np.ones(n_tasks) if preference is None else check_preference(preference, n_tasks)
+    if similarity is not None and np.shape(similarity) != (n_tasks, n_tasks):
+        raise SearchError(
+            f"similarity must be a {n_tasks} x {n_tasks} matrix, got shape {np.shape(similarity)}"
+        )
+    budget = log.remaining
+    leaves = np.eye(n_tasks)
+    profiles = leaves if similarity is not None else log(leaves, "nested: each task alone")
+    nodes = [Node((i,), leaves[i], profiles[i]) for i in range(n_tasks)]
+    pair_budget = (budget - (0 if similarity is not None else n_tasks)) // (n_tasks - 1)
+    if pair_budget < 3:
+        raise SearchError(
+            f"budget {budget} leaves {pair_budget} evaluations per pair of tasks; nested needs 3"
+        )
+    level, last = 0, None
+    while len(nodes) > 1:
+        level += 1
+        pairs, rest = pair_greedily(nodes, similarity)
+        merged = []
+        for number, (a, b) in enumerate(pairs):
+            phase = f"nested {level}.{number + 1}: {_name(a)} + {_name(b)}"
+            last = _pair_front(
+                log,
+                a,
+                b,
+                weights,
+                pair_budget,
+                bounds,
+                seed + 97 * level + number,
+                warp,
+                sign,
+                settings,
+                phase,
+            )
+            sides = [weights[list(a.tasks)].sum(), weights[list(b.tasks)].sum()]
+            scores = sign * np.stack(
+                [last.predicted[:, list(n.tasks)] @ side_weights(weights, n.tasks) for n in (a, b)], axis=1
+            )
+            pick = select_index(scores, sides if sum(sides) > 0 else [1.0, 1.0])
+            merged.append(Node(a.tasks + b.tasks, last.coefficients[pick], last.predicted[pick]))
+        nodes = merged + rest
+    assert last is not None
+    return ParetoFront(last.coefficients, last.predicted, [], last.r2, "score", "nested")
+
+
+def _name(node: Node) -> str:
+    return "{" + ",".join(str(t) for t in node.tasks) + "}"
+
+
+def _pair_front(
+    log: EvaluationLog,
+    a: Node,
+    b: Node,
+    weights: np.ndarray,
+    budget: int,
+    bounds: Bounds,
+    seed: int,
+    warp: Warp,
+    sign: float,
+    settings: SearchSettings,
+    phase: str,
+) -> PairFront:
+    """Evaluate a design in the pair's 2-D space, fit per-task surrogates, search the sides' front."""
+    basis = np.stack([a.coefficients, b.coefficients])
+    points = initial_design(2, budget, bounds, seed)
+    metrics = log(points @ basis, phase)
+    surrogates = fit_surrogates(points, metrics, warp, "quadratic", seed=seed)
+    mixes = [side_weights(weights, node.tasks) for node in (a, b)]
+    tasks = [list(node.tasks) for node in (a, b)]
+
+    def objectives(x: np.ndarray) -> np.ndarray:
+        predicted = surrogates.predict(x)
+        return -sign * np.stack([predicted[:, t] @ m for t, m in zip(tasks, mixes, strict=True)], axis=1)
+
+    found = search_front(objectives, 2, bounds, seed, settings, seeds=points)
+    keep = non_dominated(-objectives(found))
+    found = found[keep][np.argsort(found[keep][:, 0], kind="stable")]
+    return PairFront(found, found @ basis, surrogates.predict(found), surrogates.r2)

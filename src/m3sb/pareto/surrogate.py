@@ -1,0 +1,174 @@
+"""Per-task surrogates of the metric landscape: a full quadratic in the coefficients,
+optionally seen through a warp (sigmoid for bounded scores, softplus for losses) as in
+the MAP paper, and optionally corrected by a Gaussian process on its residuals.
+
+Everything is fitted with scikit-learn: ``PolynomialFeatures(2)`` plus ``Ridge`` for the
+quadratic, ``GaussianProcessRegressor`` for the residuals, ``cross_val_predict`` for the
+cross-validated R^2 that tells the user how far to trust the front.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+
+WarpName = Literal["none", "sigmoid", "softplus"]
+SurrogateKind = Literal["quadratic", "quadratic+gp"]
+_EDGE = 1e-4  # how close to the ends of its range a warped score may get
+
+
+@dataclass(frozen=True)
+class Warp:
+    """A monotone map from metric units to the space where the surrogate is a quadratic."""
+
+    name: WarpName = "none"
+    low: float = 0.0
+    high: float = 1.0
+
+    def forward(self, values: np.ndarray) -> np.ndarray:
+        """Metric units to warped units."""
+        if self.name == "sigmoid":
+            share = np.clip((values - self.low) / (self.high - self.low), _EDGE, 1 - _EDGE)
+            return np.asarray(np.log(share / (1 - share)))
+        if self.name == "softplus":
+            positive = np.maximum(values, _EDGE)
+            return np.asarray(positive + np.log(-np.expm1(-positive)))
+        return values
+
+    def inverse(self, warped: np.ndarray) -> np.ndarray:
+        """Warped units back to metric units."""
+        if self.name == "sigmoid":
+            from scipy.special import expit
+
+            return np.asarray(self.low + (self.high - self.low) * expit(warped))
+        if self.name == "softplus":
+            return np.asarray(np.logaddexp(0.0, warped))
+        return warped
+
+    def slope(self, warped: np.ndarray) -> np.ndarray:
+        """d(metric)/d(warped) at ``warped``: turns a warped-space spread into metric units."""
+        from scipy.special import expit
+
+        if self.name == "sigmoid":
+            share = expit(warped)
+            return np.asarray((self.high - self.low) * share * (1 - share))
+        if self.name == "softplus":
+            return np.asarray(expit(warped))
+        return np.ones_like(warped)
+
+
+def quadratic_model(alpha: float = 1e-6) -> Any:
+    """A full second-order polynomial (squares, cross terms, linear terms, constant)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import PolynomialFeatures
+
+    return make_pipeline(PolynomialFeatures(degree=2, include_bias=False), Ridge(alpha=alpha))
+
+
+class QuadraticWithGP(RegressorMixin, BaseEstimator):  # type: ignore[misc]
+    """A quadratic trend plus a Gaussian process fitted to its residuals.
+
+    Where the landscape is quadratic the process stays near zero; where it is not, it
+    bends the fit through the evaluated points, and its standard deviation says where
+    the surrogate is unsure.
+    """
+
+    def __init__(self, alpha: float = 1e-6, seed: int = 0) -> None:
+        self.alpha = alpha
+        self.seed = seed
+
+    def fit(self, points: np.ndarray, values: np.ndarray) -> QuadraticWithGP:
+        """Fit the trend, then the process on what the trend leaves."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.gaussian_process import GaussianProcessRegressor
+        from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+        self.trend_ = quadratic_model(self.alpha).fit(points, values)
+        residuals = values - self.trend_.predict(points)
+        scale = float(np.std(residuals)) or 1.0
+        kernel = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(
+            length_scale=np.full(points.shape[1], 0.3), length_scale_bounds=(2e-2, 1e2)
+        ) + WhiteKernel(1e-3, (1e-8, 1.0))
+        self.process_ = GaussianProcessRegressor(
+            kernel=kernel, normalize_y=False, n_restarts_optimizer=2, random_state=self.seed
+        )
+        self.scale_ = scale
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.process_.fit(points, residuals / scale)
+        return self
+
+    def predict(self, points: np.ndarray) -> np.ndarray:
+        """Trend plus the process's mean correction."""
+        return np.asarray(self.trend_.predict(points) + self.scale_ * self.process_.predict(points))
+
+    def predict_std(self, points: np.ndarray) -> np.ndarray:
+        """The process's standard deviation (warped units)."""
+        _, std = self.process_.predict(points, return_std=True)
+        return np.asarray(std) * self.scale_
+
+
+def _new_model(kind: SurrogateKind, alpha: float, seed: int) -> Any:
+    return quadratic_model(alpha) if kind == "quadratic" else QuadraticWithGP(alpha, seed)
+
+
+@dataclass
+class TaskSurrogates:
+    """One fitted surrogate per task; predictions are in metric units."""
+
+    models: list[Any]
+    warp: Warp
+    kind: SurrogateKind
+    r2: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    def predict(self, points: np.ndarray) -> np.ndarray:
+        """Predicted metrics, shape (n, T)."""
+        warped = np.stack([model.predict(points) for model in self.models], axis=1)
+        return self.warp.inverse(warped)
+
+    def predict_std(self, points: np.ndarray) -> np.ndarray:
+        """Predictive standard deviation in metric units, shape (n, T); zeros for a bare quadratic."""
+        if self.kind == "quadratic":
+            return np.zeros((len(points), len(self.models)))
+        warped = np.stack([model.predict(points) for model in self.models], axis=1)
+        spread = np.stack([model.predict_std(points) for model in self.models], axis=1)
+        return np.asarray(spread * self.warp.slope(warped))
+
+
+def cross_validated_r2(
+    points: np.ndarray, values: np.ndarray, warp: Warp, kind: SurrogateKind, alpha: float, seed: int
+) -> float:
+    """R^2 in metric units of out-of-fold predictions (k-fold, at most 10 folds)."""
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    folds = min(len(points), 10)
+    if folds < 3 or float(np.var(values)) == 0.0:
+        return float("nan")
+    splitter = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    warped = cross_val_predict(_new_model(kind, alpha, seed), points, warp.forward(values), cv=splitter)
+    return float(r2_score(values, warp.inverse(warped)))
+
+
+def fit_surrogates(
+    points: np.ndarray,
+    metrics: np.ndarray,
+    warp: Warp = Warp(),
+    kind: SurrogateKind = "quadratic",
+    alpha: float = 1e-6,
+    seed: int = 0,
+    with_r2: bool = True,
+) -> TaskSurrogates:
+    """Fit one surrogate per column of ``metrics`` (shape (n, T)) on ``points`` (shape (n, d))."""
+    models = [_new_model(kind, alpha, seed).fit(points, warp.forward(column)) for column in metrics.T]
+    r2 = (
+        np.array([cross_validated_r2(points, column, warp, kind, alpha, seed) for column in metrics.T])
+        if with_r2
+        else np.full(metrics.shape[1], np.nan)
+    )
+    return TaskSurrogates(models, warp, kind, r2)

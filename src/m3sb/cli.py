@@ -161,6 +161,78 @@ def experiment(
 
 
 @app.command()
+def pareto(
+    config: Annotated[
+        Path,
+        typer.Argument(metavar="CONFIG", help="Pareto YAML (base model, tasks, method, metric, budget)."),
+    ],
+    results_path: Annotated[
+        Path,
+        typer.Option(
+            "--results-path", help="Folder for evaluations.csv, front.csv, selected.json, plots (resumable)."
+        ),
+    ],
+    mode: Annotated[str, typer.Option("--mode", help="map, bayesian or nested.")] = "map",
+    preference: Annotated[
+        Path | None, typer.Option("--preference", help="YAML mapping task name to weight; picks a point.")
+    ] = None,
+    rule: Annotated[
+        str, typer.Option("--rule", help="How a preference picks: weighted_sum (the seed's) or chebyshev.")
+    ] = "weighted_sum",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the design and the search.")] = 0,
+    grid: Annotated[
+        int | None, typer.Option("--grid", help="Also evaluate an N-per-axis grid (ground truth).")
+    ] = None,
+    save_model: Annotated[
+        bool,
+        typer.Option("--save-model", help="Save the selected merge (one classifier per task) in DIR/model."),
+    ] = False,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            "--baselines/--no-baselines", help="Also score task arithmetic, TIES and the barycenter."
+        ),
+    ] = True,
+    device: DeviceOption = "cpu",
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Search the trade-off between tasks (MAP): an amortized Pareto front over task-vector coefficients."""
+
+    def run() -> None:
+        from m3sb.config import load_pareto_config, load_preference
+        from m3sb.errors import ConfigError
+        from m3sb.pareto.front import MODES
+        from m3sb.pareto.run import run_pareto
+
+        if mode not in MODES:
+            raise ConfigError(f"--mode {mode}: choose one of {', '.join(MODES)}")
+        if rule not in ("weighted_sum", "chebyshev"):
+            raise ConfigError(f"--rule {rule}: choose weighted_sum or chebyshev")
+        spec = load_pareto_config(config)
+        weights = load_preference(preference, [t.name for t in spec.tasks]) if preference else None
+        outcome = run_pareto(
+            spec,
+            results_path,
+            mode=mode,
+            preference=weights,
+            seed=seed,
+            grid_points=grid,
+            save_model=save_model,
+            device=device,
+            rule=rule,  # type: ignore[arg-type]
+            baselines=baselines,
+            log=None if quiet else (lambda line: console.print(line, highlight=False, markup=False)),
+        )
+        if not quiet:
+            from m3sb.pareto.report import print_outcome
+
+            print_outcome(outcome, console)
+
+    guarded(run, debug)
+
+
+@app.command()
 def zoo(
     folder: Annotated[
         Path, typer.Argument(metavar="DIR", help="Folder for the zoo (reused when already built).")

@@ -226,17 +226,95 @@ class ExperimentConfig(BaseModel):
     task_vectors: bool = False
 
 
-def load_experiment_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate an experiment YAML file."""
-    data = load_yaml(path)
+def _validated(schema: type[BaseModel], data: Any, path: str | Path) -> Any:
+    """``data`` validated against ``schema``; the first problem as one line naming ``path``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        return ExperimentConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         location = ".".join(str(part) for part in first["loc"]) or "(top level)"
         if first["type"] == "extra_forbidden":
-            allowed = ", ".join(ExperimentConfig.model_fields)
-            raise ConfigError(f"{path}: unknown key '{location}'; allowed: {allowed}") from None
+            allowed = f"; allowed: {', '.join(schema.model_fields)}" if len(first["loc"]) == 1 else ""
+            raise ConfigError(f"{path}: unknown key '{location}'{allowed}") from None
         raise ConfigError(f"{path}: {location}: {first['msg']}") from None
+
+
+def load_experiment_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    return _validated(ExperimentConfig, load_yaml(path), path)  # type: ignore[no-any-return]
+
+
+class ParetoTaskConfig(BaseModel):
+    """One task of a Pareto search: its name, fine-tuned model and validation data."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    dataset: dict[str, Any]
+
+
+class ParetoConfig(BaseModel):
+    """A MAP search over the coefficients of the task vectors (``m3sb pareto``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: str = Field(min_length=1)
+    merge_method: str = "task_arithmetic"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    metric: str = "accuracy"
+    budget: int | None = Field(default=None, gt=0)
+    bounds: tuple[float, float] = (0.0, 1.0)
+    batch_size: int = Field(default=256, gt=0)
+    trust_remote_code: bool = False
+    tasks: list[ParetoTaskConfig] = Field(min_length=2)
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_names(cls, tasks: list[ParetoTaskConfig]) -> list[ParetoTaskConfig]:
+        seen: set[str] = set()
+        for task in tasks:
+            if task.name in seen:
+                raise ValueError(f"two tasks share the name '{task.name}'; give each task its own name")
+            seen.add(task.name)
+        return tasks
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered_bounds(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        low, high = bounds
+        if not (abs(low) < float("inf") and abs(high) < float("inf") and low < high):
+            raise ValueError(f"expected two finite numbers, low < high; got {list(bounds)}")
+        return bounds
+
+
+def load_pareto_config(path: str | Path) -> ParetoConfig:
+    """Read and validate a Pareto search YAML file."""
+    return _validated(ParetoConfig, load_yaml(path), path)  # type: ignore[no-any-return]
+
+
+def load_preference(path: str | Path, task_names: Iterable[str]) -> list[float]:
+    """A preference file (task name -> weight, the seed's format) as one weight per task, in order.
+
+    Tasks the file leaves out weigh 0; an unknown task, a negative or non-numeric weight,
+    or all-zero weights are errors.
+    """
+    names = list(task_names)
+    data = load_yaml(path)
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: expected a mapping of task name to weight")
+    weights = dict.fromkeys(names, 0.0)
+    for name, value in data.items():
+        if name not in weights:
+            raise ConfigError(f"{path}: unknown task '{name}'; tasks are {', '.join(names)}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not value >= 0
+            or value == float("inf")
+        ):
+            raise ConfigError(f"{path}: weight of '{name}' must be a finite number >= 0, got {value!r}")
+        weights[name] = float(value)
+    if not any(weights.values()):
+        raise ConfigError(f"{path}: all weights are zero; give at least one task a positive weight")
+    return [weights[name] for name in names]

@@ -1,12 +1,14 @@
-"""The experiment's figures, as PNG files: radar, grouped bars, heatmap, models on the sphere."""
+"""The figures, as PNG files: experiments (radar, grouped bars, heatmap, models on the sphere)
+and Pareto searches (the front with measured points and baselines, 2-task landscapes)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from m3sb import geometry
@@ -125,3 +127,84 @@ def _save(figure: Any, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     _pyplot().close(figure)
     return path
+
+
+def pareto_front_plot(outcome: Any, evaluations: Sequence[Any], path: Path) -> Path:
+    """The amortized front (predicted), the measured points (design, grid, re-evaluated front
+    points, selected) and the baselines; one panel per pair of tasks."""
+    plt = _pyplot()
+    names, metric = outcome.task_names, outcome.metric
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    columns = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / columns)
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.6 * rows), squeeze=False)
+    by_phase: dict[str, list[Any]] = {}
+    for evaluation in evaluations:
+        kind = "search" if evaluation.phase not in ("grid", "front check", "selected") else evaluation.phase
+        if evaluation.phase.startswith("baseline"):
+            continue
+        by_phase.setdefault(kind, []).append(evaluation.metrics)
+    styles = {
+        "grid": {"color": "0.75", "marker": ".", "s": 14},
+        "search": {"color": "tab:blue", "marker": "o", "s": 22},
+        "front check": {"color": "tab:green", "marker": "D", "s": 34},
+        "selected": {"color": "tab:red", "marker": "*", "s": 220},
+    }
+    for axes, (i, j) in zip(axes_grid.flat, pairs, strict=False):
+        predicted = outcome.front.predicted
+        order = np.argsort(predicted[:, i])
+        axes.plot(
+            predicted[order, i], predicted[order, j], ".", color="tab:orange", ms=3, label="front (predicted)"
+        )
+        for kind in ("grid", "search", "front check", "selected"):
+            if kind in by_phase:
+                values = np.asarray(by_phase[kind])
+                axes.scatter(values[:, i], values[:, j], label=f"{kind} (measured)", zorder=3, **styles[kind])
+        for marker, (label, values) in zip("sP^vX", outcome.baselines.items(), strict=False):
+            axes.scatter(values[i], values[j], marker=marker, s=70, color="black", label=label, zorder=4)
+        axes.set_xlabel(f"{metric}: {names[i]}")
+        axes.set_ylabel(f"{metric}: {names[j]}")
+        axes.grid(alpha=0.3)
+    for axes in list(axes_grid.flat)[len(pairs) :]:
+        axes.axis("off")
+    axes_grid.flat[0].legend(fontsize=7)
+    figure.suptitle(
+        f"amortized Pareto front ({outcome.front.mode}, {len(outcome.front.coefficients)} points)"
+    )
+    return _save(figure, path)
+
+
+def landscape_plot(
+    outcome: Any,
+    points: np.ndarray,
+    metrics: np.ndarray,
+    predict: Any,
+    bounds: tuple[float, float],
+    path: Path,
+) -> Path:
+    """Two tasks: contours of each task's measured metric (top) and of its fitted surrogate (bottom)."""
+    plt = _pyplot()
+    names = outcome.task_names
+    axis = np.linspace(bounds[0], bounds[1], 60)
+    mesh_a, mesh_b = np.meshgrid(axis, axis, indexing="ij")
+    fitted = predict(np.stack([mesh_a.ravel(), mesh_b.ravel()], axis=1))
+    figure, axes_grid = plt.subplots(2, 2, figsize=(10, 8.4), squeeze=False)
+    low, high = float(min(metrics.min(), fitted.min())), float(max(metrics.max(), fitted.max()))
+    levels = np.linspace(low, high, 15)
+    for task in range(2):
+        measured_axes, fitted_axes = axes_grid[0, task], axes_grid[1, task]
+        if len(points) >= 3:
+            contour = measured_axes.tricontourf(points[:, 0], points[:, 1], metrics[:, task], levels=levels)
+            figure.colorbar(contour, ax=measured_axes)
+        measured_axes.scatter(points[:, 0], points[:, 1], s=10, color="white", edgecolors="black")
+        measured_axes.set_title(f"{names[task]}: measured {outcome.metric}")
+        contour = fitted_axes.contourf(mesh_a, mesh_b, fitted[:, task].reshape(mesh_a.shape), levels=levels)
+        figure.colorbar(contour, ax=fitted_axes)
+        fitted_axes.plot(
+            outcome.front.coefficients[:, 0], outcome.front.coefficients[:, 1], ".", color="tab:red", ms=2
+        )
+        fitted_axes.set_title(f"{names[task]}: fitted surrogate (red: front)")
+        for axes in (measured_axes, fitted_axes):
+            axes.set_xlabel(f"c_{names[0]}")
+            axes.set_ylabel(f"c_{names[1]}")
+    return _save(figure, path)

@@ -1,0 +1,158 @@
+"""The files of a Pareto run: an append-only ``evaluations.csv`` that makes runs resumable,
+``run.json`` that says which search the evaluations belong to, and the atomic writes of
+``front.csv`` and ``selected.json``.
+
+Each evaluation is appended as one line, flushed and synced as soon as it finishes, so a
+crash loses at most the evaluation in flight; a torn last line is ignored on resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3sb.errors import ConfigError
+from m3sb.pareto.evaluations import Evaluation
+
+EVALUATIONS, RUN, FRONT, SELECTED = "evaluations.csv", "run.json", "front.csv", "selected.json"
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+        Path(temporary).replace(path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class EvaluationRecord:
+    """``evaluations.csv`` in a results folder: one row per evaluated candidate.
+
+    Columns: ``phase``, ``c_<task>`` for each task (empty for baselines, which are not
+    points of the coefficient space), and ``<metric>_<task>`` for each task.
+    """
+
+    def __init__(self, folder: Path, task_names: Sequence[str], metric: str, fingerprint: Mapping[str, Any]):
+        self.folder = folder
+        self.path = folder / EVALUATIONS
+        self.task_names = list(task_names)
+        self.metric = metric
+        self.columns = ["phase", *(f"c_{n}" for n in task_names), *(f"{metric}_{n}" for n in task_names)]
+        self.fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True))
+
+    def open(self) -> tuple[list[Evaluation], dict[str, np.ndarray]]:
+        """Create the folder and files, or check and load an earlier run's evaluations.
+
+        Returns the evaluations at coefficient vectors and the labelled ones (baselines).
+        """
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"{self.folder}: cannot create the results folder ({error.strerror})") from None
+        run_file = self.folder / RUN
+        if self.path.exists() or run_file.exists():
+            self._check_same_search(run_file)
+        else:
+            write_text_atomic(
+                run_file, json.dumps({"search": self.fingerprint}, indent=2, sort_keys=True) + "\n"
+            )
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            write_text_atomic(self.path, _csv_line(self.columns))
+            return [], {}
+        return self._load()
+
+    def _check_same_search(self, run_file: Path) -> None:
+        try:
+            recorded = json.loads(run_file.read_text(encoding="utf-8")).get("search")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != self.fingerprint:
+            raise ConfigError(
+                f"{self.folder}: holds evaluations of a different search (models, datasets, metric or method "
+                "differ, or run.json is missing); choose another --results-path"
+            )
+
+    def _load(self) -> tuple[list[Evaluation], dict[str, np.ndarray]]:
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        header = next(csv.reader([lines[0]])) if lines else []
+        if header != self.columns:
+            raise ConfigError(
+                f"{self.path}: columns are not those of this search; choose another --results-path"
+            )
+        points: list[Evaluation] = []
+        labelled: dict[str, np.ndarray] = {}
+        count = len(self.task_names)
+        for number, line in enumerate(lines[1:], start=2):
+            row = self._parse(line)
+            if row is None:
+                if number == len(lines) and not line.endswith("\n"):
+                    self._drop_torn_line(lines[:-1])
+                    break
+                raise ConfigError(f"{self.path}: line {number} is malformed; fix or delete it to resume")
+            phase, values = row
+            coefficients, metrics = values[:count], values[count:]
+            if np.all(np.isnan(coefficients)):
+                labelled[phase] = metrics
+            else:
+                points.append(Evaluation(coefficients, metrics, phase))
+        return points, labelled
+
+    def _parse(self, line: str) -> tuple[str, np.ndarray] | None:
+        if not line.endswith("\n"):
+            return None
+        try:
+            fields = next(csv.reader([line]))
+            if len(fields) != len(self.columns):
+                return None
+            values = np.array([float(v) if v else np.nan for v in fields[1:]])
+        except (ValueError, StopIteration, csv.Error):
+            return None
+        count = len(self.task_names)
+        if not np.all(np.isfinite(values[count:])):
+            return None
+        return fields[0], values
+
+    def _drop_torn_line(self, kept: list[str]) -> None:
+        """An interrupted write left half a line: rewrite the file without it."""
+        write_text_atomic(self.path, "".join(kept))
+
+    def append(self, phase: str, coefficients: np.ndarray | None, metrics: np.ndarray) -> None:
+        """Append one evaluation and make it durable before returning."""
+        values = (
+            [""] * len(self.task_names) if coefficients is None else [repr(float(v)) for v in coefficients]
+        )
+        line = _csv_line([phase, *values, *(repr(float(v)) for v in metrics)])
+        with open(self.path, "a", encoding="utf-8", newline="") as file:
+            file.write(line)
+            file.flush()
+            os.fsync(file.fileno())
+
+
+def _csv_line(fields: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(fields)
+    return buffer.getvalue()
+
+
+def front_table(
+    task_names: Sequence[str], metric: str, coefficients: np.ndarray, predicted: np.ndarray
+) -> str:
+    """``front.csv``: one row per front point, ``c_<task>`` then ``predicted_<metric>_<task>``."""
+    header = [*(f"c_{n}" for n in task_names), *(f"predicted_{metric}_{n}" for n in task_names)]
+    rows = [_csv_line(header)]
+    for point, values in zip(coefficients, predicted, strict=True):
+        rows.append(_csv_line([f"{v:.6g}" for v in (*point, *values)]))
+    return "".join(rows)

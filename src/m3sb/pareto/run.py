@@ -1,0 +1,273 @@
+"""``m3sb pareto``: a MAP search over the task vectors of real models, written to a folder.
+
+Validates everything it can before loading a model, then loads the base, the task
+models and their validation splits once, runs :func:`amortized_pareto_front` with a
+:class:`MergeEvaluator`, and writes ``evaluations.csv`` (as it goes), ``front.csv``,
+``selected.json``, the plots and, when asked, the selected model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3sb.config import ParetoConfig
+from m3sb.errors import ConfigError
+from m3sb.pareto.design import grid
+from m3sb.pareto.evaluations import Evaluation, EvaluationLog
+from m3sb.pareto.front import ParetoFront, amortized_pareto_front, check_search_inputs, default_budget
+from m3sb.pareto.preference import Rule, check_preference
+from m3sb.pareto.records import FRONT, SELECTED, EvaluationRecord, front_table, write_text_atomic
+from m3sb.pareto.search import SearchSettings
+from m3sb.pareto.surrogate import Warp, fit_surrogates
+
+MAX_GRID_POINTS = 10_000
+TASK_ARITHMETIC_SCALE = 0.3  # the task-arithmetic baseline: every coefficient at 0.3 (Ilharco et al.)
+# Baselines that are not points of the coefficient space: label -> (method, parameters).
+OTHER_BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ties": ("ties", {"density": 0.2}),
+    "barycenter": ("barycenter", {"space": "weights"}),
+}
+
+
+@dataclass
+class ParetoOutcome:
+    """What a run produced: the front, the chosen point, and where the files are."""
+
+    front: ParetoFront
+    task_names: list[str]
+    metric: str
+    folder: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    selected: dict[str, Any] | None = None
+    new_evaluations: int = 0
+    reused_evaluations: int = 0
+    baselines: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def warp_for(metric: str) -> Warp:
+    """Scores in percent are fitted under a sigmoid over [0, 100]; losses under a softplus."""
+    return Warp("softplus") if metric == "loss" else Warp("sigmoid", 0.0, 100.0)
+
+
+def check_run(
+    config: ParetoConfig, mode: str, preference: Sequence[float] | None, grid_points: int | None
+) -> None:
+    """Every error that needs no model: metric, method, budget, preference, grid size."""
+    from m3sb.data import parse_dataset_spec
+    from m3sb.pareto.merging import check_metric, check_search_method
+
+    check_metric(config.metric)
+    check_search_method(config.merge_method, config.parameters, config.bounds)
+    count = len(config.tasks)
+    budget = config.budget if config.budget is not None else default_budget(count, mode)  # type: ignore[arg-type]
+    check_search_inputs(count, budget, config.bounds, mode, "loss" if config.metric == "loss" else "score")
+    if preference is not None:
+        check_preference(preference, count)
+    if grid_points is not None and (grid_points < 2 or grid_points**count > MAX_GRID_POINTS):
+        raise ConfigError(
+            f"--grid {grid_points}: needs 2 <= N and N^T <= {MAX_GRID_POINTS} points (T = {count} tasks)"
+        )
+    for index, task in enumerate(config.tasks):
+        parse_dataset_spec(_with_default_split(task.dataset), f"tasks[{index}].dataset")
+
+
+def _with_default_split(dataset: dict[str, Any]) -> dict[str, Any]:
+    """A search chooses on validation data: the split defaults to ``validation``."""
+    return {"split": "validation", **dataset}
+
+
+def fingerprint(config: ParetoConfig) -> dict[str, Any]:
+    """What decides the value of an evaluation: reused evaluations must share it."""
+    return {
+        "base_model": config.base_model,
+        "merge_method": config.merge_method,
+        "parameters": config.parameters,
+        "metric": config.metric,
+        "tasks": [task.model_dump() for task in config.tasks],
+    }
+
+
+def run_pareto(
+    config: ParetoConfig,
+    results_path: Path,
+    mode: str = "map",
+    preference: Sequence[float] | None = None,
+    seed: int = 0,
+    grid_points: int | None = None,
+    save_model: bool = False,
+    device: str = "cpu",
+    rule: Rule = "weighted_sum",
+    baselines: bool = True,
+    search: SearchSettings | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ParetoOutcome:
+    """Run the search that ``config`` describes and write its files into ``results_path``."""
+    from m3sb.devices import resolve_device
+
+    say = log or (lambda _: None)
+    check_run(config, mode, preference, grid_points)
+    torch_device = resolve_device(device)
+    names = [task.name for task in config.tasks]
+    record = EvaluationRecord(Path(results_path), names, config.metric, fingerprint(config))
+    known, labelled = record.open()
+    if known or labelled:
+        say(f"resuming: {len(known) + len(labelled)} evaluations found in {record.path}")
+    evaluator = _load_evaluator(config, torch_device, say)
+    sense = "loss" if config.metric == "loss" else "score"
+    new = 0
+
+    def keep(evaluation: Evaluation) -> None:
+        nonlocal new
+        new += 1
+        record.append(evaluation.phase, evaluation.coefficients, evaluation.metrics)
+        shown = ", ".join(f"{n}={m:.2f}" for n, m in zip(names, evaluation.metrics, strict=True))
+        say(f"  [{evaluation.phase}] c=[{', '.join(f'{c:.3f}' for c in evaluation.coefficients)}] {shown}")
+
+    say(f"searching ({mode}, budget {config.budget or default_budget(len(names), mode)}) ...")  # type: ignore[arg-type]
+    front = amortized_pareto_front(
+        evaluator,
+        len(names),
+        config.budget,
+        config.bounds,
+        mode,  # type: ignore[arg-type]
+        seed,
+        sense,  # type: ignore[arg-type]
+        warp_for(config.metric),
+        preference if preference is not None else [1.0] * len(names),
+        evaluator.space.gram() if mode == "nested" else None,
+        known,
+        keep,
+        search,
+    )
+    outcome = ParetoOutcome(front, names, config.metric, Path(results_path), reused_evaluations=front.reused)
+    extra = EvaluationLog(evaluator, len(names), None, [*known, *front.evaluated], keep)
+    if grid_points is not None:
+        say(f"evaluating the {grid_points}^{len(names)} grid ...")
+        extra(grid(grid_points, len(names), config.bounds), "grid")
+    extra(front.coefficients[check_indices(front)], "front check")
+    if baselines:
+        outcome.baselines = _baselines(evaluator, extra, labelled, record, len(names), config.bounds, say)
+    chosen = preference if preference is not None else ([1.0] * len(names) if save_model else None)
+    if chosen is not None:
+        outcome.selected = _select(front, chosen, rule, extra, names)
+        outcome.files["selected"] = write_text_atomic(
+            record.folder / SELECTED, json.dumps(outcome.selected, indent=2) + "\n"
+        )
+    outcome.files["evaluations"] = record.path
+    outcome.files["front"] = write_text_atomic(
+        record.folder / FRONT, front_table(names, config.metric, front.coefficients, front.predicted)
+    )
+    outcome.files.update(_plots(outcome, [*front.evaluated, *extra.evaluations], config))
+    if save_model:
+        assert outcome.selected is not None
+        coefficients = [outcome.selected["coefficients"][n] for n in names]
+        outcome.files["model"] = save_selected_models(evaluator, coefficients, names, record.folder / "model")
+    outcome.new_evaluations = new
+    return outcome
+
+
+def _load_evaluator(config: ParetoConfig, device: Any, say: Callable[[str], None]) -> Any:
+    from m3sb.data import load_task_data, parse_dataset_spec, prepare_inputs
+    from m3sb.models import check_shared_backbone, load_task_model
+    from m3sb.pareto.merging import MergeEvaluator
+
+    say("loading models and validation data ...")
+    models = [load_task_model(task.model, config.trust_remote_code) for task in config.tasks]
+    base = load_task_model(config.base_model, config.trust_remote_code, with_processor=False)
+    check_shared_backbone([*models, base])
+    inputs = []
+    for index, (task, model) in enumerate(zip(config.tasks, models, strict=True)):
+        spec = parse_dataset_spec(_with_default_split(task.dataset), f"tasks[{index}].dataset")
+        data = load_task_data(spec)
+        inputs.append(prepare_inputs(data, spec, model.processor, model.num_channels, model.num_labels))
+    return MergeEvaluator(
+        models, inputs, base, config.metric, device, config.merge_method, config.parameters, config.batch_size
+    )
+
+
+def check_indices(front: ParetoFront, spaced: int = 5) -> np.ndarray:
+    """Front points worth measuring: each task's best, the balanced point, and a few spaced along it."""
+    count = front.coefficients.shape[1]
+    picks = [front.select_index(row) for row in np.eye(count)]
+    picks.append(front.select_index(np.ones(count)))
+    picks.extend(np.linspace(0, len(front.coefficients) - 1, spaced).round().astype(int).tolist())
+    return np.array(sorted(set(picks)))
+
+
+def _select(
+    front: ParetoFront, preference: Sequence[float], rule: Rule, extra: EvaluationLog, names: list[str]
+) -> dict[str, Any]:
+    index = front.select_index(preference, rule)
+    measured = extra(front.coefficients[index], "selected")[0]
+    return {
+        "preference": dict(zip(names, map(float, preference), strict=True)),
+        "rule": rule,
+        "coefficients": dict(zip(names, map(float, front.coefficients[index]), strict=True)),
+        "predicted": dict(zip(names, map(float, front.predicted[index]), strict=True)),
+        "measured": dict(zip(names, map(float, measured), strict=True)),
+    }
+
+
+def _baselines(
+    evaluator: Any,
+    extra: EvaluationLog,
+    labelled: dict[str, np.ndarray],
+    record: EvaluationRecord,
+    count: int,
+    bounds: tuple[float, float],
+    say: Callable[[str], None],
+) -> dict[str, np.ndarray]:
+    """Task arithmetic at 0.3 (a point of the space), TIES and the barycenter with equal weights."""
+    from m3sb.pareto.merging import merged_backbone
+
+    results = {}
+    scale = float(np.clip(TASK_ARITHMETIC_SCALE, *bounds))
+    results[f"task arithmetic ({scale:g})"] = extra(np.full(count, scale), "baseline: task arithmetic")[0]
+    for label, (method, params) in OTHER_BASELINES.items():
+        phase = f"baseline: {label}"
+        if phase not in labelled:
+            say(f"  [{phase}]")
+            backbone = merged_backbone(method, params, [1.0] * count, evaluator.tasks, evaluator.base)
+            labelled[phase] = evaluator.score({k: v.to(evaluator.device) for k, v in backbone.items()})
+            record.append(phase, None, labelled[phase])
+        results[label] = labelled[phase]
+    return results
+
+
+def _plots(outcome: ParetoOutcome, evaluations: list[Evaluation], config: ParetoConfig) -> dict[str, Path]:
+    from m3sb.plots import landscape_plot, pareto_front_plot
+
+    files = {"front_plot": pareto_front_plot(outcome, evaluations, outcome.folder / "front.png")}
+    if len(outcome.task_names) == 2:
+        points = np.array([e.coefficients for e in evaluations])
+        metrics = np.array([e.metrics for e in evaluations])
+        surrogates = outcome.front.surrogates or fit_surrogates(points, metrics, warp_for(config.metric))
+        files["landscape_plot"] = landscape_plot(
+            outcome, points, metrics, surrogates.predict, config.bounds, outcome.folder / "landscape.png"
+        )
+    return files
+
+
+def save_selected_models(
+    evaluator: Any, coefficients: Sequence[float], names: Sequence[str], folder: Path
+) -> Path:
+    """One classifier per task (the selected merged backbone, that task's head) under ``folder/<task>``."""
+    from m3sb.checkpoints import atomic_output_folder
+
+    backbone = {
+        name: tensor.detach().cpu().clone() for name, tensor in evaluator.backbone(coefficients).items()
+    }
+    with atomic_output_folder(folder, force=True) as staging:
+        for name, task in zip(names, evaluator.tasks, strict=True):
+            model = task.use_backbone(backbone)
+            model.save_pretrained(staging / name, safe_serialization=True)
+            if task.processor is not None:
+                task.processor.save_pretrained(staging / name)
+            task.use_backbone(None)
+    return folder

@@ -53,26 +53,35 @@ class EvaluationRecord:
         self.columns = ["phase", *(f"c_{n}" for n in task_names), *(f"{metric}_{n}" for n in task_names)]
         self.fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True))
 
-    def open(self) -> tuple[list[Evaluation], dict[str, np.ndarray]]:
-        """Create the folder and files, or check and load an earlier run's evaluations.
+    def load(self) -> tuple[list[Evaluation], dict[str, np.ndarray]]:
+        """An earlier run's evaluations in this folder (none when it is new); writes nothing.
 
         Returns the evaluations at coefficient vectors and the labelled ones (baselines).
+        An error when the folder holds evaluations of a different search.
         """
+        run_file = self.folder / RUN
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(f"{self.folder}: exists and is not a folder")
+        if not (self.path.exists() or run_file.exists()):
+            return [], {}
+        self._check_same_search(run_file)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return [], {}
+        return self._load()
+
+    def create(self) -> None:
+        """Create the folder, ``run.json`` and the header of ``evaluations.csv`` if they are missing."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ConfigError(f"{self.folder}: cannot create the results folder ({error.strerror})") from None
         run_file = self.folder / RUN
-        if self.path.exists() or run_file.exists():
-            self._check_same_search(run_file)
-        else:
+        if not run_file.exists():
             write_text_atomic(
                 run_file, json.dumps({"search": self.fingerprint}, indent=2, sort_keys=True) + "\n"
             )
         if not self.path.exists() or self.path.stat().st_size == 0:
             write_text_atomic(self.path, _csv_line(self.columns))
-            return [], {}
-        return self._load()
 
     def _check_same_search(self, run_file: Path) -> None:
         try:

@@ -115,10 +115,11 @@ def run_pareto(
     torch_device = resolve_device(device)
     names = [task.name for task in config.tasks]
     record = EvaluationRecord(Path(results_path), names, config.metric, fingerprint(config))
-    known, labelled = record.open()
+    known, labelled = record.load()
     if known or labelled:
         say(f"resuming: {len(known) + len(labelled)} evaluations found in {record.path}")
     evaluator = _load_evaluator(config, torch_device, say)
+    record.create()
     sense = "loss" if config.metric == "loss" else "score"
     new = 0
 

@@ -1,0 +1,118 @@
+"""MAP's model side on the digits zoo: candidates from flat task vectors, per-task scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from m3sb.data import DatasetSpec, load_task_data, prepare_inputs
+from m3sb.errors import ConfigError
+from m3sb.eval import classification_metrics, predict
+from m3sb.methods import merge_group
+from m3sb.models import TaskModel, load_task_model
+from m3sb.pareto.merging import (
+    MergeEvaluator,
+    TaskVectorSpace,
+    check_metric,
+    check_search_method,
+    merged_backbone,
+)
+
+pytestmark = pytest.mark.slow
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def loaded(zoo_manifest: Path) -> dict[str, Any]:
+    zoo = json.loads(zoo_manifest.read_text())
+    chosen = zoo["tasks"][:3]
+    tasks = [load_task_model(task["checkpoint"]) for task in chosen]
+    base = load_task_model(zoo["base_model_checkpoint"], with_processor=False)
+    inputs = []
+    for task, model in zip(chosen, tasks, strict=True):
+        spec = DatasetSpec.model_validate(task["dataset"] | {"split": "validation", "max_samples": 150})
+        inputs.append(prepare_inputs(load_task_data(spec), spec, model.processor, 1, model.num_labels))
+    return {"tasks": tasks, "base": base, "inputs": inputs}
+
+
+def _evaluator(loaded: dict[str, Any], metric: str = "accuracy", **options: Any) -> MergeEvaluator:
+    return MergeEvaluator(loaded["tasks"], loaded["inputs"], loaded["base"], metric, CPU, **options)
+
+
+def test_one_hot_candidate_is_that_model_and_zero_is_the_base(loaded: dict[str, Any]) -> None:
+    tasks: list[TaskModel] = loaded["tasks"]
+    space = TaskVectorSpace(loaded["base"].backbone, [t.backbone for t in tasks], CPU)
+    for index, task in enumerate(tasks):
+        candidate = space.candidate(np.eye(len(tasks))[index])
+        for name, tensor in task.backbone.items():
+            torch.testing.assert_close(candidate[name], tensor, rtol=0, atol=2e-6)
+    base = space.candidate(np.zeros(len(tasks)))
+    for name, tensor in loaded["base"].backbone.items():
+        assert torch.equal(base[name], tensor)
+
+
+def test_fast_candidate_equals_task_arithmetic_tensor_by_tensor(loaded: dict[str, Any]) -> None:
+    tasks, base = loaded["tasks"], loaded["base"]
+    coefficients = [0.7, -0.2, 0.45]
+    fast = _evaluator(loaded, params={"lambda": 0.8}).backbone(coefficients)
+    for name, tensor in base.backbone.items():
+        expected = merge_group(
+            "task_arithmetic", [t.weights[name] for t in tasks], coefficients, tensor, lambda_=0.8
+        )
+        torch.testing.assert_close(fast[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gram_matrix_is_that_of_the_task_vectors(loaded: dict[str, Any]) -> None:
+    tasks, base = loaded["tasks"], loaded["base"]
+    gram = _evaluator(loaded).space.gram()
+    vectors = [
+        torch.cat([(t.backbone[n] - base.backbone[n]).reshape(-1).double() for n in base.backbone])
+        for t in tasks
+    ]
+    expected = np.array([[float(a @ b) for b in vectors] for a in vectors])
+    np.testing.assert_allclose(gram, expected, rtol=1e-5)
+    assert np.all(np.linalg.eigvalsh(gram) > 0)
+
+
+def test_one_hot_scores_are_the_finetuned_models_own(loaded: dict[str, Any]) -> None:
+    evaluator = _evaluator(loaded)
+    for index, (task, data) in enumerate(zip(loaded["tasks"], loaded["inputs"], strict=True)):
+        own = classification_metrics(predict(task.use_backbone(None), data.pixel_values, CPU), data.labels)
+        assert evaluator(np.eye(3)[index])[index] == pytest.approx(own["accuracy"], abs=1e-9)
+
+
+def test_loss_metric_is_the_mean_cross_entropy(loaded: dict[str, Any]) -> None:
+    losses = _evaluator(loaded, "loss")(np.eye(3)[0])
+    task, data = loaded["tasks"][0], loaded["inputs"][0]
+    with torch.inference_mode():
+        logits = task.use_backbone(None)(pixel_values=data.pixel_values).logits
+    assert losses[0] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, data.labels)), rel=1e-5)
+    assert np.all(losses > 0)
+
+
+def test_other_methods_take_the_coefficients_as_weights(loaded: dict[str, Any]) -> None:
+    tasks, base = loaded["tasks"], loaded["base"]
+    evaluator = _evaluator(loaded, method_name="ties", params={"density": 0.5})
+    assert not evaluator.fast
+    merged = evaluator.backbone([0.5, 0.3, 0.2])
+    name = next(iter(base.backbone))
+    expected = merge_group(
+        "ties", [t.weights[name] for t in tasks], [0.5, 0.3, 0.2], base.backbone[name], density=0.5
+    )
+    assert torch.equal(merged[name], expected)
+    again = merged_backbone("ties", {"density": 0.5}, [0.5, 0.3, 0.2], tasks, base)
+    assert torch.equal(again[name], expected)
+
+
+def test_metric_and_method_are_checked_with_one_line() -> None:
+    with pytest.raises(ConfigError, match="metric 'bleu' is not one the evaluator produces"):
+        check_metric("bleu")
+    with pytest.raises(ConfigError, match="'slerp' has no per-model weights"):
+        check_search_method("slerp", {}, (0.0, 1.0))
+    with pytest.raises(ConfigError, match="unknown parameter 'densty' for 'ties'"):
+        check_search_method("ties", {"densty": 0.5}, (0.0, 1.0))

@@ -1,0 +1,197 @@
+"""``m3sb pareto`` end to end on the digits zoo: files, resuming, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from m3sb.cli import app
+from m3sb.config import ParetoConfig, load_pareto_config, load_preference
+from m3sb.errors import ConfigError
+from m3sb.pareto import SearchSettings
+from m3sb.pareto.evaluations import Evaluation
+from m3sb.pareto.merging import MergeEvaluator
+from m3sb.pareto.records import EvaluationRecord
+from m3sb.pareto.run import run_pareto
+
+pytestmark = pytest.mark.slow
+QUICK = SearchSettings(generations=20)
+runner = CliRunner()
+
+
+def _config(zoo_manifest: Path, count: int = 2, **overrides: Any) -> dict[str, Any]:
+    zoo = json.loads(zoo_manifest.read_text())
+    tasks = [
+        {
+            "name": t["name"],
+            "model": t["checkpoint"],
+            "dataset": {"dataset_name": t["dataset"]["dataset_name"], "max_samples": 90},
+        }
+        for t in zoo["tasks"][:count]
+    ]
+    return {"base_model": zoo["base_model_checkpoint"], "tasks": tasks, "budget": 8, **overrides}
+
+
+def _write(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_writes_every_file_and_a_rerun_evaluates_nothing(zoo_manifest: Path, tmp_path: Path) -> None:
+    config = ParetoConfig.model_validate(_config(zoo_manifest))
+    folder = tmp_path / "run"
+    first = run_pareto(config, folder, preference=[1.0, 3.0], grid_points=3, save_model=True, search=QUICK)
+    names = first.task_names
+    evaluations = pd.read_csv(folder / "evaluations.csv")
+    assert list(evaluations.columns) == [
+        "phase",
+        *(f"c_{n}" for n in names),
+        *(f"accuracy_{n}" for n in names),
+    ]
+    assert (evaluations["phase"] == "design").sum() == 8
+    assert (
+        evaluations["phase"] == "grid"
+    ).sum() == 9 - 2  # the grid's two one-hot corners were in the design
+    assert set(evaluations["phase"]) >= {
+        "design",
+        "grid",
+        "front check",
+        "baseline: ties",
+        "baseline: barycenter",
+    }
+    front = pd.read_csv(folder / "front.csv")
+    assert len(front) == len(first.front.coefficients) >= 20
+    selected = json.loads((folder / "selected.json").read_text())
+    assert set(selected) == {"preference", "rule", "coefficients", "predicted", "measured"}
+    assert selected["preference"] == dict(zip(names, [1.0, 3.0], strict=True))
+    row = evaluations[evaluations["phase"] == "selected"].iloc[0]
+    assert [row[f"accuracy_{n}"] for n in names] == [selected["measured"][n] for n in names]
+    for name in names:
+        assert (folder / "model" / name / "model.safetensors").is_file()
+    assert (folder / "front.png").is_file() and (folder / "landscape.png").is_file()
+
+    second = run_pareto(config, folder, preference=[1.0, 3.0], grid_points=3, search=QUICK)
+    assert second.new_evaluations == 0
+    np.testing.assert_array_equal(second.front.coefficients, first.front.coefficients)
+    assert len(pd.read_csv(folder / "evaluations.csv")) == len(evaluations)
+
+
+def test_an_interrupted_run_resumes_to_the_same_front(
+    zoo_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ParetoConfig.model_validate(_config(zoo_manifest, metric="loss"))
+    whole = run_pareto(config, tmp_path / "whole", mode="bayesian", baselines=False, search=QUICK)
+    original = MergeEvaluator.__call__
+    calls = {"count": 0}
+
+    def dies_on_the_fifth(self: MergeEvaluator, coefficients: np.ndarray) -> np.ndarray:
+        calls["count"] += 1
+        if calls["count"] == 5:
+            raise KeyboardInterrupt
+        return original(self, coefficients)
+
+    monkeypatch.setattr(MergeEvaluator, "__call__", dies_on_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        run_pareto(config, tmp_path / "cut", mode="bayesian", baselines=False, search=QUICK)
+    assert len(pd.read_csv(tmp_path / "cut" / "evaluations.csv")) == 4
+    monkeypatch.setattr(MergeEvaluator, "__call__", original)
+    resumed = run_pareto(config, tmp_path / "cut", mode="bayesian", baselines=False, search=QUICK)
+    assert resumed.reused_evaluations == 4
+    np.testing.assert_array_equal(resumed.front.coefficients, whole.front.coefficients)
+    np.testing.assert_array_equal(resumed.front.predicted, whole.front.predicted)
+
+
+def test_records_round_trip_exactly_and_drop_a_torn_last_line(tmp_path: Path) -> None:
+    record = EvaluationRecord(tmp_path / "r", ["a", "b"], "accuracy", {"search": 1})
+    record.create()
+    point = np.array([1 / 3, 2 / 7])
+    record.append("design", point, np.array([50.123456789012345, 1e-17]))
+    record.append("baseline: ties", None, np.array([3.0, 4.0]))
+    with open(record.path, "a") as file:
+        file.write("design,0.5,0.")  # a write cut short by a crash
+    points, labelled = EvaluationRecord(tmp_path / "r", ["a", "b"], "accuracy", {"search": 1}).load()
+    assert len(points) == 1 and points[0].phase == "design"
+    assert points[0].coefficients.tolist() == point.tolist()
+    assert points[0].metrics.tolist() == [50.123456789012345, 1e-17]
+    assert labelled["baseline: ties"].tolist() == [3.0, 4.0]
+    assert record.path.read_text().endswith("4.0\n")
+    with pytest.raises(ConfigError, match="holds evaluations of a different search"):
+        EvaluationRecord(tmp_path / "r", ["a", "b"], "accuracy", {"search": 2}).load()
+    with open(record.path, "a") as file:
+        file.write("design,x,1,2,3\ndesign,0.1,0.2,3,4\n")
+    with pytest.raises(ConfigError, match="line 4 is malformed"):
+        record.load()
+
+
+def test_evaluations_are_reused_by_a_different_mode(zoo_manifest: Path, tmp_path: Path) -> None:
+    config = ParetoConfig.model_validate(_config(zoo_manifest))
+    run_pareto(config, tmp_path, baselines=False, search=QUICK)
+    again = run_pareto(config, tmp_path, mode="bayesian", baselines=False, search=QUICK)
+    assert again.reused_evaluations == 2  # the two one-hot corners; the Latin hypercubes differ in size
+    assert isinstance(again.front.evaluated[0], Evaluation)
+
+
+def test_preference_files(tmp_path: Path) -> None:
+    names = ["a", "b", "c"]
+    assert load_preference(_write(tmp_path / "p.yaml", {"a": 2, "c": 0.5}), names) == [2.0, 0.0, 0.5]
+    cases = {
+        "unknown task 'd'": {"d": 1},
+        "all weights are zero": {"a": 0, "b": 0},
+        "weight of 'a' must be a finite number >= 0": {"a": -1},
+        "weight of 'b' must be a finite number": {"b": "lots"},
+        "expected a mapping of task name to weight": [1, 2],
+    }
+    for message, data in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_preference(_write(tmp_path / "bad.yaml", data), names)
+
+
+BAD_CONFIGS = {
+    "two tasks share the name": lambda c: c | {"tasks": [c["tasks"][0], c["tasks"][0]]},
+    "metric 'bleu' is not one the evaluator produces": lambda c: c | {"metric": "bleu"},
+    "budget 2 is smaller than 3": lambda c: c | {"budget": 2},
+    "unknown merge_method 'tie'": lambda c: c | {"merge_method": "tie"},
+    "bounds: Value error, expected two finite numbers, low < high": lambda c: c | {"bounds": [1, 0]},
+    "tasks: List should have at least 2 items": lambda c: c | {"tasks": c["tasks"][:1]},
+    "unknown key 'budgte'": lambda c: c | {"budgte": 3},
+    "tasks[0].dataset: splt: Extra inputs are not permitted": lambda c: (
+        c | {"tasks": [c["tasks"][0] | {"dataset": {"dataset_name": "x", "splt": "a"}}, c["tasks"][1]]}
+    ),
+}
+
+
+@pytest.mark.parametrize("message", list(BAD_CONFIGS))
+def test_bad_configs_fail_in_one_line_before_anything_is_written(
+    zoo_manifest: Path, tmp_path: Path, message: str
+) -> None:
+    config = _write(tmp_path / "config.yaml", BAD_CONFIGS[message](_config(zoo_manifest)))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["pareto", str(config), "--results-path", str(out)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in result.output.replace("\n", " "), result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_bad_options_fail_in_one_line(zoo_manifest: Path, tmp_path: Path) -> None:
+    config = _write(tmp_path / "config.yaml", _config(zoo_manifest))
+    preference = _write(tmp_path / "pref.yaml", {"nope": 1})
+    cases = {
+        "--mode greedy: choose one of map, bayesian, nested": ["--mode", "greedy"],
+        "unknown task 'nope'": ["--preference", str(preference)],
+        "--grid 1: needs 2 <= N": ["--grid", "1"],
+        "--rule best: choose weighted_sum or chebyshev": ["--rule", "best"],
+    }
+    for message, options in cases.items():
+        result = runner.invoke(app, ["pareto", str(config), "--results-path", str(tmp_path / "o"), *options])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert not (tmp_path / "o").exists()
+    assert load_pareto_config(config).metric == "accuracy"

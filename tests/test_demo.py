@@ -21,3 +21,9 @@ def test_demo_writes_merges_results_figures_and_report(zoo_manifest: Path, tmp_p
     assert list(dict.fromkeys(table["merge_method"])) == expected
     assert len(table) == len(results) == 5 * len(expected)
     assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == 4
+    for run, files in {"two_tasks": ("landscape.png",), "nested": ()}.items():
+        folder = tmp_path / "pareto" / run
+        for name in ("evaluations.csv", "front.csv", "selected.json", "front.png", *files):
+            assert (folder / name).is_file(), folder / name
+    nested = pd.read_csv(tmp_path / "pareto" / "nested" / "evaluations.csv")
+    assert nested["phase"].str.startswith("nested").sum() + (nested["phase"] == "nested: each task alone").sum() <= 48

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import shutil
 import struct
+import tempfile
 import uuid
 import zipfile
 from abc import ABC, abstractmethod
@@ -473,3 +475,26 @@ def atomic_output_folder(destination: Path, force: bool = False) -> Iterator[Pat
         destination.replace(retired)
     staging.replace(destination)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        Path(temporary).chmod(0o666 & ~_umask())
+        Path(temporary).replace(path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from m3sb import plots
+from m3sb.checkpoints import write_text_atomic
 
 
 def write_results(results: Any, folder: Path) -> Path:
     """Write ``results.csv`` into ``folder`` atomically (a temporary file renamed into place)."""
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "results.csv"
-    handle, temporary = tempfile.mkstemp(prefix=".results-", suffix=".csv", dir=folder)
-    os.close(handle)
-    try:
-        results.to_csv(temporary, index=False, float_format="%.4f")
-        Path(temporary).replace(target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(folder / "results.csv", results.to_csv(index=False, float_format="%.4f"))
 
 
 def print_results(results: Any, console: Console) -> None:

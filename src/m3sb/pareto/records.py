@@ -12,30 +12,17 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from m3sb.checkpoints import write_text_atomic
 from m3sb.errors import ConfigError
 from m3sb.pareto.evaluations import Evaluation
 
 EVALUATIONS, RUN, FRONT, SELECTED = "evaluations.csv", "run.json", "front.csv", "selected.json"
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-        Path(temporary).replace(path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class EvaluationRecord:

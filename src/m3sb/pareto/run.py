@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from m3sb.checkpoints import write_text_atomic
 from m3sb.config import ParetoConfig
 from m3sb.errors import ConfigError
 from m3sb.pareto.design import grid
 from m3sb.pareto.evaluations import Evaluation, EvaluationLog
 from m3sb.pareto.front import ParetoFront, amortized_pareto_front, check_search_inputs, default_budget
 from m3sb.pareto.preference import Rule, check_preference
-from m3sb.pareto.records import FRONT, SELECTED, EvaluationRecord, front_table, write_text_atomic
+from m3sb.pareto.records import FRONT, SELECTED, EvaluationRecord, front_table
 from m3sb.pareto.search import SearchSettings
 from m3sb.pareto.surrogate import Warp, fit_surrogates
 

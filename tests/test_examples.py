@@ -40,3 +40,15 @@ def test_notebook_code_cells_parse() -> None:
     assert len(code) >= 3
     for cell in code:
         ast.parse("".join(cell["source"]))
+
+
+def test_pareto_example_and_its_preference_are_valid() -> None:
+    from m3sb.config import load_pareto_config, load_preference
+    from m3sb.pareto.run import check_run
+
+    spec = load_pareto_config(EXAMPLES / "pareto" / "digits_zoo.yaml")
+    names = [task.name for task in spec.tasks]
+    preference = load_preference(EXAMPLES / "pareto" / "preference.yaml", names)
+    assert names == ["rotated", "mirrored", "parity"] and preference == [1.0, 1.0, 2.0]
+    for mode in ("map", "bayesian", "nested"):
+        check_run(spec, mode, preference, grid_points=4)

@@ -53,7 +53,12 @@ class EvaluationLog:
         self.spent = 0
         self.evaluations: list[Evaluation] = []
         self.reused = 0
-        self._known = {point_key(e.coefficients): e.metrics for e in known}
+        self._known = {
+            point_key(e.coefficients): check_metrics(
+                e.metrics, n_tasks, f"known evaluation at {_show(e.coefficients)}"
+            )
+            for e in known
+        }
         self._on_evaluation = on_evaluation
 
     @property
@@ -86,20 +91,27 @@ class EvaluationLog:
         return metrics
 
     def _checked(self, output: object, point: np.ndarray) -> np.ndarray:
-        try:
-            metrics = np.asarray(output, dtype=float).reshape(-1)
-        except (TypeError, ValueError):
-            raise SearchError(
-                f"evaluate({_show(point)}) returned {type(output).__name__}, not numbers"
-            ) from None
-        if metrics.shape != (self.n_tasks,):
-            raise SearchError(
-                f"evaluate({_show(point)}) returned {metrics.size} metrics for {self.n_tasks} tasks"
-            )
-        bad = np.flatnonzero(~np.isfinite(metrics))
-        if bad.size:
-            raise SearchError(f"evaluate({_show(point)}) returned {metrics[bad[0]]} for task {bad[0]}")
-        return metrics
+        return check_metrics(output, self.n_tasks, f"evaluate({_show(point)})")
+
+
+def check_metrics(output: object, n_tasks: int, source: str) -> np.ndarray:
+    """``output`` as T finite floats; a one-line SearchError naming ``source`` otherwise."""
+    not_numbers = SearchError(f"{source} returned {type(output).__name__}, not numbers")
+    if output is None or isinstance(output, str | bytes | dict | set):
+        raise not_numbers
+    try:
+        array = np.asarray(output)
+    except (TypeError, ValueError):
+        raise not_numbers from None
+    if array.dtype.kind not in "fiu":
+        raise not_numbers
+    metrics = array.astype(float).reshape(-1)
+    if metrics.shape != (n_tasks,):
+        raise SearchError(f"{source} returned {metrics.size} metrics for {n_tasks} tasks")
+    bad = np.flatnonzero(~np.isfinite(metrics))
+    if bad.size:
+        raise SearchError(f"{source} returned {metrics[bad[0]]} for task {bad[0]}")
+    return metrics
 
 
 def _show(point: np.ndarray) -> str:

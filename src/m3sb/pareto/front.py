@@ -10,7 +10,7 @@ refitting on every new point. ``nested`` merges tasks pairwise along 2-task fron
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -77,9 +77,9 @@ def check_search_inputs(n_tasks: int, budget: int, bounds: Bounds, mode: str, me
     low, high = bounds
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
         raise SearchError(f"bounds must be two finite numbers, low < high; got {list(bounds)}")
-    smallest = 3 * (n_tasks - 1) if mode == "nested" else n_tasks + 1
+    smallest = n_tasks + 3 * (n_tasks - 1) if mode == "nested" else n_tasks + 1
     if budget < smallest:
-        why = "3 per pair of tasks" if mode == "nested" else "T + 1"
+        why = "T for the tasks alone and 3 per pair" if mode == "nested" else "T + 1"
         raise SearchError(f"budget {budget} is smaller than {smallest} ({why}, with T = {n_tasks} tasks)")
 
 
@@ -107,6 +107,8 @@ def amortized_pareto_front(
     of the task vectors) to choose them. ``known`` evaluations (from an earlier run) are
     reused instead of evaluated again; ``on_evaluation`` sees each new one.
     """
+    if budget is not None and (isinstance(budget, bool) or int(budget) != budget):
+        raise SearchError(f"budget must be a whole number of evaluations, got {budget!r}")
     budget = default_budget(n_tasks, mode) if budget is None else int(budget)
     check_search_inputs(n_tasks, budget, bounds, mode, metric)
     warp = warp or Warp()
@@ -164,9 +166,7 @@ def _bayesian_front(
     points = initial_design(n_tasks, first, bounds, seed)
     metrics = log(points, "design")
     batch = max(1, -(-(budget - first) // ADAPTIVE_ROUNDS))
-    quick = SearchSettings(
-        generations=60, max_seconds=settings.max_seconds / 4, partitions=settings.partitions
-    )
+    quick = replace(settings, generations=max(10, settings.generations // 2))
     round_number = 0
     while log.remaining > 0:
         round_number += 1
@@ -198,15 +198,27 @@ def uncertain_batch(
     scale = np.maximum(metrics.std(axis=0), 1e-12)
     uncertainty = (surrogates.predict_std(candidates) / scale).sum(axis=1) + 1e-9
     radius = 0.1 * (bounds[1] - bounds[0]) * np.sqrt(candidates.shape[1])
+    rng = np.random.default_rng(len(evaluated))
+    fresh = rng.uniform(bounds[0], bounds[1], size=(256, candidates.shape[1]))
     taken: list[np.ndarray] = list(evaluated)
     chosen: list[np.ndarray] = []
-    for _ in range(min(size, len(candidates))):
-        nearest = np.min(np.linalg.norm(candidates[:, None, :] - np.asarray(taken)[None], axis=2), axis=1)
-        score = uncertainty * np.minimum(1.0, nearest / radius) + 1e-12 * nearest
-        best = int(np.argmax(score))
-        chosen.append(candidates[best])
-        taken.append(candidates[best])
-    while len(chosen) < size:  # a front with fewer points than the batch: fill with fresh random points
-        rng = np.random.default_rng(len(taken))
-        chosen.append(np.asarray(rng.uniform(bounds[0], bounds[1], size=candidates.shape[1])))
+    for _ in range(size):
+        pool = candidates if len(candidates) else fresh
+        nearest = _distance_to(pool, taken)
+        score = (
+            uncertainty * np.minimum(1.0, nearest / radius) + 1e-12 * nearest
+            if pool is candidates
+            else nearest
+        )
+        score = np.where(nearest > 1e-9, score, -np.inf)  # never a point already evaluated or chosen
+        if not np.isfinite(score.max()):  # the front is used up: the fresh point farthest from all taken
+            pool, score = fresh, _distance_to(fresh, taken)
+        best = pool[int(np.argmax(score))]
+        chosen.append(best)
+        taken.append(best)
     return np.asarray(chosen)
+
+
+def _distance_to(points: np.ndarray, taken: Sequence[np.ndarray]) -> np.ndarray:
+    """Each point's distance to the nearest of ``taken``."""
+    return np.asarray(np.min(np.linalg.norm(points[:, None, :] - np.asarray(taken)[None], axis=2), axis=1))

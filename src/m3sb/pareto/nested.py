@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from m3sb.pareto.design import Bounds, initial_design
+from m3sb.pareto.design import Bounds, initial_design, one_hot_points
 from m3sb.pareto.evaluations import EvaluationLog, SearchError
 from m3sb.pareto.preference import check_preference, select_index
 from m3sb.pareto.search import SearchSettings, non_dominated, search_front
@@ -103,14 +103,14 @@ def nested_front(
             f"similarity must be a {n_tasks} x {n_tasks} matrix, got shape {np.shape(similarity)}"
         )
     budget = log.remaining
-    leaves = np.eye(n_tasks)
-    profiles = leaves if similarity is not None else log(leaves, "nested: each task alone")
-    nodes = [Node((i,), leaves[i], profiles[i]) for i in range(n_tasks)]
     pair_budget = (budget - (0 if similarity is not None else n_tasks)) // (n_tasks - 1)
     if pair_budget < 3:
         raise SearchError(
             f"budget {budget} leaves {pair_budget} evaluations per pair of tasks; nested needs 3"
         )
+    leaves = one_hot_points(n_tasks, bounds)
+    profiles = leaves if similarity is not None else log(leaves, "nested: each task alone")
+    nodes = [Node((i,), leaves[i], profiles[i]) for i in range(n_tasks)]
     level, last = 0, None
     while len(nodes) > 1:
         level += 1

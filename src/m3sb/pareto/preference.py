@@ -14,7 +14,10 @@ Rule = Literal["weighted_sum", "chebyshev"]
 
 def check_preference(preference: Sequence[float] | np.ndarray, n_tasks: int) -> np.ndarray:
     """The preference as an array; an error for a wrong length, negative, non-finite or all-zero weights."""
-    weights = np.asarray(preference, dtype=float).reshape(-1)
+    try:
+        weights = np.asarray(preference, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise SearchError(f"preference must be numbers, one per task; got {preference!r}") from None
     if weights.size != n_tasks:
         raise SearchError(f"preference has {weights.size} weights for {n_tasks} tasks")
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):

@@ -23,7 +23,6 @@ class SearchSettings:
     """How hard NSGA-III searches a surrogate."""
 
     generations: int = 100
-    max_seconds: float = 10.0
     partitions: int | None = None  # None: 200-330 reference directions, whatever T
 
 
@@ -67,9 +66,9 @@ def search_front(
     points), so the search starts from what is known.
     """
     from pymoo.algorithms.moo.nsga3 import NSGA3
-    from pymoo.core.termination import TerminateIfAny
     from pymoo.optimize import minimize
     from pymoo.termination import get_termination
+    from threadpoolctl import threadpool_limits
 
     problem = _surrogate_problem(objectives, n_var, bounds)
     directions = reference_directions(problem.n_obj, settings.partitions)
@@ -80,11 +79,10 @@ def search_front(
         rest = rng.uniform(bounds[0], bounds[1], size=(max(pop_size - len(seeds), 0), n_var))
         options["sampling"] = np.vstack([seeds[:pop_size], rest])
     algorithm = NSGA3(ref_dirs=directions, pop_size=pop_size, **options)
-    termination = TerminateIfAny(
-        get_termination("n_gen", settings.generations), get_termination("time", settings.max_seconds)
-    )
+    termination = get_termination("n_gen", settings.generations)  # never the clock: runs are reproducible
     archive = _archive(settings.generations // 2)
-    result = minimize(problem, algorithm, termination, seed=seed, verbose=False, callback=archive)
+    with threadpool_limits(limits=1, user_api="blas"):
+        result = minimize(problem, algorithm, termination, seed=seed, verbose=False, callback=archive)
     points = np.vstack([np.atleast_2d(np.asarray(result.X, dtype=float)), *archive.points])
     points = _unique_rows(points)
     return np.asarray(points[non_dominated(-objectives(points))])

@@ -29,6 +29,18 @@ class Warp:
     low: float = 0.0
     high: float = 1.0
 
+    def __post_init__(self) -> None:
+        from m3sb.pareto.evaluations import SearchError
+
+        if self.name not in ("none", "sigmoid", "softplus"):
+            raise SearchError(f"unknown warp '{self.name}'; choose none, sigmoid or softplus")
+        if self.name == "sigmoid" and not (
+            np.isfinite(self.low) and np.isfinite(self.high) and self.low < self.high
+        ):
+            raise SearchError(
+                f"a sigmoid warp needs a finite range low < high, got [{self.low}, {self.high}]"
+            )
+
     def forward(self, values: np.ndarray) -> np.ndarray:
         """Metric units to warped units."""
         if self.name == "sigmoid":
@@ -61,7 +73,7 @@ class Warp:
         return np.ones_like(warped)
 
 
-def quadratic_model(alpha: float = 1e-6) -> Any:
+def quadratic_model(alpha: float = 1e-10) -> Any:
     """A full second-order polynomial (squares, cross terms, linear terms, constant)."""
     from sklearn.linear_model import Ridge
     from sklearn.pipeline import make_pipeline
@@ -78,7 +90,7 @@ class QuadraticWithGP(RegressorMixin, BaseEstimator):  # type: ignore[misc]
     the surrogate is unsure.
     """
 
-    def __init__(self, alpha: float = 1e-6, seed: int = 0) -> None:
+    def __init__(self, alpha: float = 1e-10, seed: int = 0) -> None:
         self.alpha = alpha
         self.seed = seed
 
@@ -148,7 +160,7 @@ def cross_validated_r2(
     from sklearn.model_selection import KFold, cross_val_predict
 
     folds = min(len(points), 10)
-    if folds < 3 or float(np.var(values)) == 0.0:
+    if folds < 3 or float(np.ptp(values)) <= 1e-12 * max(1.0, float(np.abs(values).max())):
         return float("nan")
     splitter = KFold(n_splits=folds, shuffle=True, random_state=seed)
     warped = cross_val_predict(_new_model(kind, alpha, seed), points, warp.forward(values), cv=splitter)
@@ -160,15 +172,18 @@ def fit_surrogates(
     metrics: np.ndarray,
     warp: Warp = Warp(),
     kind: SurrogateKind = "quadratic",
-    alpha: float = 1e-6,
+    alpha: float = 1e-10,
     seed: int = 0,
     with_r2: bool = True,
 ) -> TaskSurrogates:
     """Fit one surrogate per column of ``metrics`` (shape (n, T)) on ``points`` (shape (n, d))."""
-    models = [_new_model(kind, alpha, seed).fit(points, warp.forward(column)) for column in metrics.T]
-    r2 = (
-        np.array([cross_validated_r2(points, column, warp, kind, alpha, seed) for column in metrics.T])
-        if with_r2
-        else np.full(metrics.shape[1], np.nan)
-    )
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):  # tiny matrices: threads only cost here
+        models = [_new_model(kind, alpha, seed).fit(points, warp.forward(column)) for column in metrics.T]
+        r2 = (
+            np.array([cross_validated_r2(points, column, warp, kind, alpha, seed) for column in metrics.T])
+            if with_r2
+            else np.full(metrics.shape[1], np.nan)
+        )
     return TaskSurrogates(models, warp, kind, r2)

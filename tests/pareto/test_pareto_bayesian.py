@@ -1,0 +1,282 @@
+"""Facts about ``mode="bayesian"``: its budget, its phases, its batches, and its fronts against map's.
+
+Fronts are compared by the hypervolume (pymoo ``HV``) of their points re-evaluated on the true
+function, with the worst value of each task over a 201 x 201 grid as the reference point: a
+front closer to the true one, or covering more of it, has a larger hypervolume.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from pymoo.indicators.hv import HV
+from threadpoolctl import threadpool_limits
+
+from m3sb.pareto import (
+    Evaluation,
+    ParetoFront,
+    SearchSettings,
+    Warp,
+    amortized_pareto_front,
+    grid,
+    initial_design,
+)
+from m3sb.pareto.front import uncertain_batch
+from m3sb.pareto.surrogate import TaskSurrogates, fit_surrogates
+
+# NSGA-III with 50 reference directions instead of 200: bayesian runs in about 2 s instead of 6
+SMALL = SearchSettings(generations=30, partitions=49)
+SEEDS = (0, 1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread() -> Iterator[None]:
+    """Gaussian processes on a dozen points: BLAS threads only contend (3x slower on 2 cores)."""
+    with threadpool_limits(1):
+        yield
+
+
+def plateau(points: np.ndarray) -> np.ndarray:
+    """Accuracy-like: saturating in the task's own coefficient, a cubic penalty from the other's."""
+    c = np.atleast_2d(points)
+    return np.stack(
+        [np.tanh(3 * c[:, 0]) - 0.8 * c[:, 1] ** 3, np.tanh(3 * c[:, 1]) - 0.8 * c[:, 0] ** 3], axis=1
+    )
+
+
+def bumpy(points: np.ndarray) -> np.ndarray:
+    """A Gaussian bump per task plus a sine ripple from the other coefficient."""
+    c = np.atleast_2d(points)
+    return np.stack(
+        [
+            np.exp(-4 * ((c[:, 0] - 0.9) ** 2 + 0.6 * c[:, 1] ** 2)) + 0.15 * np.sin(5 * c[:, 1]),
+            np.exp(-4 * ((c[:, 1] - 0.9) ** 2 + 0.6 * c[:, 0] ** 2)) + 0.15 * np.sin(5 * c[:, 0]),
+        ],
+        axis=1,
+    )
+
+
+def hypervolume(function: Callable[[np.ndarray], np.ndarray], coefficients: np.ndarray) -> float:
+    reference = function(grid(201, 2, (0.0, 1.0))).min(axis=0)
+    return float(HV(ref_point=-reference)(-function(coefficients)))
+
+
+class StoppedError(RuntimeError):
+    pass
+
+
+class Recorder:
+    """An evaluator that counts its calls, keeps what ``on_evaluation`` reports, and can stop.
+
+    With ``stop`` given, call ``stop + 1`` raises ``StoppedError``.
+    """
+
+    def __init__(self, function: Callable[[np.ndarray], np.ndarray], stop: int | None = None) -> None:
+        self.function = function
+        self.calls = 0
+        self.stop = stop
+        self.reported: list[Evaluation] = []
+
+    def __call__(self, point: np.ndarray) -> np.ndarray:
+        if self.calls == self.stop:
+            raise StoppedError(f"stopped after {self.stop} evaluations")
+        self.calls += 1
+        return self.function(point)[0]
+
+
+def _run(
+    function: Callable[[np.ndarray], np.ndarray],
+    mode: str,
+    seed: int,
+    search: SearchSettings = SMALL,
+    known: list[Evaluation] | tuple[()] = (),
+    stop: int | None = None,
+) -> tuple[ParetoFront, Recorder]:
+    recorder = Recorder(function, stop)
+    front = amortized_pareto_front(
+        recorder,
+        2,
+        mode=mode,  # type: ignore[arg-type]
+        seed=seed,
+        search=search,
+        known=known,
+        on_evaluation=recorder.reported.append,
+    )
+    return front, recorder
+
+
+@pytest.fixture(scope="module")
+def plateau_runs() -> dict[tuple[str, int], tuple[ParetoFront, Recorder]]:
+    return {(mode, seed): _run(plateau, mode, seed) for mode in ("map", "bayesian") for seed in SEEDS}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bayesian_spends_exactly_the_budget_half_on_the_design(plateau_runs, seed: int) -> None:
+    front, recorder = plateau_runs["bayesian", seed]
+    assert recorder.calls == 12 == len(front.evaluated) == len(recorder.reported)
+    assert front.reused == 0 and front.mode == "bayesian"
+    phases = Counter(e.phase for e in front.evaluated)
+    # budget 12: 6 design points, then ceil(6 / 4) = 2 per adaptive round
+    assert phases == {"design": 6, "adaptive 1": 2, "adaptive 2": 2, "adaptive 3": 2}
+    design = np.stack([e.coefficients for e in front.evaluated[:6]])
+    assert np.array_equal(design, initial_design(2, 6, (0.0, 1.0), seed))
+    assert [e.phase for e in front.evaluated] == [e.phase for e in recorder.reported]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bayesian_evaluates_twelve_different_points_inside_the_box(plateau_runs, seed: int) -> None:
+    front, _ = plateau_runs["bayesian", seed]
+    points = np.stack([e.coefficients for e in front.evaluated])
+    assert len(np.unique(np.round(points, 9), axis=0)) == 12
+    assert np.all((points >= 0.0) & (points <= 1.0))
+    assert np.all((front.coefficients >= 0.0) & (front.coefficients <= 1.0))
+    assert np.array_equal(np.stack([e.metrics for e in front.evaluated]), plateau(points))
+
+
+def _mean_hypervolumes(function: Callable[[np.ndarray], np.ndarray], runs) -> dict[str, float]:
+    return {
+        mode: float(np.mean([hypervolume(function, runs[mode, seed][0].coefficients) for seed in SEEDS]))
+        for mode in ("map", "bayesian")
+    }
+
+
+def test_bayesian_front_beats_map_on_a_plateau_landscape(plateau_runs) -> None:
+    """Within 1% of the 201 x 201 grid's hypervolume (3.0884); measured 3.066 against map's ~3.05."""
+    volumes = _mean_hypervolumes(plateau, plateau_runs)
+    best = hypervolume(plateau, grid(201, 2, (0.0, 1.0)))
+    assert volumes["map"] + 0.01 < volumes["bayesian"] <= best + 1e-9
+    assert volumes["bayesian"] > 0.99 * best
+
+
+def test_bayesian_predictions_are_close_at_its_evaluated_points(plateau_runs) -> None:
+    front, _ = plateau_runs["bayesian", 0]
+    assert front.surrogates is not None and front.surrogates.kind == "quadratic+gp"
+    points = np.stack([e.coefficients for e in front.evaluated])
+    assert (
+        np.max(np.abs(front.surrogates.predict(points) - plateau(points))) < 2e-2
+    )  # the GP has a noise term
+    assert np.all(front.r2 > 0.5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="front._bayesian_front: with NSGA-III's default 200 reference directions, bayesian's front on the "
+    "bumpy landscape has a lower true hypervolume than map's at the same budget (seed 0 at 30 generations: "
+    "0.6061 against 0.6322; seeds 0-5: 0.6209 against 0.6270; seeds 0-4 at the default 100 generations: "
+    "0.6195 against 0.6268; with 50 directions bayesian wins on average, 0.6230 against 0.6081)",
+)
+def test_bayesian_front_is_at_least_as_good_as_map_on_a_bumpy_landscape() -> None:
+    settings = SearchSettings(generations=30)
+    volumes = {
+        mode: hypervolume(bumpy, _run(bumpy, mode, 0, settings)[0].coefficients)
+        for mode in ("map", "bayesian")
+    }
+    assert volumes["bayesian"] >= volumes["map"]
+
+
+def test_bayesian_with_the_smallest_budget_is_the_design_alone() -> None:
+    recorder = Recorder(plateau)
+    front = amortized_pareto_front(
+        recorder, 2, budget=3, mode="bayesian", search=SearchSettings(generations=5)
+    )
+    assert recorder.calls == 3
+    assert [e.phase for e in front.evaluated] == ["design"] * 3
+
+
+class _Spread:
+    """A stand-in GP: mean 0, standard deviation given by a function of the point."""
+
+    def __init__(self, spread: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.spread = spread
+
+    def predict(self, points: np.ndarray) -> np.ndarray:
+        return np.zeros(len(points))
+
+    def predict_std(self, points: np.ndarray) -> np.ndarray:
+        return self.spread(points)
+
+
+def _line(count: int = 101) -> np.ndarray:
+    t = np.linspace(0.0, 1.0, count)
+    return np.stack([t, np.full_like(t, 0.5)], axis=1)
+
+
+def test_uncertain_batch_starts_where_the_spread_is_largest_and_keeps_points_apart() -> None:
+    """Spread = c1 along c2 = 0.5: picks fall from c1 = 1 in steps of the exclusion radius, 0.1 sqrt 2."""
+    surrogates = TaskSurrogates(
+        [_Spread(lambda x: x[:, 0]), _Spread(lambda x: 0 * x[:, 0])], Warp(), "quadratic+gp"
+    )
+    evaluated = np.array([[0.0, 0.0], [0.0, 1.0]])
+    chosen = uncertain_batch(
+        _line(), surrogates, evaluated, np.array([[0.0, 1.0], [1.0, 0.0]]), (0.0, 1.0), 4
+    )
+    assert np.array_equal(chosen[0], [1.0, 0.5])
+    steps = -np.diff(chosen[:, 0])
+    assert np.all((steps > 0.13) & (steps < 0.15))
+    assert np.all(chosen[:, 1] == 0.5)
+
+
+def test_uncertain_batch_skips_candidates_that_were_already_evaluated() -> None:
+    surrogates = TaskSurrogates([_Spread(lambda x: 1.0 + 0 * x[:, 0])] * 2, Warp(), "quadratic+gp")
+    candidates = _line(11)
+    evaluated = candidates[::2]  # every other candidate: c1 = 0, 0.2, ..., 1
+    chosen = uncertain_batch(candidates, surrogates, evaluated, np.eye(2)[[0, 1, 0, 1, 0, 1]], (0.0, 1.0), 3)
+    distances = np.linalg.norm(chosen[:, None, :] - evaluated[None], axis=2)
+    assert np.all(distances.min(axis=1) > 0.05)
+
+
+def _few_candidates_batch() -> tuple[np.ndarray, np.ndarray]:
+    points = initial_design(2, 6, (0.0, 1.0), seed=0)
+    metrics = np.stack([points[:, 0], points[:, 1]], axis=1)
+    surrogates = fit_surrogates(points, metrics, with_r2=False)
+    return uncertain_batch(points[:1], surrogates, points, metrics, (0.0, 1.0), 3), points
+
+
+def test_uncertain_batch_filler_points_are_all_different() -> None:
+    chosen, _ = _few_candidates_batch()
+    assert len(np.unique(chosen[1:], axis=0)) == len(chosen) - 1
+
+
+def test_uncertain_batch_never_returns_an_evaluated_point() -> None:
+    chosen, points = _few_candidates_batch()
+    distances = np.linalg.norm(chosen[:, None, :] - points[None], axis=2)
+    assert np.all(distances.min(axis=1) > 0)
+
+
+def _same_evaluations(first: list[Evaluation], second: list[Evaluation]) -> bool:
+    return [e.phase for e in first] == [e.phase for e in second] and all(
+        np.array_equal(a.coefficients, b.coefficients) and np.array_equal(a.metrics, b.metrics)
+        for a, b in zip(first, second, strict=True)
+    )
+
+
+def test_bayesian_replay_of_all_known_evaluations_calls_nothing_and_gives_the_same_front(
+    plateau_runs,
+) -> None:
+    front, recorder = plateau_runs["bayesian", 0]
+    assert _same_evaluations(recorder.reported, front.evaluated)
+    replay, again = _run(plateau, "bayesian", 0, known=recorder.reported)
+    assert again.calls == 0 and again.reported == []
+    assert replay.reused == 12
+    assert np.array_equal(replay.coefficients, front.coefficients)
+    assert np.array_equal(replay.predicted, front.predicted)
+    assert _same_evaluations(replay.evaluated, front.evaluated)
+
+
+def test_bayesian_interrupted_inside_an_adaptive_batch_resumes_to_the_same_front(plateau_runs) -> None:
+    """Stopped on call 10, the second point of the second adaptive batch (calls 9 and 10), then resumed."""
+    front, _ = plateau_runs["bayesian", 0]
+    stopped = Recorder(plateau, stop=9)
+    with pytest.raises(StoppedError):
+        amortized_pareto_front(
+            stopped, 2, mode="bayesian", search=SMALL, on_evaluation=stopped.reported.append
+        )
+    assert [e.phase for e in stopped.reported] == ["design"] * 6 + ["adaptive 1"] * 2 + ["adaptive 2"]
+    resumed, recorder = _run(plateau, "bayesian", 0, known=stopped.reported)
+    assert recorder.calls == len(recorder.reported) == 12 - 9
+    assert resumed.reused == 9
+    assert np.array_equal(resumed.coefficients, front.coefficients)
+    assert _same_evaluations(resumed.evaluated, front.evaluated)

@@ -10,6 +10,8 @@ import numpy as np
 from m3sb.errors import M3SBError
 
 Evaluate = Callable[[np.ndarray], "np.ndarray | list[float] | tuple[float, ...]"]
+# Evaluates the rows of a (n, T) array, yielding one metrics vector per row, in order.
+EvaluateMany = Callable[[np.ndarray], Iterable[object]]
 
 
 class SearchError(M3SBError):
@@ -46,8 +48,10 @@ class EvaluationLog:
         budget: int | None,
         known: Iterable[Evaluation] = (),
         on_evaluation: Callable[[Evaluation], None] | None = None,
+        evaluate_many: EvaluateMany | None = None,
     ) -> None:
         self.evaluate = evaluate
+        self.evaluate_many = evaluate_many or (lambda points: (evaluate(point.copy()) for point in points))
         self.n_tasks = n_tasks
         self.budget = budget
         self.spent = 0
@@ -66,32 +70,39 @@ class EvaluationLog:
         """How many more points the budget allows (a large number when there is no budget)."""
         return 1 << 62 if self.budget is None else self.budget - self.spent
 
-    def __call__(self, points: np.ndarray, phase: str, charge: bool = True) -> np.ndarray:
-        """The metrics at every row of ``points``, shape (n, T)."""
+    def __call__(self, points: np.ndarray, phase: str) -> np.ndarray:
+        """The metrics at every row of ``points``, shape (n, T).
+
+        The points not known yet go to ``evaluate_many`` together (one batch, which an
+        executor may spread over workers); each result is recorded as it arrives, in the
+        order of ``points``, so the record never depends on which worker finished first.
+        """
         points = np.atleast_2d(np.asarray(points, dtype=float))
-        if charge and len(points) > self.remaining:
+        if len(points) > self.remaining:
             raise SearchError(f"the search asked for {len(points)} evaluations with {self.remaining} left")
-        rows = [self._one(point, phase) for point in points]
-        if charge:
-            self.spent += len(points)
-        return np.stack(rows) if rows else np.empty((0, self.n_tasks))
-
-    def _one(self, point: np.ndarray, phase: str) -> np.ndarray:
-        key = point_key(point)
-        if key in self._known:
-            self.reused += 1
-            metrics = self._known[key]
-        else:
-            metrics = self._checked(self.evaluate(point.copy()), point)
-            self._known[key] = metrics
-            evaluation = Evaluation(point.copy(), metrics, phase)
+        keys = [point_key(point) for point in points]
+        seen, fresh = set(self._known), []
+        for index, key in enumerate(keys):
+            if key not in seen:
+                seen.add(key)
+                fresh.append(index)
+        outputs = iter(self.evaluate_many(points[fresh])) if fresh else iter(())
+        for index in fresh:
+            try:
+                output = next(outputs)
+            except StopIteration:
+                raise SearchError(
+                    f"evaluate_many returned {fresh.index(index)} results for {len(fresh)} points"
+                ) from None
+            metrics = check_metrics(output, self.n_tasks, f"evaluate({_show(points[index])})")
+            self._known[keys[index]] = metrics
             if self._on_evaluation is not None:
-                self._on_evaluation(evaluation)
-        self.evaluations.append(Evaluation(point.copy(), metrics, phase))
-        return metrics
-
-    def _checked(self, output: object, point: np.ndarray) -> np.ndarray:
-        return check_metrics(output, self.n_tasks, f"evaluate({_show(point)})")
+                self._on_evaluation(Evaluation(points[index].copy(), metrics, phase))
+        self.reused += len(points) - len(fresh)
+        self.spent += len(points)
+        for point, key in zip(points, keys, strict=True):
+            self.evaluations.append(Evaluation(point.copy(), self._known[key], phase))
+        return np.stack([self._known[key] for key in keys]) if keys else np.empty((0, self.n_tasks))
 
 
 def check_metrics(output: object, n_tasks: int, source: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from m3sb.pareto.design import Bounds, initial_design
-from m3sb.pareto.evaluations import Evaluate, Evaluation, EvaluationLog, SearchError
+from m3sb.pareto.evaluations import Evaluate, EvaluateMany, Evaluation, EvaluationLog, SearchError
 from m3sb.pareto.preference import Rule, select_index
 from m3sb.pareto.search import SearchSettings, non_dominated, search_front
 from m3sb.pareto.surrogate import SurrogateKind, TaskSurrogates, Warp, fit_surrogates
@@ -97,6 +97,7 @@ def amortized_pareto_front(
     known: Iterable[Evaluation] = (),
     on_evaluation: Callable[[Evaluation], None] | None = None,
     search: SearchSettings | None = None,
+    evaluate_many: EvaluateMany | None = None,
 ) -> ParetoFront:
     """The amortized Pareto front of ``evaluate`` over the coefficient box ``bounds``.
 
@@ -106,6 +107,8 @@ def amortized_pareto_front(
     ``nested`` uses ``preference`` to merge pairs and ``similarity`` (a T x T Gram matrix
     of the task vectors) to choose them. ``known`` evaluations (from an earlier run) are
     reused instead of evaluated again; ``on_evaluation`` sees each new one.
+    ``evaluate_many(points)``, when given, evaluates each batch of new points the search
+    asks for at once (batched forward passes, an executor's workers), in order.
     """
     if budget is not None and (isinstance(budget, bool) or int(budget) != budget):
         raise SearchError(f"budget must be a whole number of evaluations, got {budget!r}")
@@ -113,7 +116,7 @@ def amortized_pareto_front(
     check_search_inputs(n_tasks, budget, bounds, mode, metric)
     warp = warp or Warp()
     search = search or SearchSettings()
-    log = EvaluationLog(evaluate, n_tasks, budget, known, on_evaluation)
+    log = EvaluationLog(evaluate, n_tasks, budget, known, on_evaluation, evaluate_many)
     sign = -1.0 if metric == "loss" else 1.0
     if mode == "nested":
         from m3sb.pareto.nested import nested_front

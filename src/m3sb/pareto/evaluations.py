@@ -35,10 +35,11 @@ def point_key(coefficients: np.ndarray) -> tuple[float, ...]:
 class EvaluationLog:
     """Calls ``evaluate`` for new points, reuses known ones, and keeps the budget.
 
-    Every point a search asks for counts against ``budget``, whether it is evaluated now
-    or found among ``known`` (the evaluations of an earlier, interrupted run), so a
-    resumed search takes exactly the same decisions. ``on_evaluation`` sees each new
-    evaluation as soon as it finishes.
+    Each distinct point a search asks for counts once against ``budget``, whether it is
+    evaluated now or found among ``known`` (the evaluations of an earlier, interrupted
+    run), so a resumed search takes exactly the same decisions; asking again for a point
+    this search already asked for is free. ``on_evaluation`` sees each new evaluation as
+    soon as it finishes.
     """
 
     def __init__(
@@ -64,6 +65,11 @@ class EvaluationLog:
             for e in known
         }
         self._on_evaluation = on_evaluation
+        self._asked: set[tuple[float, ...]] = set()
+
+    def asked(self, point: np.ndarray) -> bool:
+        """Whether this search has asked for ``point`` already (asking again is free)."""
+        return point_key(point) in self._asked
 
     @property
     def remaining(self) -> int:
@@ -78,9 +84,10 @@ class EvaluationLog:
         order of ``points``, so the record never depends on which worker finished first.
         """
         points = np.atleast_2d(np.asarray(points, dtype=float))
-        if len(points) > self.remaining:
-            raise SearchError(f"the search asked for {len(points)} evaluations with {self.remaining} left")
         keys = [point_key(point) for point in points]
+        charged = len(set(keys) - self._asked)
+        if charged > self.remaining:
+            raise SearchError(f"the search asked for {charged} evaluations with {self.remaining} left")
         seen, fresh = set(self._known), []
         for index, key in enumerate(keys):
             if key not in seen:
@@ -98,8 +105,13 @@ class EvaluationLog:
             self._known[keys[index]] = metrics
             if self._on_evaluation is not None:
                 self._on_evaluation(Evaluation(points[index].copy(), metrics, phase))
+        if next(outputs, None) is not None:
+            raise SearchError(
+                f"evaluate_many returned more results than the {len(fresh)} points it was given"
+            )
         self.reused += len(points) - len(fresh)
-        self.spent += len(points)
+        self.spent += charged
+        self._asked.update(keys)
         for point, key in zip(points, keys, strict=True):
             self.evaluations.append(Evaluation(point.copy(), self._known[key], phase))
         return np.stack([self._known[key] for key in keys]) if keys else np.empty((0, self.n_tasks))

@@ -161,7 +161,9 @@ def _pair_front(
 ) -> PairFront:
     """Evaluate a design in the pair's 2-D space, fit per-task surrogates, search the sides' front."""
     basis = np.stack([a.coefficients, b.coefficients])
-    points = initial_design(2, budget, bounds, seed)
+    corners = one_hot_points(2, bounds) @ basis
+    already = sum(log.asked(corner) for corner in corners)  # asked again for free
+    points = initial_design(2, budget + already, bounds, seed)
     metrics = log(points @ basis, phase)
     surrogates = fit_surrogates(points, metrics, warp, "quadratic", seed=seed)
     mixes = [side_weights(weights, node.tasks) for node in (a, b)]

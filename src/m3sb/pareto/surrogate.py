@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
 WarpName = Literal["none", "sigmoid", "softplus"]
-SurrogateKind = Literal["quadratic", "quadratic+gp"]
+SurrogateKind = Literal["quadratic", "quadratic+gp", "best"]  # best: per task, by cross-validated R^2
 _EDGE = 1e-4  # how close to the ends of its range a warped score may get
 
 
@@ -104,7 +104,7 @@ class QuadraticWithGP(RegressorMixin, BaseEstimator):  # type: ignore[misc]
         residuals = values - self.trend_.predict(points)
         scale = float(np.std(residuals)) or 1.0
         kernel = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(
-            length_scale=np.full(points.shape[1], 0.3), length_scale_bounds=(2e-2, 1e2)
+            length_scale=np.full(points.shape[1], 0.3), length_scale_bounds=(0.1, 1e2)
         ) + WhiteKernel(1e-3, (1e-8, 1.0))
         self.process_ = GaussianProcessRegressor(
             kernel=kernel, normalize_y=False, n_restarts_optimizer=2, random_state=self.seed
@@ -126,7 +126,7 @@ class QuadraticWithGP(RegressorMixin, BaseEstimator):  # type: ignore[misc]
 
 
 def _new_model(kind: SurrogateKind, alpha: float, seed: int) -> Any:
-    return quadratic_model(alpha) if kind == "quadratic" else QuadraticWithGP(alpha, seed)
+    return quadratic_model(alpha) if kind == "quadratic" else QuadraticWithGP(alpha, seed)  # never "best"
 
 
 @dataclass
@@ -144,11 +144,15 @@ class TaskSurrogates:
         return self.warp.inverse(warped)
 
     def predict_std(self, points: np.ndarray) -> np.ndarray:
-        """Predictive standard deviation in metric units, shape (n, T); zeros for a bare quadratic."""
-        if self.kind == "quadratic":
-            return np.zeros((len(points), len(self.models)))
+        """Predictive standard deviation in metric units, shape (n, T); zero for a bare quadratic."""
         warped = np.stack([model.predict(points) for model in self.models], axis=1)
-        spread = np.stack([model.predict_std(points) for model in self.models], axis=1)
+        spread = np.stack(
+            [
+                model.predict_std(points) if hasattr(model, "predict_std") else np.zeros(len(points))
+                for model in self.models
+            ],
+            axis=1,
+        )
         return np.asarray(spread * self.warp.slope(warped))
 
 
@@ -176,14 +180,24 @@ def fit_surrogates(
     seed: int = 0,
     with_r2: bool = True,
 ) -> TaskSurrogates:
-    """Fit one surrogate per column of ``metrics`` (shape (n, T)) on ``points`` (shape (n, d))."""
+    """Fit one surrogate per column of ``metrics`` (shape (n, T)) on ``points`` (shape (n, d)).
+
+    ``kind="best"`` fits, for each task, whichever of the quadratic and the
+    quadratic-plus-GP has the higher cross-validated R^2.
+    """
     from threadpoolctl import threadpool_limits
 
+    kinds: list[SurrogateKind] = ["quadratic", "quadratic+gp"] if kind == "best" else [kind]
+    models, r2 = [], []
     with threadpool_limits(limits=1, user_api="blas"):  # tiny matrices: threads only cost here
-        models = [_new_model(kind, alpha, seed).fit(points, warp.forward(column)) for column in metrics.T]
-        r2 = (
-            np.array([cross_validated_r2(points, column, warp, kind, alpha, seed) for column in metrics.T])
-            if with_r2
-            else np.full(metrics.shape[1], np.nan)
-        )
-    return TaskSurrogates(models, warp, kind, r2)
+        for column in metrics.T:
+            scores = [
+                cross_validated_r2(points, column, warp, k, alpha, seed)
+                if with_r2 or len(kinds) > 1
+                else np.nan
+                for k in kinds
+            ]
+            best = int(np.nanargmax(scores)) if not np.all(np.isnan(scores)) else 0
+            models.append(_new_model(kinds[best], alpha, seed).fit(points, warp.forward(column)))
+            r2.append(scores[best])
+    return TaskSurrogates(models, warp, kind, np.array(r2, dtype=float))

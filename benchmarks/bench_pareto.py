@@ -414,8 +414,9 @@ def run_search(landscape: Landscape, mode: str, budget: int, seed: int) -> RunRe
             warp=Warp("sigmoid", 0.0, 1.0),
         )
     seconds = time.perf_counter() - start
-    if calls > budget or len(res.evaluated) > budget:
-        raise RuntimeError(f"{mode} made {calls} evaluations ({len(res.evaluated)} logged), budget {budget}")
+    distinct = len({tuple(e.coefficients) for e in res.evaluated})  # a point asked again is free
+    if calls > budget or distinct > budget:
+        raise RuntimeError(f"{mode} made {calls} evaluations ({distinct} distinct points), budget {budget}")
     actual = landscape.metrics(res.coefficients)
     error = float(np.median(np.abs(res.predicted - actual))) if len(actual) else float("nan")
     evaluated = np.stack([e.coefficients for e in res.evaluated])

@@ -28,7 +28,7 @@ from m3sb.checkpoints import (
 )
 from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, count_layers, resolve_value
 from m3sb.devices import resolve_device
-from m3sb.errors import ConfigError, MergeError
+from m3sb.errors import CheckpointError, ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, get_method
 from m3sb.methods.registry import MIN_WEIGHT_SUM, ParamValue
 
@@ -410,12 +410,18 @@ def merge_to_folder(
                 writer.write(name, tensor)
                 written += tensor.numel() * tensor.element_size()
                 del tensor
+            writer.close()
+            copy_support_files(plan.config_source.folder, staging, _dtype_overrides(plan))
+            if plan.tokenizer_folder is not None:
+                copy_support_files(plan.tokenizer_folder, staging, {}, TOKENIZER_FILES)
+            (staging / "README.md").write_text(model_card(plan), encoding="utf-8")
+        except OSError as error:  # a full disk, a file-size limit, a vanished folder
+            writer.abort()
+            reason = error.strerror or str(error)
+            raise CheckpointError(
+                f"{destination}: cannot write the merged model ({reason}); nothing was left there"
+            ) from None
         except BaseException:
             writer.abort()
             raise
-        writer.close()
-        copy_support_files(plan.config_source.folder, staging, _dtype_overrides(plan))
-        if plan.tokenizer_folder is not None:
-            copy_support_files(plan.tokenizer_folder, staging, {}, TOKENIZER_FILES)
-        (staging / "README.md").write_text(model_card(plan), encoding="utf-8")
     return MergeResult(destination, len(plan.jobs), written, time.perf_counter() - started)

@@ -8,12 +8,11 @@ front closer to the true one, or covering more of it, has a larger hypervolume.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from pymoo.indicators.hv import HV
-from threadpoolctl import threadpool_limits
 
 from m3sb.pareto import (
     Evaluation,
@@ -30,13 +29,6 @@ from m3sb.pareto.surrogate import TaskSurrogates, fit_surrogates
 # NSGA-III with 50 reference directions instead of 200: bayesian runs in about 2 s instead of 6
 SMALL = SearchSettings(generations=30, partitions=49)
 SEEDS = (0, 1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread() -> Iterator[None]:
-    """Gaussian processes on a dozen points: BLAS threads only contend (3x slower on 2 cores)."""
-    with threadpool_limits(1):
-        yield
 
 
 def plateau(points: np.ndarray) -> np.ndarray:

@@ -7,12 +7,10 @@ the set of weighted-sum maximisers c(w) = (w / (w + 0.3 (1 - w)), (1 - w) / (1 -
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from m3sb.pareto import (
     Evaluation,
@@ -27,13 +25,6 @@ from m3sb.pareto import (
 from m3sb.pareto.search import non_dominated
 
 QUICK = SearchSettings(generations=30)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread() -> Iterator[None]:
-    """Tiny matrices: BLAS threads only contend on a 2-core machine."""
-    with threadpool_limits(1):
-        yield
 
 
 def toy(points: np.ndarray) -> np.ndarray:

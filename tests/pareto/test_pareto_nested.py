@@ -7,26 +7,18 @@ point (value 1) its one-hot corner.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from threadpoolctl import threadpool_limits
 
 from m3sb.pareto import ParetoFront, SearchError, SearchSettings, amortized_pareto_front, default_budget
 from m3sb.pareto.nested import Node, pair_greedily, side_weights
 
 QUICK = SearchSettings(generations=30, partitions=49)  # each pair's search is 2-D: 50 directions do
 T = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread() -> Iterator[None]:
-    with threadpool_limits(1):
-        yield
 
 
 def four(points: np.ndarray) -> np.ndarray:

@@ -6,22 +6,13 @@ Toy: a non-quadratic landscape, so the surrogates depend on every metric value.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from m3sb.pareto import Evaluation, ParetoFront, SearchSettings, amortized_pareto_front
 
 SETTINGS = {"map": SearchSettings(generations=30), "nested": SearchSettings(generations=20, partitions=49)}
 TASKS = {"map": 2, "nested": 3}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread() -> Iterator[None]:
-    with threadpool_limits(1):
-        yield
 
 
 def landscape(point: np.ndarray) -> np.ndarray:

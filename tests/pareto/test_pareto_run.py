@@ -195,3 +195,36 @@ def test_bad_options_fail_in_one_line(zoo_manifest: Path, tmp_path: Path) -> Non
         assert result.exit_code == 1 and message in result.output, result.output
         assert not (tmp_path / "o").exists()
     assert load_pareto_config(config).metric == "accuracy"
+
+
+def test_a_search_killed_mid_run_resumes_to_the_same_files(zoo_manifest: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = _write(tmp_path / "config.yaml", _config(zoo_manifest, budget=10))
+    script = str(Path(sys.executable).with_name("m3sb"))
+
+    def command(out: Path) -> list[str]:
+        return [script, "pareto", str(config), "--results-path", str(out), "--no-baselines", "--quiet"]
+
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True)
+    process = subprocess.Popen(
+        command(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    evaluations = tmp_path / "cut" / "evaluations.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (
+        not evaluations.exists() or evaluations.read_text().count("\n") < 5
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = evaluations.read_text().count("\n") - 1
+    assert 4 <= done_before < 10  # killed in the middle of the design
+    subprocess.run(command(tmp_path / "cut"), check=True, capture_output=True)
+    for name in ("front.csv", "evaluations.csv"):
+        whole = pd.read_csv(tmp_path / "whole" / name)
+        resumed = pd.read_csv(tmp_path / "cut" / name)
+        pd.testing.assert_frame_equal(resumed, whole)

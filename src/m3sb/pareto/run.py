@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -21,7 +21,14 @@ from m3sb.config import ParetoConfig
 from m3sb.errors import ConfigError
 from m3sb.pareto.design import grid
 from m3sb.pareto.evaluations import Evaluation, EvaluationLog
-from m3sb.pareto.front import ParetoFront, amortized_pareto_front, check_search_inputs, default_budget
+from m3sb.pareto.front import (
+    MetricSense,
+    Mode,
+    ParetoFront,
+    amortized_pareto_front,
+    check_search_inputs,
+    default_budget,
+)
 from m3sb.pareto.preference import Rule, check_preference
 from m3sb.pareto.records import FRONT, SELECTED, EvaluationRecord, front_table
 from m3sb.pareto.search import SearchSettings
@@ -66,7 +73,7 @@ def check_run(
     check_metric(config.metric)
     check_search_method(config.merge_method, config.parameters, config.bounds)
     count = len(config.tasks)
-    budget = config.budget if config.budget is not None else default_budget(count, mode)  # type: ignore[arg-type]
+    budget = config.budget if config.budget is not None else default_budget(count, cast(Mode, mode))
     check_search_inputs(count, budget, config.bounds, mode, "loss" if config.metric == "loss" else "score")
     if preference is not None:
         check_preference(preference, count)
@@ -121,7 +128,8 @@ def run_pareto(
         say(f"resuming: {len(known) + len(labelled)} evaluations found in {record.path}")
     evaluator = _load_evaluator(config, torch_device, say)
     record.create()
-    sense = "loss" if config.metric == "loss" else "score"
+    search_mode = cast(Mode, mode)  # check_run has checked it
+    sense: MetricSense = "loss" if config.metric == "loss" else "score"
     new = 0
 
     def keep(evaluation: Evaluation) -> None:
@@ -131,15 +139,15 @@ def run_pareto(
         shown = ", ".join(f"{n}={m:.2f}" for n, m in zip(names, evaluation.metrics, strict=True))
         say(f"  [{evaluation.phase}] c=[{', '.join(f'{c:.3f}' for c in evaluation.coefficients)}] {shown}")
 
-    say(f"searching ({mode}, budget {config.budget or default_budget(len(names), mode)}) ...")  # type: ignore[arg-type]
+    say(f"searching ({mode}, budget {config.budget or default_budget(len(names), search_mode)}) ...")
     front = amortized_pareto_front(
         evaluator,
         len(names),
         config.budget,
         config.bounds,
-        mode,  # type: ignore[arg-type]
+        search_mode,
         seed,
-        sense,  # type: ignore[arg-type]
+        sense,
         warp_for(config.metric),
         preference if preference is not None else [1.0] * len(names),
         evaluator.space.gram() if mode == "nested" else None,

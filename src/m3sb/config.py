@@ -266,6 +266,7 @@ class ParetoConfig(BaseModel):
     budget: int | None = Field(default=None, gt=0)
     bounds: tuple[float, float] = (0.0, 1.0)
     batch_size: int = Field(default=256, gt=0)
+    candidates_per_pass: int = Field(default=1, gt=0)
     trust_remote_code: bool = False
     tasks: list[ParetoTaskConfig] = Field(min_length=2)
 

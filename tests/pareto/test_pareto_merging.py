@@ -116,3 +116,12 @@ def test_metric_and_method_are_checked_with_one_line() -> None:
         check_search_method("slerp", {}, (0.0, 1.0))
     with pytest.raises(ConfigError, match="unknown parameter 'densty' for 'ties'"):
         check_search_method("ties", {"densty": 0.5}, (0.0, 1.0))
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_batched_candidates_score_like_one_at_a_time(loaded: dict[str, Any], metric: str) -> None:
+    points = np.random.default_rng(0).uniform(0.0, 1.0, size=(5, 3))
+    one_by_one = np.stack(list(_evaluator(loaded, metric).evaluate_many(points)))
+    batched = np.stack(list(_evaluator(loaded, metric, candidates_per_pass=3).evaluate_many(points)))
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(one_by_one[2], _evaluator(loaded, metric)(points[2]))

@@ -10,12 +10,13 @@ with the coefficients as their per-model weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch.func import functional_call
 
 from m3sb.data import TaskInputs
 from m3sb.errors import ConfigError
@@ -114,6 +115,11 @@ class TaskVectorSpace:
         """How many task vectors there are."""
         return int(self.vectors.shape[0])
 
+    def candidates(self, coefficients: np.ndarray) -> torch.Tensor:
+        """``base + C @ tau`` for every row of ``coefficients`` (shape (B, T)): a (B, P) tensor."""
+        weights = torch.as_tensor(np.asarray(coefficients, dtype=np.float32), device=self.device)
+        return torch.addmm(self.base, weights, self.vectors)
+
     def candidate(self, coefficients: np.ndarray | Sequence[float]) -> dict[str, torch.Tensor]:
         """``base + sum_i c_i tau_i`` as views of one reused buffer (valid until the next call)."""
         weights = torch.as_tensor(np.asarray(coefficients, dtype=np.float32), device=self.device)
@@ -163,9 +169,33 @@ def task_logits(
     outputs = []
     for start in range(0, len(inputs.pixel_values), batch_size):
         batch = inputs.pixel_values[start : start + batch_size].to(device)
-        result = torch.func.functional_call(model, dict(backbone), args=(), kwargs={"pixel_values": batch})
+        result = functional_call(model, dict(backbone), args=(), kwargs={"pixel_values": batch})
         outputs.append(result.logits.float().cpu())
     return torch.cat(outputs)
+
+
+@torch.inference_mode()
+def batched_task_logits(
+    task: TaskModel,
+    flats: torch.Tensor,
+    space: TaskVectorSpace,
+    inputs: TaskInputs,
+    device: torch.device,
+    batch_size: int,
+) -> torch.Tensor:
+    """The task's classifier on B candidate backbones at once (``torch.func.vmap`` over the
+    rows of ``flats``, shape (B, P)): logits of shape (B, N, classes)."""
+    model = task.model.to(device).eval()
+
+    def logits(flat: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        backbone = {**space.layout.views(flat), **space.fixed}
+        return functional_call(model, backbone, args=(), kwargs={"pixel_values": pixels}).logits  # type: ignore[no-any-return]
+
+    every = torch.func.vmap(logits, in_dims=(0, None))
+    outputs = []
+    for start in range(0, len(inputs.pixel_values), batch_size):
+        outputs.append(every(flats, inputs.pixel_values[start : start + batch_size].to(device)).float().cpu())
+    return torch.cat(outputs, dim=1)
 
 
 def task_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
@@ -188,8 +218,10 @@ class MergeEvaluator:
         method_name: str = "task_arithmetic",
         params: Mapping[str, Any] | None = None,
         batch_size: int = 256,
+        candidates_per_pass: int = 1,
     ) -> None:
         self.tasks, self.inputs, self.base = list(tasks), list(inputs), base
+        self.candidates_per_pass = candidates_per_pass
         self.metric = check_metric(metric)
         self.device = device
         self.method_name = method_name
@@ -220,3 +252,28 @@ class MergeEvaluator:
     def __call__(self, coefficients: np.ndarray) -> np.ndarray:
         """The T metrics of the candidate merged with ``coefficients``."""
         return self.score(self.backbone(coefficients))
+
+    def evaluate_many(self, points: np.ndarray) -> Iterator[np.ndarray]:
+        """The metrics of each row of ``points``, in order.
+
+        On the task-arithmetic path with ``candidates_per_pass`` > 1, that many candidates
+        share each forward pass (vmap over their stacked backbones): worth it on a GPU;
+        on a small CPU one candidate at a time is as fast.
+        """
+        if not self.fast or self.candidates_per_pass <= 1:
+            yield from (self(point) for point in points)
+            return
+        for start in range(0, len(points), self.candidates_per_pass):
+            chunk = self.scale * np.asarray(points[start : start + self.candidates_per_pass], dtype=float)
+            flats = self.space.candidates(chunk)
+            logits = [
+                batched_task_logits(task, flats, self.space, data, self.device, self.batch_size)
+                for task, data in zip(self.tasks, self.inputs, strict=True)
+            ]
+            for row in range(len(chunk)):
+                yield np.array(
+                    [
+                        task_metric(batch[row], data.labels, self.metric)
+                        for batch, data in zip(logits, self.inputs, strict=True)
+                    ]
+                )

@@ -154,9 +154,12 @@ def run_pareto(
         known,
         keep,
         search,
+        evaluator.evaluate_many,
     )
     outcome = ParetoOutcome(front, names, config.metric, Path(results_path), reused_evaluations=front.reused)
-    extra = EvaluationLog(evaluator, len(names), None, [*known, *front.evaluated], keep)
+    extra = EvaluationLog(
+        evaluator, len(names), None, [*known, *front.evaluated], keep, evaluator.evaluate_many
+    )
     if grid_points is not None:
         say(f"evaluating the {grid_points}^{len(names)} grid ...")
         extra(grid(grid_points, len(names), config.bounds), "grid")
@@ -197,7 +200,15 @@ def _load_evaluator(config: ParetoConfig, device: Any, say: Callable[[str], None
         data = load_task_data(spec)
         inputs.append(prepare_inputs(data, spec, model.processor, model.num_channels, model.num_labels))
     return MergeEvaluator(
-        models, inputs, base, config.metric, device, config.merge_method, config.parameters, config.batch_size
+        models,
+        inputs,
+        base,
+        config.metric,
+        device,
+        config.merge_method,
+        config.parameters,
+        config.batch_size,
+        config.candidates_per_pass,
     )
 
 

@@ -34,7 +34,9 @@ QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress ba
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 
 
-def guarded(action: Callable[[], T], debug: bool) -> T:
+def guarded(
+    action: Callable[[], T], debug: bool, on_interrupt: str = "nothing was written at the output path"
+) -> T:
     """Run ``action``; turn any failure into one line on stderr and exit status 1."""
     from m3sb.errors import M3SBError, first_line
 
@@ -43,7 +45,7 @@ def guarded(action: Callable[[], T], debug: bool) -> T:
     except KeyboardInterrupt:
         if debug:
             raise
-        errors.print("[red]interrupted[/red]; nothing was written at the output path")
+        errors.print(f"[red]interrupted[/red]; {escape(on_interrupt)}", highlight=False)
         raise typer.Exit(130) from None
     except M3SBError as error:
         if debug:
@@ -229,7 +231,7 @@ def pareto(
 
             print_outcome(outcome, console)
 
-    guarded(run, debug)
+    guarded(run, debug, f"finished evaluations are kept in {results_path}/evaluations.csv; rerun to resume")
 
 
 @app.command()

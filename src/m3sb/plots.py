@@ -190,6 +190,7 @@ def landscape_plot(
     fitted = predict(np.stack([mesh_a.ravel(), mesh_b.ravel()], axis=1))
     figure, axes_grid = plt.subplots(2, 2, figsize=(10, 8.4), squeeze=False)
     low, high = float(min(metrics.min(), fitted.min())), float(max(metrics.max(), fitted.max()))
+    high = max(high, low + 1e-9)  # a flat landscape still needs increasing contour levels
     levels = np.linspace(low, high, 15)
     for task in range(2):
         measured_axes, fitted_axes = axes_grid[0, task], axes_grid[1, task]

@@ -1,4 +1,4 @@
-"""Facts about where MAP evaluates first: one-hot corners, a Latin hypercube, full grids."""
+"""Facts about where MAP evaluates first: one-hot corners, a scrambled Halton sequence, full grids."""
 
 from __future__ import annotations
 
@@ -41,14 +41,20 @@ def test_initial_design_smaller_than_the_task_count_is_the_first_corners() -> No
 
 
 @SETTINGS
-@given(n_tasks=st.integers(2, 5), extra=st.integers(1, 25), seed=st.integers(0, 10_000))
-def test_the_space_filling_part_is_a_latin_hypercube(n_tasks: int, extra: int, seed: int) -> None:
-    """Each of the ``extra`` equal slices of every axis holds exactly one of the ``extra`` points."""
-    bounds = (-1.0, 2.0)
-    rest = initial_design(n_tasks, n_tasks + extra, bounds, seed)[n_tasks:]
-    slices = np.floor((rest - bounds[0]) / (bounds[1] - bounds[0]) * extra).astype(int)
-    for axis in range(n_tasks):
-        assert sorted(slices[:, axis].tolist()) == list(range(extra))
+@given(
+    n_tasks=st.integers(2, 5), size=st.integers(1, 40), more=st.integers(1, 40), seed=st.integers(0, 10_000)
+)
+def test_a_larger_budget_extends_the_design(n_tasks: int, size: int, more: int, seed: int) -> None:
+    """Raising the budget keeps every point already evaluated: designs are prefixes of each other."""
+    small = initial_design(n_tasks, size, (-1.0, 2.0), seed)
+    large = initial_design(n_tasks, size + more, (-1.0, 2.0), seed)
+    assert np.array_equal(large[:size], small)
+
+
+def test_the_space_filling_part_covers_every_half_of_every_axis() -> None:
+    """Halton: of 16 points, each half of each axis holds 8 (a random sample would rarely)."""
+    rest = initial_design(3, 3 + 16, (0.0, 1.0), seed=0)[3:]
+    assert np.all(np.sum(rest < 0.5, axis=0) == 8)
 
 
 @SETTINGS

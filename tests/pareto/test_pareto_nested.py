@@ -198,3 +198,17 @@ def test_nested_evaluates_only_inside_the_box() -> None:
     )
     evaluated = np.stack(recorder.points)
     assert np.all((evaluated >= 0.0) & (evaluated <= 0.5))
+
+
+def test_nested_keeps_every_coefficient_inside_the_box() -> None:
+    recorder = Recorder()
+    front = amortized_pareto_front(recorder, T, mode="nested", bounds=(0.0, 2.0), search=QUICK)
+    asked = np.stack(recorder.points)
+    assert asked.max() <= 2.0 + 1e-12 and asked.min() >= 0.0
+    assert front.coefficients.max() <= 2.0 + 1e-12 and front.coefficients.min() >= 0.0
+    assert np.array_equal(asked[:T], 2.0 * np.eye(T))  # each task alone, at the top of the box
+
+
+def test_nested_refuses_bounds_that_do_not_start_at_zero() -> None:
+    with pytest.raises(SearchError, match=r"nested mode needs bounds that start at 0"):
+        amortized_pareto_front(Recorder(), T, mode="nested", bounds=(0.2, 0.8))

@@ -1,6 +1,6 @@
 """MAP: an amortized Pareto front of a black-box ``evaluate(c) -> metrics`` from few evaluations.
 
-``map`` evaluates a one-hot plus Latin-hypercube design, fits a quadratic surrogate per
+``map`` evaluates a one-hot plus Halton-sequence design, fits a quadratic surrogate per
 task and searches it with NSGA-III. ``bayesian`` spends the same budget in batches placed
 where a quadratic-plus-Gaussian-process surrogate is unsure near its predicted front,
 refitting on every new point. ``nested`` merges tasks pairwise along 2-task fronts
@@ -77,6 +77,10 @@ def check_search_inputs(n_tasks: int, budget: int, bounds: Bounds, mode: str, me
     low, high = bounds
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
         raise SearchError(f"bounds must be two finite numbers, low < high; got {list(bounds)}")
+    if mode == "nested" and low != 0:
+        raise SearchError(
+            f"nested mode needs bounds that start at 0 (it multiplies coefficients), got {list(bounds)}"
+        )
     smallest = n_tasks + 3 * (n_tasks - 1) if mode == "nested" else n_tasks + 1
     if budget < smallest:
         why = "T for the tasks alone and 3 per pair" if mode == "nested" else "T + 1"

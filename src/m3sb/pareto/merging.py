@@ -221,6 +221,8 @@ class MergeEvaluator:
         candidates_per_pass: int = 1,
     ) -> None:
         self.tasks, self.inputs, self.base = list(tasks), list(inputs), base
+        for task in self.tasks:  # heads meet float32 candidate backbones: half-precision models too
+            task.model.float()
         self.candidates_per_pass = candidates_per_pass
         self.metric = check_metric(metric)
         self.device = device

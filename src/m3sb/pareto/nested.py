@@ -1,7 +1,8 @@
 """Nested MAP for many tasks: merge pairs along their 2-task fronts, then merge the merged.
 
-Each node of the tree is a coefficient vector over the original tasks (a leaf is a
-one-hot vector). A pair (A, B) is searched in the 2-D space ``a * c_A + b * c_B``, with
+Each node of the tree is a coefficient vector over the original tasks (a leaf is the
+top of the box times a one-hot vector). A pair (A, B) is searched in the 2-D space
+``a * c_A + b * c_B`` with a, b in [0, 1] (bounds must start at 0), with
 one objective per side: the preference-weighted mean of that side's task metrics. The
 pair is merged at the point the preference picks (a side weighs the sum of its tasks'
 weights) and becomes a node of the next level, until one node is left. Pairs are formed
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from m3sb.pareto.design import Bounds, initial_design, one_hot_points
+from m3sb.pareto.design import Bounds, initial_design
 from m3sb.pareto.evaluations import EvaluationLog, SearchError
 from m3sb.pareto.preference import check_preference, select_index
 from m3sb.pareto.search import SearchSettings, non_dominated, search_front
@@ -25,6 +26,11 @@ from m3sb.pareto.surrogate import Warp, fit_surrogates
 
 if TYPE_CHECKING:
     from m3sb.pareto.front import ParetoFront
+
+
+# A pair is searched over mixing fractions in [0, 1]^2 of its two nodes, so every
+# coefficient of the merged node stays in [0, high]: a product of fractions times high.
+PAIR_BOUNDS = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ def nested_front(
         raise SearchError(
             f"budget {budget} leaves {pair_budget} evaluations per pair of tasks; nested needs 3"
         )
-    leaves = one_hot_points(n_tasks, bounds)
+    leaves = bounds[1] * np.eye(n_tasks)  # each task at the top of the box
     profiles = leaves if similarity is not None else log(leaves, "nested: each task alone")
     nodes = [Node((i,), leaves[i], profiles[i]) for i in range(n_tasks)]
     level, last = 0, None
@@ -124,7 +130,6 @@ def nested_front(
                 b,
                 weights,
                 pair_budget,
-                bounds,
                 seed + 97 * level + number,
                 warp,
                 sign,
@@ -152,7 +157,6 @@ def _pair_front(
     b: Node,
     weights: np.ndarray,
     budget: int,
-    bounds: Bounds,
     seed: int,
     warp: Warp,
     sign: float,
@@ -161,9 +165,10 @@ def _pair_front(
 ) -> PairFront:
     """Evaluate a design in the pair's 2-D space, fit per-task surrogates, search the sides' front."""
     basis = np.stack([a.coefficients, b.coefficients])
-    corners = one_hot_points(2, bounds) @ basis
-    already = sum(log.asked(corner) for corner in corners)  # asked again for free
-    points = initial_design(2, budget + already, bounds, seed)
+    already = sum(
+        log.asked(node) for node in basis
+    )  # the corners (1, 0), (0, 1) are the nodes: free if asked
+    points = initial_design(2, budget + already, PAIR_BOUNDS, seed)
     metrics = log(points @ basis, phase)
     surrogates = fit_surrogates(points, metrics, warp, "quadratic", seed=seed)
     mixes = [side_weights(weights, node.tasks) for node in (a, b)]
@@ -173,7 +178,7 @@ def _pair_front(
         predicted = surrogates.predict(x)
         return -sign * np.stack([predicted[:, t] @ m for t, m in zip(tasks, mixes, strict=True)], axis=1)
 
-    found = search_front(objectives, 2, bounds, seed, settings, seeds=points)
+    found = search_front(objectives, 2, PAIR_BOUNDS, seed, settings, seeds=points)
     keep = non_dominated(-objectives(found))
     found = found[keep][np.argsort(found[keep][:, 0], kind="stable")]
     return PairFront(found, found @ basis, surrogates.predict(found), surrogates.r2)

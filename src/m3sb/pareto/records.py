@@ -41,7 +41,9 @@ class EvaluationRecord:
         self.fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True))
 
     def load(self) -> tuple[list[Evaluation], dict[str, np.ndarray]]:
-        """An earlier run's evaluations in this folder (none when it is new); writes nothing.
+        """An earlier run's evaluations in this folder (none when it is new).
+
+        Writes nothing, except to drop a half-written last line that a crash left behind.
 
         Returns the evaluations at coefficient vectors and the labelled ones (baselines).
         An error when the folder holds evaluations of a different search.

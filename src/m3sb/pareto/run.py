@@ -97,7 +97,9 @@ def fingerprint(config: ParetoConfig) -> dict[str, Any]:
         "merge_method": config.merge_method,
         "parameters": config.parameters,
         "metric": config.metric,
-        "tasks": [task.model_dump() for task in config.tasks],
+        "tasks": [
+            task.model_dump() | {"dataset": _with_default_split(task.dataset)} for task in config.tasks
+        ],
     }
 
 
@@ -157,6 +159,11 @@ def run_pareto(
         evaluator.evaluate_many,
     )
     outcome = ParetoOutcome(front, names, config.metric, Path(results_path), reused_evaluations=front.reused)
+    outcome.files["evaluations"] = record.path
+    outcome.files["front"] = write_text_atomic(
+        record.folder / FRONT, front_table(names, config.metric, front.coefficients, front.predicted)
+    )
+    (record.folder / SELECTED).unlink(missing_ok=True)  # an earlier run's choice is not this front's
     extra = EvaluationLog(
         evaluator, len(names), None, [*known, *front.evaluated], keep, evaluator.evaluate_many
     )
@@ -172,10 +179,6 @@ def run_pareto(
         outcome.files["selected"] = write_text_atomic(
             record.folder / SELECTED, json.dumps(outcome.selected, indent=2) + "\n"
         )
-    outcome.files["evaluations"] = record.path
-    outcome.files["front"] = write_text_atomic(
-        record.folder / FRONT, front_table(names, config.metric, front.coefficients, front.predicted)
-    )
     outcome.files.update(_plots(outcome, [*front.evaluated, *extra.evaluations], config))
     if save_model:
         assert outcome.selected is not None
@@ -244,12 +247,13 @@ def _baselines(
     bounds: tuple[float, float],
     say: Callable[[str], None],
 ) -> dict[str, np.ndarray]:
-    """Task arithmetic at 0.3 (a point of the space), TIES and the barycenter with equal weights."""
+    """Every coefficient at 0.3 (task arithmetic with the default method), TIES and the barycenter."""
     from m3sb.pareto.merging import merged_backbone
 
     results = {}
     scale = float(np.clip(TASK_ARITHMETIC_SCALE, *bounds))
-    results[f"task arithmetic ({scale:g})"] = extra(np.full(count, scale), "baseline: task arithmetic")[0]
+    label = "task arithmetic" if evaluator.fast and evaluator.scale == 1.0 else evaluator.method_name
+    results[f"{label} ({scale:g})"] = extra(np.full(count, scale), "baseline: every coefficient at 0.3")[0]
     for label, (method, params) in OTHER_BASELINES.items():
         phase = f"baseline: {label}"
         if phase not in labelled:

@@ -10,6 +10,7 @@ with the coefficients as their per-model weights.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -193,8 +194,13 @@ def batched_task_logits(
 
     every = torch.func.vmap(logits, in_dims=(0, None))
     outputs = []
-    for start in range(0, len(inputs.pixel_values), batch_size):
-        outputs.append(every(flats, inputs.pixel_values[start : start + batch_size].to(device)).float().cpu())
+    with (
+        warnings.catch_warnings()
+    ):  # vmap falls back to a loop for CPU flash attention: correct, and said once here
+        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+        for start in range(0, len(inputs.pixel_values), batch_size):
+            pixels = inputs.pixel_values[start : start + batch_size].to(device)
+            outputs.append(every(flats, pixels).float().cpu())
     return torch.cat(outputs, dim=1)
 
 

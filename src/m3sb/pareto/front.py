@@ -10,7 +10,7 @@ refitting on every new point. ``nested`` merges tasks pairwise along 2-task fron
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from m3sb.pareto.design import Bounds, initial_design
 from m3sb.pareto.evaluations import Evaluate, EvaluateMany, Evaluation, EvaluationLog, SearchError
 from m3sb.pareto.preference import Rule, select_index
-from m3sb.pareto.search import SearchSettings, non_dominated, search_front
+from m3sb.pareto.search import SearchSettings, search_front
 from m3sb.pareto.surrogate import SurrogateKind, TaskSurrogates, Warp, fit_surrogates
 
 Mode = Literal["map", "bayesian", "nested"]
@@ -43,7 +43,6 @@ class ParetoFront:
     mode: Mode
     surrogates: TaskSurrogates | None = None
     reused: int = 0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def sign(self) -> float:
@@ -149,10 +148,8 @@ def _searched_front(
     """NSGA-III on the surrogates; the non-dominated points, ordered along the first task."""
     points = search_front(
         lambda x: -sign * surrogates.predict(x), n_var, bounds, seed, settings, seeds=evaluated_points
-    )
+    )  # already non-dominated under the surrogates
     predicted = surrogates.predict(points)
-    keep = non_dominated(sign * predicted)
-    points, predicted = points[keep], predicted[keep]
     order = np.argsort(-sign * predicted[:, 0], kind="stable")
     return ParetoFront(points[order], predicted[order], [], surrogates.r2, "score", "map", surrogates)
 

@@ -21,7 +21,7 @@ import numpy as np
 from m3sb.pareto.design import Bounds, initial_design
 from m3sb.pareto.evaluations import EvaluationLog, SearchError
 from m3sb.pareto.preference import check_preference, select_index
-from m3sb.pareto.search import SearchSettings, non_dominated, search_front
+from m3sb.pareto.search import SearchSettings, search_front
 from m3sb.pareto.surrogate import Warp, fit_surrogates
 
 if TYPE_CHECKING:
@@ -44,9 +44,8 @@ class Node:
 
 @dataclass(frozen=True)
 class PairFront:
-    """The searched front of one pair, in its 2-D coordinates and in task coefficients."""
+    """The searched front of one pair, in task coefficients."""
 
-    points: np.ndarray  # (K, 2)
     coefficients: np.ndarray  # (K, T)
     predicted: np.ndarray  # (K, T) per-task metrics
     r2: np.ndarray  # (T,)
@@ -178,7 +177,6 @@ def _pair_front(
         predicted = surrogates.predict(x)
         return -sign * np.stack([predicted[:, t] @ m for t, m in zip(tasks, mixes, strict=True)], axis=1)
 
-    found = search_front(objectives, 2, PAIR_BOUNDS, seed, settings, seeds=points)
-    keep = non_dominated(-objectives(found))
-    found = found[keep][np.argsort(found[keep][:, 0], kind="stable")]
-    return PairFront(found, found @ basis, surrogates.predict(found), surrogates.r2)
+    found = search_front(objectives, 2, PAIR_BOUNDS, seed, settings, seeds=points)  # non-dominated already
+    found = found[np.argsort(found[:, 0], kind="stable")]
+    return PairFront(found @ basis, surrogates.predict(found), surrogates.r2)

@@ -32,6 +32,32 @@ T = TypeVar("T")
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+ExecutorOption = Annotated[
+    str | None,
+    typer.Option(
+        "--executor",
+        help="Where evaluations run: local (this process) or ray. [default: the config's, else local]",
+    ),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Join this Ray cluster (HOST:PORT, ray://HOST:PORT, auto); else RAY_ADDRESS, else a local one.",
+    ),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", min=1, help="At most this many Ray workers (default: one per GPU, else per CPU)."
+    ),
+]
+AutocastOption = Annotated[
+    str | None,
+    typer.Option(
+        "--autocast", help="Forward passes in none, float16 or bfloat16. [default: the config's, else none]"
+    ),
+]
 
 
 def guarded(
@@ -130,15 +156,23 @@ def experiment(
         Path, typer.Option("--out", help="Folder for results.csv, the plots and report.html.")
     ] = Path("m3sb-experiment"),
     device: DeviceOption = "cpu",
+    executor: ExecutorOption = None,
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = None,
+    autocast: AutocastOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Merge the task models every configured way, rebuild each task's classifier, score them."""
+    """Merge the task models every configured way, rebuild each task's classifier, score them.
+
+    Resumable: each merge's scores are kept in OUT/scores.jsonl as they finish; rerunning
+    with the same --out scores only what is missing.
+    """
 
     def run() -> None:
         import yaml
 
         from m3sb.config import load_experiment_config
-        from m3sb.experiment import Experiment, TaskVectorExperiment
+        from m3sb.experiment import SCORES, Experiment, TaskVectorExperiment
         from m3sb.report import print_results, write_figures, write_report, write_results
 
         spec = load_experiment_config(config)
@@ -150,16 +184,21 @@ def experiment(
             spec.merge_configs,
             spec.base_model_checkpoint,
             device=device,
+            batch_size=spec.batch_size,
+            trust_remote_code=spec.trust_remote_code,
             log=lambda line: console.print(line, highlight=False),
+            autocast=autocast or spec.autocast,
         )
-        results = runner.run()
+        results = runner.run(
+            executor or spec.executor, ray_address or spec.ray_address, workers, record=out / SCORES
+        )
         written = write_results(results, out)
         figures = write_figures(results, runner.points, runner.point_kinds, out)
         report = write_report(results, figures, yaml.safe_dump(spec.model_dump(), sort_keys=False), out)
         print_results(results, console)
         console.print(f"results: {written}\nreport: {report}", highlight=False)
 
-    guarded(run, debug)
+    guarded(run, debug, f"finished scores are kept in {out}/scores.jsonl; rerun to resume")
 
 
 @app.command()
@@ -196,6 +235,10 @@ def pareto(
         ),
     ] = True,
     device: DeviceOption = "cpu",
+    executor: ExecutorOption = None,
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = None,
+    autocast: AutocastOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -212,6 +255,10 @@ def pareto(
         if rule not in ("weighted_sum", "chebyshev"):
             raise ConfigError(f"--rule {rule}: choose weighted_sum or chebyshev")
         spec = load_pareto_config(config)
+        if autocast is not None:
+            from m3sb.eval import check_autocast
+
+            spec = spec.model_copy(update={"autocast": check_autocast(autocast)})
         weights = load_preference(preference, [t.name for t in spec.tasks]) if preference else None
         outcome = run_pareto(
             spec,
@@ -224,6 +271,9 @@ def pareto(
             device=device,
             rule=rule,  # type: ignore[arg-type]
             baselines=baselines,
+            executor=executor,
+            ray_address=ray_address,
+            workers=workers,
             log=None if quiet else (lambda line: console.print(line, highlight=False, markup=False)),
         )
         if not quiet:
@@ -260,6 +310,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's models and results.")] = Path(
         "m3sb-demo"
     ),
+    device: DeviceOption = "cpu",
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -268,7 +319,7 @@ def demo(
     def run() -> None:
         from m3sb.demo import run_demo
 
-        run_demo(out, console=None if quiet else console)
+        run_demo(out, console=None if quiet else console, device=device)
 
     guarded(run, debug)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -224,6 +224,11 @@ class ExperimentConfig(BaseModel):
     merge_configs: dict[str, dict[str, Any]] = Field(min_length=1)
     base_model_checkpoint: str | None = None
     task_vectors: bool = False
+    batch_size: int = Field(default=256, gt=0)
+    autocast: Literal["none", "float16", "bfloat16"] = "none"
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    trust_remote_code: bool = False
 
 
 def _validated(schema: type[BaseModel], data: Any, path: str | Path) -> Any:
@@ -267,6 +272,9 @@ class ParetoConfig(BaseModel):
     bounds: tuple[float, float] = (0.0, 1.0)
     batch_size: int = Field(default=256, gt=0)
     candidates_per_pass: int = Field(default=1, gt=0)
+    autocast: Literal["none", "float16", "bfloat16"] = "none"
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
     trust_remote_code: bool = False
     tasks: list[ParetoTaskConfig] = Field(min_length=2)
 

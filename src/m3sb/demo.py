@@ -89,19 +89,23 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_demo(out: Path, console: Console | None = None) -> Any:
-    """The merge engine on toy Llamas, M3SB experiments on the digits zoo, then MAP on the zoo."""
+def run_demo(out: Path, console: Console | None = None, device: str = "cpu") -> Any:
+    """The merge engine on toy Llamas, M3SB experiments on the digits zoo, then MAP on the zoo
+    (evaluations on ``device``)."""
+    from m3sb.devices import resolve_device
+
+    resolve_device(device)
     out = Path(out)
     merge_engine_demo(out, console)
-    results = experiments_demo(out, console)
-    pareto_demo(out, console)
+    results = experiments_demo(out, console, device)
+    pareto_demo(out, console, device)
     return results
 
 
 PARETO_SAMPLES = 200  # validation images per task and evaluation in the demo's searches
 
 
-def pareto_demo(out: Path, console: Console | None = None) -> list[Any]:
+def pareto_demo(out: Path, console: Console | None = None, device: str = "cpu") -> list[Any]:
     """A two-task front (with a 5 x 5 ground-truth grid) and nested MAP over every zoo task.
 
     Both runs are resumable: a second demo reuses their ``evaluations.csv``.
@@ -130,11 +134,15 @@ def pareto_demo(out: Path, console: Console | None = None) -> list[Any]:
     outcomes = []
     say("MAP: the front between rotated and mirrored digits (12 evaluations, plus a 5 x 5 grid to compare)")
     pair = ParetoConfig.model_validate({"base_model": base, "tasks": tasks[:2]})
-    outcomes.append(run_pareto(pair, out / "pareto" / "two_tasks", preference=[1.0, 1.0], grid_points=5))
+    outcomes.append(
+        run_pareto(pair, out / "pareto" / "two_tasks", preference=[1.0, 1.0], grid_points=5, device=device)
+    )
     say(f"MAP nested over all {len(tasks)} tasks, every task weighing the same")
     every = ParetoConfig.model_validate({"base_model": base, "tasks": tasks})
     outcomes.append(
-        run_pareto(every, out / "pareto" / "nested", mode="nested", preference=[1.0] * len(tasks))
+        run_pareto(
+            every, out / "pareto" / "nested", mode="nested", preference=[1.0] * len(tasks), device=device
+        )
     )
     if console is not None:
         for outcome in outcomes:
@@ -142,7 +150,7 @@ def pareto_demo(out: Path, console: Console | None = None) -> list[Any]:
     return outcomes
 
 
-def experiments_demo(out: Path, console: Console | None = None) -> Any:
+def experiments_demo(out: Path, console: Console | None = None, device: str = "cpu") -> Any:
     """Full-weight and task-vector experiments with every demo method on the digits zoo."""
     import json
 
@@ -164,6 +172,7 @@ def experiments_demo(out: Path, console: Console | None = None) -> Any:
         "datasets_config": [task["dataset"] for task in zoo["tasks"]],
         "merge_configs": DEMO_METHODS,
         "base_model_checkpoint": zoo["base_model_checkpoint"],
+        "device": device,
     }
     full = Experiment("digits zoo", **arguments)
     task_vectors = TaskVectorExperiment("digits zoo", **arguments)

@@ -8,16 +8,20 @@ reference rows, and each row carries its accuracy normalised by the fine-tuned o
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from m3sb.data import DatasetSpec, TaskInputs, load_task_data, parse_dataset_spec, prepare_inputs
 from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError
-from m3sb.eval import classification_metrics, predict
+from m3sb.eval import check_autocast, classification_metrics, predict
 from m3sb.methods import get_method, merge_group
 from m3sb.models import TaskModel, check_shared_backbone, load_task_model
 
@@ -34,6 +38,7 @@ RESULT_COLUMNS = (
     "skipped_images",
 )
 FINETUNED, BASE = "finetuned", "base"
+SCORES = "scores.jsonl"  # the record of finished scores that makes ``m3sb experiment`` resumable
 
 
 def _dataset_label(spec: DatasetSpec) -> str:
@@ -63,6 +68,7 @@ class Experiment:
         batch_size: int = 256,
         trust_remote_code: bool = False,
         log: Callable[[str], None] | None = None,
+        autocast: str = "none",
     ) -> None:
         if not model_checkpoints:
             raise ConfigError(f"experiment '{name}': no model_checkpoints")
@@ -78,8 +84,9 @@ class Experiment:
         ]
         self.merge_configs = {label: dict(params) for label, params in merge_configs.items()}
         self.base_model_checkpoint = base_model_checkpoint
-        self.device = resolve_device(device)
+        self.device_name = device
         self.batch_size = batch_size
+        self.autocast = check_autocast(autocast)
         self.trust_remote_code = trust_remote_code
         self._log = log or (lambda _: None)
         self._rows: list[dict[str, Any]] = []
@@ -110,36 +117,49 @@ class Experiment:
                     f"merge_configs['{label}']: method '{method.name}' needs base_model_checkpoint"
                 )
 
-    def _merge(
-        self, label: str, tasks: Sequence[TaskModel], base: TaskModel | None
-    ) -> dict[str, torch.Tensor]:
-        """The merged backbone for one merge config."""
-        params = dict(self.merge_configs[label])
-        method = get_method(str(params.pop("method", label)))
-        weights = params.pop("weights", None)
-        if method.space == "either":
-            params.setdefault("space", self.space)
-        merged = {}
-        base_backbone = base.backbone if base is not None else None
-        for name, reference in tasks[0].backbone.items():
-            if not reference.is_floating_point():
-                merged[name] = reference
-                continue
-            group = [task.weights[name] for task in tasks]
-            base_tensor = base_backbone[name] if base_backbone is not None else None
-            merged[name] = merge_group(method.name, group, weights, base_tensor, tensor_name=name, **params)
-        return merged
+    def run(
+        self,
+        executor: str = "local",
+        ray_address: str | None = None,
+        workers: int | None = None,
+        record: Path | None = None,
+    ) -> Any:
+        """Load everything once, score the references and every merge; returns the results table.
 
-    def _score(
-        self, task: TaskModel, inputs: TaskInputs, backbone: dict[str, torch.Tensor] | None
-    ) -> dict[str, float]:
-        model = task.use_backbone(backbone)
-        return classification_metrics(
-            predict(model, inputs.pixel_values, self.device, self.batch_size), inputs.labels
-        )
+        The scoring runs on ``executor`` (``local`` or ``ray``). With ``record`` (a JSON-lines
+        file) each finished merge's rows are appended to it as soon as they are known, and
+        a rerun with the same record reuses them instead of scoring that merge again.
+        """
+        from m3sb.executors import check_executor, open_executor
 
-    def run(self) -> Any:
-        """Load everything once, score the references and every merge; returns the results table."""
+        kind = check_executor(executor, ray_address)
+        if kind == "local":
+            resolve_device(self.device_name)  # before loading anything
+        problem = self._load()
+        labels = [FINETUNED, *([BASE] if problem.base is not None else []), *self.merge_configs]
+        keeper = ExperimentRecord(record, self._fingerprint()) if record is not None else None
+        done = {label: m for label, m in keeper.load().items() if label in labels} if keeper else {}
+        if keeper is not None:
+            keeper.start(done)
+        if done:
+            self._log(f"resuming: {len(done)} of {len(labels)} scored in {record}")
+        todo = [label for label in labels if label not in done]
+        scored: dict[str, list[dict[str, float]]] = dict(done)
+        points: dict[str, np.ndarray] = {}
+        if todo:
+            with open_executor(kind, problem, self.device_name, ray_address, workers) as pool:
+                for label, outcome in zip(todo, pool.map(todo), strict=True):
+                    self._log(f"scored {label}")
+                    scored[label] = outcome.metrics
+                    if outcome.point is not None:
+                        points[label] = outcome.point
+                    if keeper is not None:
+                        keeper.append(label, outcome.metrics)
+        self._collect(problem, labels, scored, points)
+        return self.get_results_df()
+
+    def _load(self) -> ExperimentProblem:
+        """The task models, the base and the task datasets, loaded once."""
         tasks = [load_task_model(c, self.trust_remote_code) for c in self.model_checkpoints]
         base = None
         if self.base_model_checkpoint is not None:
@@ -149,34 +169,47 @@ class Experiment:
         for task, spec in zip(tasks, self.datasets, strict=True):
             dataset = load_task_data(spec)
             inputs.append(prepare_inputs(dataset, spec, task.processor, task.num_channels, task.num_labels))
+        return ExperimentProblem(
+            tasks, base, inputs, self.merge_configs, self.space, self.batch_size, self.autocast
+        )
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What decides the scores: a record made under another one is not reused."""
+        return {
+            "space": self.space,
+            "model_checkpoints": self.model_checkpoints,
+            "base_model_checkpoint": self.base_model_checkpoint,
+            "datasets": [spec.model_dump() for spec in self.datasets],
+            "autocast": self.autocast,
+        }
+
+    def _collect(
+        self,
+        problem: ExperimentProblem,
+        labels: Sequence[str],
+        scored: Mapping[str, list[dict[str, float]]],
+        points: dict[str, np.ndarray],
+    ) -> None:
+        """The rows of every label, in order, and the points of the plot of the models."""
         self._rows = []
         self.points, self.point_kinds = {}, {}
-        if base is not None:
-            self._keep_point(BASE, "base", base.backbone)
-        for task, spec in zip(tasks, self.datasets, strict=True):
-            self._keep_point(_dataset_label(spec), "finetuned", task.backbone)
-        finetuned: list[float] = []
-        for task, spec, data in zip(tasks, self.datasets, inputs, strict=True):
-            metrics = self._score(task, data, None)
-            finetuned.append(metrics["accuracy"])
-            self._record(FINETUNED, spec, data, metrics, metrics["accuracy"])
-        if base is not None:
-            for task, spec, data, reference in zip(tasks, self.datasets, inputs, finetuned, strict=True):
-                self._record(BASE, spec, data, self._score(task, data, base.backbone), reference)
-        for label in self.merge_configs:
-            self._log(f"merging with {label}")
-            backbone = self._merge(label, tasks, base)
-            self._keep_point(label, "merge", backbone)
-            for task, spec, data, reference in zip(tasks, self.datasets, inputs, finetuned, strict=True):
-                self._record(label, spec, data, self._score(task, data, backbone), reference)
-        for task in tasks:
-            task.use_backbone(None)
-        return self.get_results_df()
+        if problem.base is not None:
+            self._keep_point(BASE, "base", flatten_backbone(problem.base.backbone))
+        for task, spec in zip(problem.tasks, self.datasets, strict=True):
+            self._keep_point(_dataset_label(spec), "finetuned", flatten_backbone(task.backbone))
+        finetuned = [metrics["accuracy"] for metrics in scored[FINETUNED]]
+        for label in labels:
+            if label not in (FINETUNED, BASE):
+                point = points[label] if label in points else flatten_backbone(problem.merge(label))
+                self._keep_point(label, "merge", point)
+            for spec, data, metrics, reference in zip(
+                self.datasets, problem.inputs, scored[label], finetuned, strict=True
+            ):
+                self._record(label, spec, data, metrics, reference)
 
-    def _keep_point(self, label: str, kind: str, backbone: dict[str, torch.Tensor]) -> None:
-        """Keep a flattened copy of a backbone for the plot of the models on the sphere."""
-        floats = [tensor.reshape(-1).float() for tensor in backbone.values() if tensor.is_floating_point()]
-        self.points[label] = torch.cat(floats)
+    def _keep_point(self, label: str, kind: str, point: np.ndarray) -> None:
+        """Keep a flattened backbone for the plot of the models on the sphere."""
+        self.points[label] = torch.from_numpy(np.array(point))  # a copy: workers' arrays are read-only
         self.point_kinds[label] = kind
 
     def _record(
@@ -200,6 +233,134 @@ class Experiment:
         import pandas as pd
 
         return pd.DataFrame(self._rows, columns=list(RESULT_COLUMNS))
+
+
+def flatten_backbone(backbone: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """A backbone's floating-point tensors as one float32 vector (a point of the plot)."""
+    floats = [tensor.reshape(-1).float() for tensor in backbone.values() if tensor.is_floating_point()]
+    return torch.cat(floats).numpy()
+
+
+@dataclass(frozen=True)
+class ScoredMerge:
+    """A worker's answer for one label: each task's metrics, and the merged backbone flattened."""
+
+    metrics: list[dict[str, float]]
+    point: np.ndarray | None
+
+
+@dataclass
+class ExperimentProblem:
+    """What scoring an experiment needs, device-free and picklable (what executors ship)."""
+
+    tasks: list[TaskModel]
+    base: TaskModel | None
+    inputs: list[TaskInputs]
+    merge_configs: dict[str, dict[str, Any]]
+    space: str
+    batch_size: int
+    autocast: str
+
+    def build(self, device: str) -> ExperimentWorker:
+        """The worker scoring on ``device``."""
+        return ExperimentWorker(self, resolve_device(device))
+
+    def merge(self, label: str) -> dict[str, torch.Tensor]:
+        """The merged backbone for one merge config."""
+        params = dict(self.merge_configs[label])
+        method = get_method(str(params.pop("method", label)))
+        weights = params.pop("weights", None)
+        if method.space == "either":
+            params.setdefault("space", self.space)
+        merged = {}
+        base_backbone = self.base.backbone if self.base is not None else None
+        for name, reference in self.tasks[0].backbone.items():
+            if not reference.is_floating_point():
+                merged[name] = reference
+                continue
+            group = [task.weights[name] for task in self.tasks]
+            base_tensor = base_backbone[name] if base_backbone is not None else None
+            merged[name] = merge_group(method.name, group, weights, base_tensor, tensor_name=name, **params)
+        return merged
+
+
+class ExperimentWorker:
+    """Scores a label's backbone on every task: the fine-tunes' own, the base's, or a merge's."""
+
+    def __init__(self, problem: ExperimentProblem, device: torch.device) -> None:
+        self.problem = problem
+        self.device = device
+
+    def score(
+        self, task: TaskModel, inputs: TaskInputs, backbone: dict[str, torch.Tensor] | None
+    ) -> dict[str, float]:
+        """One task's metrics with ``backbone`` (its own when None) and its own head."""
+        problem = self.problem
+        model = task.use_backbone(backbone)
+        predictions = predict(model, inputs.pixel_values, self.device, problem.batch_size, problem.autocast)
+        return classification_metrics(predictions, inputs.labels)
+
+    def run(self, label: str) -> ScoredMerge:
+        """The metrics of every task for ``label`` (``finetuned``, ``base`` or a merge config)."""
+        problem = self.problem
+        pairs = list(zip(problem.tasks, problem.inputs, strict=True))
+        if label == FINETUNED:
+            return ScoredMerge([self.score(task, data, None) for task, data in pairs], None)
+        if label == BASE:
+            assert problem.base is not None
+            return ScoredMerge([self.score(task, data, problem.base.backbone) for task, data in pairs], None)
+        backbone = problem.merge(label)
+        return ScoredMerge(
+            [self.score(task, data, backbone) for task, data in pairs], flatten_backbone(backbone)
+        )
+
+
+class ExperimentRecord:
+    """The scores of finished labels: a fingerprint line, then one JSON line per label, fsynced."""
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.header = json.dumps({"fingerprint": fingerprint})
+
+    def load(self) -> dict[str, list[dict[str, float]]]:
+        """The finished labels' metrics; nothing when the file is absent or from another setup.
+
+        A last line torn by a crash is ignored (that label is scored again).
+        """
+        if not self.path.is_file():
+            return {}
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        if not lines or lines[0] != self.header:
+            return {}
+        done = {}
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                done[str(entry["label"])] = [
+                    {key: float(value) for key, value in metrics.items()} for metrics in entry["metrics"]
+                ]
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
+                break
+        return done
+
+    def start(self, done: Mapping[str, list[dict[str, float]]]) -> None:
+        """Rewrite the file with its header and the ``done`` labels only (atomically)."""
+        from m3sb.checkpoints import write_text_atomic
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        entries = [self._line(label, metrics) for label, metrics in done.items()]
+        write_text_atomic(self.path, "".join([self.header + "\n", *entries]))
+
+    def append(self, label: str, metrics: list[dict[str, float]]) -> None:
+        """Add one label's metrics, on disk before this returns."""
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(self._line(label, metrics))
+            file.flush()
+            os.fsync(file.fileno())
+
+    @staticmethod
+    def _line(label: str, metrics: list[dict[str, float]]) -> str:
+        return json.dumps({"label": label, "metrics": metrics}) + "\n"
 
 
 class TaskVectorExperiment(Experiment):

@@ -16,7 +16,10 @@ from m3sb.eval import classification_metrics, predict
 from m3sb.methods import merge_group
 from m3sb.models import TaskModel, load_task_model
 from m3sb.pareto.merging import (
+    FlatTaskVectors,
     MergeEvaluator,
+    MergeProblem,
+    MethodMerge,
     TaskVectorSpace,
     check_metric,
     check_search_method,
@@ -41,12 +44,12 @@ def loaded(zoo_manifest: Path) -> dict[str, Any]:
 
 
 def _evaluator(loaded: dict[str, Any], metric: str = "accuracy", **options: Any) -> MergeEvaluator:
-    return MergeEvaluator(loaded["tasks"], loaded["inputs"], loaded["base"], metric, CPU, **options)
+    return MergeProblem(loaded["tasks"], loaded["inputs"], loaded["base"], metric, **options).build(CPU)
 
 
 def test_one_hot_candidate_is_that_model_and_zero_is_the_base(loaded: dict[str, Any]) -> None:
     tasks: list[TaskModel] = loaded["tasks"]
-    space = TaskVectorSpace(loaded["base"].backbone, [t.backbone for t in tasks], CPU)
+    space = TaskVectorSpace(FlatTaskVectors.of(loaded["base"].backbone, [t.backbone for t in tasks]), CPU)
     for index, task in enumerate(tasks):
         candidate = space.candidate(np.eye(len(tasks))[index])
         for name, tensor in task.backbone.items():
@@ -69,7 +72,7 @@ def test_fast_candidate_equals_task_arithmetic_tensor_by_tensor(loaded: dict[str
 
 def test_gram_matrix_is_that_of_the_task_vectors(loaded: dict[str, Any]) -> None:
     tasks, base = loaded["tasks"], loaded["base"]
-    gram = _evaluator(loaded).space.gram()
+    gram = _evaluator(loaded).problem.flat.gram()
     vectors = [
         torch.cat([(t.backbone[n] - base.backbone[n]).reshape(-1).double() for n in base.backbone])
         for t in tasks
@@ -105,7 +108,9 @@ def test_other_methods_take_the_coefficients_as_weights(loaded: dict[str, Any]) 
         "ties", [t.weights[name] for t in tasks], [0.5, 0.3, 0.2], base.backbone[name], density=0.5
     )
     assert torch.equal(merged[name], expected)
-    again = merged_backbone("ties", {"density": 0.5}, [0.5, 0.3, 0.2], tasks, base)
+    again = merged_backbone(
+        "ties", {"density": 0.5}, [0.5, 0.3, 0.2], [t.weights for t in tasks], base.backbone
+    )
     assert torch.equal(again[name], expected)
 
 
@@ -125,3 +130,33 @@ def test_batched_candidates_score_like_one_at_a_time(loaded: dict[str, Any], met
     batched = np.stack(list(_evaluator(loaded, metric, candidates_per_pass=3).evaluate_many(points)))
     np.testing.assert_allclose(batched, one_by_one, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(one_by_one[2], _evaluator(loaded, metric)(points[2]))
+
+
+def test_workers_get_heads_only_and_score_exactly_the_same(loaded: dict[str, Any]) -> None:
+    import pickle
+
+    problem = MergeProblem(loaded["tasks"], loaded["inputs"], loaded["base"], "loss")
+    shipped = problem.for_workers()
+    backbone_bytes = 4 * problem.flat.base.size
+    full = len(pickle.dumps(problem))
+    light = len(pickle.dumps(shipped))
+    assert full - light > 2 * len(problem.tasks) * backbone_bytes  # model and weights copies left behind
+    points = np.random.default_rng(1).uniform(0.0, 1.0, size=(3, 3))
+    ours = problem.build(CPU).run(points)
+    theirs = pickle.loads(pickle.dumps(shipped)).build("cpu").run(points)
+    np.testing.assert_array_equal(np.stack(theirs), np.stack(ours))
+
+
+def test_a_baseline_merge_on_rebuilt_task_models_matches_the_original_weights(loaded: dict[str, Any]) -> None:
+    tasks, base = loaded["tasks"], loaded["base"]
+    problem = MergeProblem(tasks, loaded["inputs"], base, "loss")
+    evaluator = problem.for_workers().build(CPU)
+    space_base, rebuilt = evaluator.space.backbones()
+    for name, tensor in base.backbone.items():
+        assert torch.equal(space_base[name], tensor)
+    for index, task in enumerate(tasks):
+        for name, tensor in task.backbone.items():
+            torch.testing.assert_close(rebuilt[index][name], tensor, rtol=0, atol=2e-6)
+    measured = evaluator.run(MethodMerge("ties", {"density": 0.5}))
+    merged = merged_backbone("ties", {"density": 0.5}, [1.0] * 3, [t.weights for t in tasks], base.backbone)
+    np.testing.assert_allclose(measured, problem.build(CPU).score(merged), rtol=1e-4)

@@ -1,18 +1,21 @@
 """The model-merging client of MAP: candidates built from flat task vectors, scored per task.
 
-The base backbone and the T task vectors live on the device as one flat buffer each;
-a candidate ``base + sum_i c_i tau_i`` is one fused ``addmv`` into a preallocated
-buffer, and every task's classifier runs on views of that buffer through
-``torch.func.functional_call`` (no copy into the model). Methods other than task
-arithmetic build the candidate tensor by tensor with :func:`m3sb.methods.merge_group`,
-with the coefficients as their per-model weights.
+A :class:`MergeProblem` holds what evaluations need, device-free (what an executor ships
+to its workers); its :class:`MergeEvaluator` computes on one device. The base backbone
+and the T task vectors live there as one flat buffer each; a candidate
+``base + sum_i c_i tau_i`` is one fused ``addmv`` into a preallocated buffer, and every
+task's classifier runs on views of that buffer through ``torch.func.functional_call``
+(no copy into the model). Methods other than task arithmetic build the candidate tensor
+by tensor with :func:`m3sb.methods.merge_group`, with the coefficients as their
+per-model weights.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,7 @@ from torch.func import functional_call
 
 from m3sb.data import TaskInputs
 from m3sb.errors import ConfigError
-from m3sb.eval import classification_metrics
+from m3sb.eval import autocast, check_autocast, classification_metrics
 from m3sb.methods import get_method, merge_group
 from m3sb.models import TaskModel
 
@@ -92,24 +95,57 @@ class Layout:
         }
 
 
-class TaskVectorSpace:
-    """The base backbone and T task vectors as flat device buffers; candidates on demand.
+@dataclass(frozen=True)
+class FlatTaskVectors:
+    """The base backbone and the T task vectors as flat float32 numpy arrays (device-free).
 
-    This is a whole-model operation: it holds (T + 2) copies of the backbone in float32.
+    Numpy so that Ray's object store shares them zero-copy between the workers of a node.
     """
 
-    def __init__(
-        self,
-        base: Mapping[str, torch.Tensor],
-        models: Sequence[Mapping[str, torch.Tensor]],
-        device: torch.device,
-    ) -> None:
-        self.layout = Layout.of(base)
+    layout: Layout
+    base: np.ndarray  # (P,)
+    vectors: np.ndarray  # (T, P)
+    fixed: dict[str, torch.Tensor]  # integer tensors of the base backbone (position ids, ...)
+
+    @classmethod
+    def of(
+        cls, base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]]
+    ) -> FlatTaskVectors:
+        """Flatten ``base`` and every ``model - base``."""
+        layout = Layout.of(base)
+        cpu = torch.device("cpu")
+        flat_base = layout.flatten(base, cpu)
+        vectors = torch.stack([layout.flatten(model, cpu) - flat_base for model in models])
+        fixed = {name: tensor for name, tensor in base.items() if not tensor.is_floating_point()}
+        return cls(layout, flat_base.numpy(), vectors.numpy(), fixed)
+
+    def gram(self) -> np.ndarray:
+        """The T x T Gram matrix of the task vectors (float64), used to pair tasks in nested MAP."""
+        vectors = self.vectors.astype(np.float64)
+        return np.asarray(vectors @ vectors.T)
+
+
+def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a tensor on ``device``; on the CPU it shares the array's memory (read-only there)."""
+    with warnings.catch_warnings():  # arrays from Ray's object store are read-only; nothing writes to them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array).to(device)
+
+
+class TaskVectorSpace:
+    """The flat base and task vectors on the device; candidates on demand.
+
+    On the CPU the buffers are the arrays of :class:`FlatTaskVectors` themselves (no copy);
+    each candidate is one fused ``addmv`` into a reused buffer.
+    """
+
+    def __init__(self, flat: FlatTaskVectors, device: torch.device) -> None:
+        self.layout = flat.layout
         self.device = device
-        self.base = self.layout.flatten(base, device)
-        self.vectors = torch.stack([self.layout.flatten(m, device) - self.base for m in models])
+        self.base = _on_device(flat.base, device)
+        self.vectors = _on_device(flat.vectors, device)
         self.buffer = torch.empty_like(self.base)
-        self.fixed = {name: t.to(device) for name, t in base.items() if not t.is_floating_point()}
+        self.fixed = {name: t.to(device) for name, t in flat.fixed.items()}
 
     @property
     def n_tasks(self) -> int:
@@ -127,30 +163,57 @@ class TaskVectorSpace:
         torch.addmv(self.base, self.vectors.T, weights, out=self.buffer)
         return {**self.layout.views(self.buffer), **self.fixed}
 
-    def gram(self) -> np.ndarray:
-        """The T x T Gram matrix of the task vectors (float64), used to pair tasks in nested MAP."""
-        vectors = self.vectors.double()
-        return np.asarray((vectors @ vectors.T).cpu().numpy())
+    def backbones(self) -> tuple[dict[str, torch.Tensor], list[_TaskBackbone]]:
+        """The base backbone (views) and each task model's backbone (``base + tau_i``, made
+        tensor by tensor on access): what whole-model baselines merge, workers included."""
+        base = {**self.layout.views(self.base), **self.fixed}
+        return base, [_TaskBackbone(self, index) for index in range(self.n_tasks)]
+
+
+class _TaskBackbone(Mapping[str, torch.Tensor]):
+    """Task model ``index``'s backbone rebuilt from the flat buffers, one tensor per lookup."""
+
+    def __init__(self, space: TaskVectorSpace, index: int) -> None:
+        self.space, self.index = space, index
+        self.slots = dict(zip(space.layout.names, range(len(space.layout.names)), strict=True))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.space.fixed:
+            return self.space.fixed[name]
+        layout, slot = self.space.layout, self.slots[name]
+        start, end = layout.offsets[slot], layout.offsets[slot + 1]
+        return (self.space.base[start:end] + self.space.vectors[self.index, start:end]).view(
+            layout.shapes[slot]
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.space.layout.names, *self.space.fixed])
+
+    def __len__(self) -> int:
+        return len(self.space.layout.names) + len(self.space.fixed)
 
 
 def merged_backbone(
     method_name: str,
     params: Mapping[str, Any],
     coefficients: Sequence[float],
-    models: Sequence[TaskModel],
-    base: TaskModel,
+    models: Sequence[Mapping[str, torch.Tensor]],
+    base: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Any weighted method's merged backbone, tensor by tensor, with the coefficients as weights."""
+    """Any weighted method's merged backbone, tensor by tensor, with the coefficients as weights.
+
+    ``models`` and ``base`` map tensor names to tensors (backbones or whole state dicts).
+    """
     method = get_method(method_name)
     extra = dict(params)
     if method.space == "either":
         extra.setdefault("space", "task_vectors")
     merged = {}
-    for name, reference in base.backbone.items():
+    for name, reference in base.items():
         if not reference.is_floating_point():
             merged[name] = reference
             continue
-        group = [model.weights[name] for model in models]
+        group = [model[name] for model in models]
         merged[name] = merge_group(
             method_name, group, list(coefficients), reference, tensor_name=name, **extra
         )
@@ -164,13 +227,15 @@ def task_logits(
     inputs: TaskInputs,
     device: torch.device,
     batch_size: int,
+    autocast_dtype: str = "none",
 ) -> torch.Tensor:
     """The task's classifier (its own head) run on ``backbone`` without loading it into the model."""
     model = task.model.to(device).eval()
     outputs = []
     for start in range(0, len(inputs.pixel_values), batch_size):
         batch = inputs.pixel_values[start : start + batch_size].to(device)
-        result = functional_call(model, dict(backbone), args=(), kwargs={"pixel_values": batch})
+        with autocast(device, autocast_dtype):
+            result = functional_call(model, dict(backbone), args=(), kwargs={"pixel_values": batch})
         outputs.append(result.logits.float().cpu())
     return torch.cat(outputs)
 
@@ -183,6 +248,7 @@ def batched_task_logits(
     inputs: TaskInputs,
     device: torch.device,
     batch_size: int,
+    autocast_dtype: str = "none",
 ) -> torch.Tensor:
     """The task's classifier on B candidate backbones at once (``torch.func.vmap`` over the
     rows of ``flats``, shape (B, P)): logits of shape (B, N, classes)."""
@@ -200,7 +266,8 @@ def batched_task_logits(
         warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
         for start in range(0, len(inputs.pixel_values), batch_size):
             pixels = inputs.pixel_values[start : start + batch_size].to(device)
-            outputs.append(every(flats, pixels).float().cpu())
+            with autocast(device, autocast_dtype):
+                outputs.append(every(flats, pixels).float().cpu())
     return torch.cat(outputs, dim=1)
 
 
@@ -211,47 +278,112 @@ def task_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> floa
     return classification_metrics(logits.argmax(-1), labels)[metric]
 
 
+@dataclass(frozen=True)
+class MethodMerge:
+    """An item for a worker: score the merge of every task model with ``method`` (a baseline)."""
+
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass
+class MergeProblem:
+    """Everything MAP's evaluations need, device-free and picklable (what executors ship).
+
+    ``build(device)`` gives the :class:`MergeEvaluator` that computes on ``device``.
+    """
+
+    tasks: list[TaskModel]
+    inputs: list[TaskInputs]
+    base: TaskModel
+    metric: str
+    method_name: str = "task_arithmetic"
+    params: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 256
+    candidates_per_pass: int = 1
+    autocast: str = "none"
+    flat: FlatTaskVectors = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_metric(self.metric)
+        check_autocast(self.autocast)
+        for task in self.tasks:  # heads meet float32 candidate backbones: half-precision models too
+            task.model.float()
+        self.flat = FlatTaskVectors.of(self.base.backbone, [task.backbone for task in self.tasks])
+
+    @property
+    def fast(self) -> bool:
+        """Whether candidates are ``base + lambda * C @ tau`` (task arithmetic without normalising)."""
+        return self.method_name == "task_arithmetic" and not self.params.get("normalize", False)
+
+    @property
+    def scale(self) -> float:
+        """The method's ``lambda``."""
+        return float(self.params.get("lambda", 1.0))
+
+    def build(self, device: str | torch.device) -> MergeEvaluator:
+        """The evaluator computing on ``device`` (``auto``, ``cpu``, ``cuda[:N]``)."""
+        from m3sb.devices import resolve_device
+
+        return MergeEvaluator(self, device if isinstance(device, torch.device) else resolve_device(device))
+
+    def for_workers(self) -> MergeProblem:
+        """A copy to ship to workers: on the task-arithmetic path they need the task models'
+        heads only (backbones come from the flat vectors), so the backbones are left out."""
+        if not self.fast:
+            return self
+        shipped = copy.copy(self)
+        shipped.tasks = [without_backbone(task) for task in self.tasks]
+        shipped.base = without_backbone(self.base)
+        return shipped
+
+
+def without_backbone(task: TaskModel) -> TaskModel:
+    """A copy of ``task`` whose backbone tensors are one-element stand-ins of the right shape
+    (``functional_call`` supplies the real ones); its own weights keep only the head."""
+    backbone = task.backbone
+    heads = {name: tensor for name, tensor in task.weights.items() if name not in backbone}
+    stand_ins = {name: torch.zeros((), dtype=t.dtype).expand(t.shape) for name, t in backbone.items()}
+    model = copy.deepcopy(task.model)
+    model.load_state_dict({**heads, **stand_ins}, strict=True, assign=True)
+    return TaskModel(task.checkpoint, model, task.processor, heads)
+
+
 class MergeEvaluator:
     """``evaluate(c) -> T metrics`` for MAP: merge with coefficients ``c``, score every task."""
 
-    def __init__(
-        self,
-        tasks: Sequence[TaskModel],
-        inputs: Sequence[TaskInputs],
-        base: TaskModel,
-        metric: str,
-        device: torch.device,
-        method_name: str = "task_arithmetic",
-        params: Mapping[str, Any] | None = None,
-        batch_size: int = 256,
-        candidates_per_pass: int = 1,
-    ) -> None:
-        self.tasks, self.inputs, self.base = list(tasks), list(inputs), base
-        for task in self.tasks:  # heads meet float32 candidate backbones: half-precision models too
-            task.model.float()
-        self.candidates_per_pass = candidates_per_pass
-        self.metric = check_metric(metric)
+    def __init__(self, problem: MergeProblem, device: torch.device) -> None:
+        self.problem = problem
+        self.tasks, self.inputs, self.base = problem.tasks, problem.inputs, problem.base
+        self.metric = problem.metric
         self.device = device
-        self.method_name = method_name
-        self.params = dict(params or {})
-        self.batch_size = batch_size
-        self.space = TaskVectorSpace(base.backbone, [t.backbone for t in self.tasks], device)
-        self.fast = method_name == "task_arithmetic" and not self.params.get("normalize", False)
-        self.scale = float(self.params.get("lambda", 1.0))
+        self.method_name = problem.method_name
+        self.params = problem.params
+        self.fast, self.scale = problem.fast, problem.scale
+        self.space = TaskVectorSpace(problem.flat, device)
 
     def backbone(self, coefficients: Sequence[float] | np.ndarray) -> dict[str, torch.Tensor]:
         """The candidate backbone for ``coefficients`` (views of a reused buffer on the fast path)."""
         if self.fast:
             return self.space.candidate(self.scale * np.asarray(coefficients, dtype=float))
-        merged = merged_backbone(self.method_name, self.params, list(coefficients), self.tasks, self.base)
+        merged = merged_backbone(
+            self.method_name,
+            self.params,
+            list(coefficients),
+            [task.weights for task in self.tasks],
+            self.base.backbone,
+        )
         return {name: tensor.to(self.device) for name, tensor in merged.items()}
 
     def score(self, backbone: Mapping[str, torch.Tensor]) -> np.ndarray:
         """Every task's metric with ``backbone`` and its own head."""
+        problem = self.problem
         return np.array(
             [
                 task_metric(
-                    task_logits(task, backbone, data, self.device, self.batch_size), data.labels, self.metric
+                    task_logits(task, backbone, data, self.device, problem.batch_size, problem.autocast),
+                    data.labels,
+                    self.metric,
                 )
                 for task, data in zip(self.tasks, self.inputs, strict=True)
             ]
@@ -261,6 +393,15 @@ class MergeEvaluator:
         """The T metrics of the candidate merged with ``coefficients``."""
         return self.score(self.backbone(coefficients))
 
+    def run(self, item: np.ndarray | MethodMerge) -> list[np.ndarray] | np.ndarray:
+        """An executor's item: the metrics of each row of a (k, T) array of coefficients, or of
+        the merge a :class:`MethodMerge` names (every model at weight 1)."""
+        if isinstance(item, MethodMerge):
+            base, models = self.space.backbones()
+            merged = merged_backbone(item.method, item.params, [1.0] * len(models), models, base)
+            return self.score({name: tensor.to(self.device) for name, tensor in merged.items()})
+        return list(self.evaluate_many(item))
+
     def evaluate_many(self, points: np.ndarray) -> Iterator[np.ndarray]:
         """The metrics of each row of ``points``, in order.
 
@@ -268,14 +409,18 @@ class MergeEvaluator:
         share each forward pass (vmap over their stacked backbones): worth it on a GPU;
         on a small CPU one candidate at a time is as fast.
         """
-        if not self.fast or self.candidates_per_pass <= 1:
+        per_pass = self.problem.candidates_per_pass
+        if not self.fast or per_pass <= 1:
             yield from (self(point) for point in points)
             return
-        for start in range(0, len(points), self.candidates_per_pass):
-            chunk = self.scale * np.asarray(points[start : start + self.candidates_per_pass], dtype=float)
+        problem = self.problem
+        for start in range(0, len(points), per_pass):
+            chunk = self.scale * np.asarray(points[start : start + per_pass], dtype=float)
             flats = self.space.candidates(chunk)
             logits = [
-                batched_task_logits(task, flats, self.space, data, self.device, self.batch_size)
+                batched_task_logits(
+                    task, flats, self.space, data, self.device, problem.batch_size, problem.autocast
+                )
                 for task, data in zip(self.tasks, self.inputs, strict=True)
             ]
             for row in range(len(chunk)):

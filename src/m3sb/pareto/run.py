@@ -9,7 +9,7 @@ models and their validation splits once, runs :func:`amortized_pareto_front` wit
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -116,19 +116,96 @@ def run_pareto(
     baselines: bool = True,
     search: SearchSettings | None = None,
     log: Callable[[str], None] | None = None,
+    executor: str | None = None,
+    ray_address: str | None = None,
+    workers: int | None = None,
 ) -> ParetoOutcome:
-    """Run the search that ``config`` describes and write its files into ``results_path``."""
-    from m3sb.devices import resolve_device
+    """Run the search that ``config`` describes and write its files into ``results_path``.
+
+    Evaluations run on ``executor`` (``local`` or ``ray``; the config's by default).
+    """
+    from m3sb.executors import check_executor, open_executor
 
     say = log or (lambda _: None)
+    address = ray_address or config.ray_address
+    kind = check_executor(executor or config.executor, address)
     check_run(config, mode, preference, grid_points)
-    torch_device = resolve_device(device)
+    if kind == "local":
+        from m3sb.devices import resolve_device
+
+        resolve_device(device)  # before loading anything
     names = [task.name for task in config.tasks]
     record = EvaluationRecord(Path(results_path), names, config.metric, fingerprint(config))
     known, labelled = record.load()
     if known or labelled:
         say(f"resuming: {len(known) + len(labelled)} evaluations found in {record.path}")
-    evaluator = _load_evaluator(config, torch_device, say)
+    problem = _load_problem(config, say)
+    shipped = problem.for_workers() if kind == "ray" else problem
+    with open_executor(kind, shipped, device, address, workers) as pool:
+        if kind == "ray":
+            say(f"evaluating on {pool.workers} Ray workers")
+        return _search_and_write(
+            config,
+            problem,
+            PoolEvaluator(pool, problem.candidates_per_pass),
+            record,
+            known,
+            labelled,
+            mode,
+            preference,
+            seed,
+            grid_points,
+            save_model,
+            rule,
+            baselines,
+            search,
+            say,
+        )
+
+
+class PoolEvaluator:
+    """MAP's ``evaluate``/``evaluate_many`` over an executor: rows go out in chunks of
+    ``candidates_per_pass`` and come back in order."""
+
+    def __init__(self, pool: Any, candidates_per_pass: int) -> None:
+        self.pool = pool
+        self.per_item = candidates_per_pass
+
+    def evaluate_many(self, points: np.ndarray) -> Iterator[np.ndarray]:
+        """The metrics of each row of ``points``, in order, each as soon as it is known."""
+        chunks = [points[start : start + self.per_item] for start in range(0, len(points), self.per_item)]
+        for results in self.pool.map(chunks):
+            yield from results
+
+    def __call__(self, point: np.ndarray) -> np.ndarray:
+        """The metrics of one point."""
+        return next(iter(self.evaluate_many(np.atleast_2d(point))))
+
+    def merge_of(self, method: str, params: dict[str, Any]) -> np.ndarray:
+        """The metrics of the merge of every task model by ``method`` (a baseline)."""
+        from m3sb.pareto.merging import MethodMerge
+
+        return next(iter(self.pool.map([MethodMerge(method, params)])))
+
+
+def _search_and_write(
+    config: ParetoConfig,
+    problem: Any,
+    evaluator: PoolEvaluator,
+    record: EvaluationRecord,
+    known: list[Evaluation],
+    labelled: dict[str, np.ndarray],
+    mode: str,
+    preference: Sequence[float] | None,
+    seed: int,
+    grid_points: int | None,
+    save_model: bool,
+    rule: Rule,
+    baselines: bool,
+    search: SearchSettings | None,
+    say: Callable[[str], None],
+) -> ParetoOutcome:
+    names = [task.name for task in config.tasks]
     record.create()
     search_mode = cast(Mode, mode)  # check_run has checked it
     sense: MetricSense = "loss" if config.metric == "loss" else "score"
@@ -152,13 +229,13 @@ def run_pareto(
         sense,
         warp_for(config.metric),
         preference if preference is not None else [1.0] * len(names),
-        evaluator.space.gram() if mode == "nested" else None,
+        problem.flat.gram() if mode == "nested" else None,
         known,
         keep,
         search,
         evaluator.evaluate_many,
     )
-    outcome = ParetoOutcome(front, names, config.metric, Path(results_path), reused_evaluations=front.reused)
+    outcome = ParetoOutcome(front, names, config.metric, record.folder, reused_evaluations=front.reused)
     outcome.files["evaluations"] = record.path
     outcome.files["front"] = write_text_atomic(
         record.folder / FRONT, front_table(names, config.metric, front.coefficients, front.predicted)
@@ -172,7 +249,7 @@ def run_pareto(
         extra(grid(grid_points, len(names), config.bounds), "grid")
     extra(front.coefficients[check_indices(front)], "front check")
     if baselines:
-        outcome.baselines = _baselines(evaluator, extra, labelled, record, len(names), config.bounds, say)
+        outcome.baselines = _baselines(problem, evaluator, extra, labelled, record, config.bounds, say)
     chosen = preference if preference is not None else ([1.0] * len(names) if save_model else None)
     if chosen is not None:
         outcome.selected = _select(front, chosen, rule, extra, names)
@@ -183,15 +260,15 @@ def run_pareto(
     if save_model:
         assert outcome.selected is not None
         coefficients = [outcome.selected["coefficients"][n] for n in names]
-        outcome.files["model"] = save_selected_models(evaluator, coefficients, names, record.folder / "model")
+        outcome.files["model"] = save_selected_models(problem, coefficients, names, record.folder / "model")
     outcome.new_evaluations = new
     return outcome
 
 
-def _load_evaluator(config: ParetoConfig, device: Any, say: Callable[[str], None]) -> Any:
+def _load_problem(config: ParetoConfig, say: Callable[[str], None]) -> Any:
     from m3sb.data import load_task_data, parse_dataset_spec, prepare_inputs
     from m3sb.models import check_shared_backbone, load_task_model
-    from m3sb.pareto.merging import MergeEvaluator
+    from m3sb.pareto.merging import MergeProblem
 
     say("loading models and validation data ...")
     models = [load_task_model(task.model, config.trust_remote_code) for task in config.tasks]
@@ -202,16 +279,16 @@ def _load_evaluator(config: ParetoConfig, device: Any, say: Callable[[str], None
         spec = parse_dataset_spec(_with_default_split(task.dataset), f"tasks[{index}].dataset")
         data = load_task_data(spec)
         inputs.append(prepare_inputs(data, spec, model.processor, model.num_channels, model.num_labels))
-    return MergeEvaluator(
+    return MergeProblem(
         models,
         inputs,
         base,
         config.metric,
-        device,
         config.merge_method,
         config.parameters,
         config.batch_size,
         config.candidates_per_pass,
+        config.autocast,
     )
 
 
@@ -239,27 +316,25 @@ def _select(
 
 
 def _baselines(
-    evaluator: Any,
+    problem: Any,
+    evaluator: PoolEvaluator,
     extra: EvaluationLog,
     labelled: dict[str, np.ndarray],
     record: EvaluationRecord,
-    count: int,
     bounds: tuple[float, float],
     say: Callable[[str], None],
 ) -> dict[str, np.ndarray]:
     """Every coefficient at 0.3 (task arithmetic with the default method), TIES and the barycenter."""
-    from m3sb.pareto.merging import merged_backbone
-
     results = {}
+    count = len(problem.tasks)
     scale = float(np.clip(TASK_ARITHMETIC_SCALE, *bounds))
-    label = "task arithmetic" if evaluator.fast and evaluator.scale == 1.0 else evaluator.method_name
+    label = "task arithmetic" if problem.fast and problem.scale == 1.0 else problem.method_name
     results[f"{label} ({scale:g})"] = extra(np.full(count, scale), "baseline: every coefficient at 0.3")[0]
     for label, (method, params) in OTHER_BASELINES.items():
         phase = f"baseline: {label}"
         if phase not in labelled:
             say(f"  [{phase}]")
-            backbone = merged_backbone(method, params, [1.0] * count, evaluator.tasks, evaluator.base)
-            labelled[phase] = evaluator.score({k: v.to(evaluator.device) for k, v in backbone.items()})
+            labelled[phase] = evaluator.merge_of(method, params)
             record.append(phase, None, labelled[phase])
         results[label] = labelled[phase]
     return results
@@ -280,16 +355,15 @@ def _plots(outcome: ParetoOutcome, evaluations: list[Evaluation], config: Pareto
 
 
 def save_selected_models(
-    evaluator: Any, coefficients: Sequence[float], names: Sequence[str], folder: Path
+    problem: Any, coefficients: Sequence[float], names: Sequence[str], folder: Path
 ) -> Path:
     """One classifier per task (the selected merged backbone, that task's head) under ``folder/<task>``."""
     from m3sb.checkpoints import atomic_output_folder
 
-    backbone = {
-        name: tensor.detach().cpu().clone() for name, tensor in evaluator.backbone(coefficients).items()
-    }
+    merged = problem.build("cpu").backbone(coefficients)
+    backbone = {name: tensor.detach().clone() for name, tensor in merged.items()}
     with atomic_output_folder(folder, force=True) as staging:
-        for name, task in zip(names, evaluator.tasks, strict=True):
+        for name, task in zip(names, problem.tasks, strict=True):
             model = task.use_backbone(backbone)
             model.save_pretrained(staging / name, safe_serialization=True)
             if task.processor is not None:

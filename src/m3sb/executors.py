@@ -1,0 +1,255 @@
+"""Where evaluations run: in this process (``local``) or on Ray actors (``ray``).
+
+An executor is given a *problem* once: a picklable object whose ``build(device)``
+returns a *worker* with ``run(item) -> result``. ``map(items)`` then yields the
+results in the order of ``items``, whatever order the workers finish in, so a
+search that consumes them takes the same decisions with either executor.
+
+The Ray executor puts the problem in the object store once (its numpy arrays are
+shared zero-copy by the actors of a node), starts one actor per GPU, or per CPU slot
+when the device is the CPU, and hands items to actors as they free up. An actor that
+dies is restarted (on any node with room) and its unfinished item is retried there;
+each item's result is taken exactly once. This is the only module that imports ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, Protocol
+
+from m3sb.errors import ConfigError, M3SBError
+
+ExecutorKind = Literal["local", "ray"]
+EXECUTORS: tuple[ExecutorKind, ...] = ("local", "ray")
+ACTOR_RESTARTS = 3  # how many times a dead actor is restarted (and its item retried)
+CONNECT_TIMEOUT_S = 5.0
+
+
+class Worker(Protocol):
+    """Evaluates items, one at a time."""
+
+    def run(self, item: Any) -> Any:
+        """The result for one item."""
+
+
+class Problem(Protocol):
+    """What every worker needs (models, data, settings): picklable and device-free."""
+
+    def build(self, device: str) -> Worker:
+        """A worker computing on ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+
+
+class ExecutorError(M3SBError):
+    """An executor cannot start, or lost its workers beyond recovery."""
+
+
+def check_executor(kind: str, address: str | None = None) -> ExecutorKind:
+    """``kind`` if it names an executor (and ``address``, if any, is reachable and for Ray);
+    a one-line error otherwise. Run it before loading anything."""
+    if kind not in EXECUTORS:
+        raise ConfigError(f"executor '{kind}': choose one of {', '.join(EXECUTORS)}")
+    if address and kind == "local":
+        raise ConfigError("--ray-address is only for --executor ray")
+    if address:
+        check_ray_address(address)
+    return kind
+
+
+class LocalExecutor:
+    """Runs every item in this process, in order, with one worker."""
+
+    def __init__(self, problem: Problem, device: str) -> None:
+        self.worker = problem.build(device)
+        self.workers = 1
+
+    def map(self, items: Sequence[Any]) -> Iterator[Any]:
+        """The results of ``items``, in order, each as soon as it is computed."""
+        for item in items:
+            yield self.worker.run(item)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A clear error, within ``timeout`` seconds, when nothing listens at ``address``.
+
+    (``ray.init`` itself retries an unreachable address for minutes.)
+    """
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ExecutorError(f"--ray-address {address}: cannot reach a Ray cluster there ({reason})") from None
+
+
+def _ray() -> Any:
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this environment as it is
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "executor 'ray' needs Ray: install the extra with `pip install 'm3sb[ray]'`"
+        ) from None
+    return ray
+
+
+class _RayWorker:
+    """The actor: builds a worker from the shared problem once, then runs items."""
+
+    def __init__(self, problem: Problem, device: str, threads: int) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.worker = problem.build(device)
+
+    def run(self, item: Any) -> Any:
+        return self.worker.run(item)
+
+
+class RayExecutor:
+    """Runs items on Ray actors: one per GPU, or one per CPU slot (``workers`` to cap them).
+
+    Without ``address`` (and without ``RAY_ADDRESS``) a local cluster is started on this
+    machine and shut down by :meth:`close`; with one, the executor joins that cluster
+    and leaves it running.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        device: str,
+        address: str | None = None,
+        workers: int | None = None,
+        num_cpus: int | None = None,
+    ) -> None:
+        ray = _ray()
+        self._ray = ray
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        self._started = False
+        if not ray.is_initialized():
+            if address is not None:
+                check_ray_address(address)  # ray.init retries an unreachable address for minutes
+            try:
+                ray.init(
+                    address=address,
+                    num_cpus=num_cpus if address is None else None,
+                    include_dashboard=False,
+                    logging_level="ERROR",
+                    log_to_driver=False,
+                )
+            except ConnectionError as error:
+                raise ExecutorError(f"--ray-address {address}: {str(error).splitlines()[0]}") from None
+            self._started = address is None
+        try:
+            self._start_actors(problem, device, workers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_actors(self, problem: Problem, device: str, workers: int | None) -> None:
+        ray = self._ray
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+        if device.startswith("cuda") and gpus == 0:
+            raise ConfigError(f"--device {device}: the Ray cluster has no GPU")
+        use_gpus = gpus > 0 and device != "cpu"
+        slots = gpus if use_gpus else max(1, cpus)
+        count = min(workers, slots) if workers else slots
+        options: dict[str, Any] = {
+            "max_restarts": ACTOR_RESTARTS,
+            "max_task_retries": ACTOR_RESTARTS,
+            "num_gpus": 1 if use_gpus else 0,
+            "num_cpus": 0 if use_gpus else 1,
+        }
+        # Inside an actor its one GPU is cuda:0; a CPU actor computes with one thread.
+        actor_device = "cuda" if use_gpus else "cpu"
+        shared = ray.put(problem)
+        remote = ray.remote(_RayWorker).options(**options)
+        self._actors = [remote.remote(shared, actor_device, 0 if use_gpus else 1) for _ in range(count)]
+        self.workers = count
+
+    def map(self, items: Sequence[Any]) -> Iterator[Any]:
+        """The results of ``items``, in order; items go to actors as they free up."""
+        ray = self._ray
+        queue = list(enumerate(items))[::-1]
+        idle = list(self._actors)
+        running: dict[Any, tuple[int, Any]] = {}
+        finished: dict[int, Any] = {}
+        following = 0
+        while following < len(items):
+            while queue and idle:
+                index, item = queue.pop()
+                actor = idle.pop()
+                running[actor.run.remote(item)] = (index, actor)
+            if following not in finished:
+                done, _ = ray.wait(list(running), num_returns=1)
+                index, actor = running.pop(done[0])
+                finished[index] = self._result(done[0])
+                idle.append(actor)
+                continue
+            yield finished.pop(following)
+            following += 1
+
+    def _result(self, reference: Any) -> Any:
+        """The value behind ``reference``; the worker's own error when it raised one."""
+        ray = self._ray
+        try:
+            return ray.get(reference)
+        except ray.exceptions.RayTaskError as error:
+            cause = error.cause if isinstance(error.cause, BaseException) else None
+            if cause is not None:
+                raise cause from None
+            raise ExecutorError(f"a Ray worker failed: {str(error).splitlines()[0]}") from None
+        except ray.exceptions.RayActorError as error:
+            raise ExecutorError(
+                f"a Ray worker died {ACTOR_RESTARTS + 1} times running the same evaluation "
+                f"({str(error).splitlines()[0]})"
+            ) from None
+
+    def close(self) -> None:
+        """Stop the actors; shut down the cluster if this executor started it."""
+        for actor in getattr(self, "_actors", []):
+            self._ray.kill(actor)
+        self._actors = []
+        if self._started:
+            self._ray.shutdown()
+            self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+Executor = LocalExecutor | RayExecutor
+
+
+def open_executor(
+    kind: str,
+    problem: Problem,
+    device: str = "cpu",
+    address: str | None = None,
+    workers: int | None = None,
+) -> Executor:
+    """A ready executor of ``kind`` for ``problem`` (use it as a context manager)."""
+    if check_executor(kind, address) == "local":
+        return LocalExecutor(problem, device)
+    return RayExecutor(problem, device, address, workers)

@@ -49,6 +49,8 @@ class Squares:
     def run(self, item: Any) -> Any:
         if item == "bad":
             raise ConfigError("item 'bad': not a number")
+        if item == "fatal":
+            os._exit(1)
         if self.marks is not None:
             (self.marks / f"ran-{item}-{time.monotonic_ns()}").touch()
             if item == self.dies_at and not (self.marks / "died").exists():
@@ -79,6 +81,14 @@ def test_a_worker_that_dies_mid_item_is_restarted_and_nothing_is_lost_or_doubled
     assert (tmp_path / "died").exists()
     runs = [path.name.split("-")[1] for path in tmp_path.glob("ran-*")]
     assert sorted(runs, key=int) == sorted([str(i) for i in items] + ["4"], key=int)  # item 4 ran twice
+
+
+def test_an_item_that_always_kills_its_worker_is_given_up_in_one_line(cluster: None) -> None:
+    with RayExecutor(Squares(), "cpu") as pool:
+        with pytest.raises(ExecutorError, match=r"^Ray workers died 4 times running item 1 \(") as caught:
+            list(pool.map([1, "fatal", 2]))
+        assert "\n" not in str(caught.value)
+        assert [square for square, _ in pool.map([5, 6])] == [25, 36]  # the pool still works
 
 
 def test_a_worker_error_reaches_the_caller_as_the_same_one_line_error(cluster: None) -> None:

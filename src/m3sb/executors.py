@@ -8,8 +8,8 @@ search that consumes them takes the same decisions with either executor.
 The Ray executor puts the problem in the object store once (its numpy arrays are
 shared zero-copy by the actors of a node), starts one actor per GPU, or per CPU slot
 when the device is the CPU, and hands items to actors as they free up. An actor that
-dies is restarted (on any node with room) and its unfinished item is retried there;
-each item's result is taken exactly once. This is the only module that imports ray.
+dies is replaced by a new one (on any node with room) and its unfinished item is run
+there again; each item's result is taken exactly once. This is the only module that imports ray.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from m3sb.errors import ConfigError, M3SBError
 
 ExecutorKind = Literal["local", "ray"]
 EXECUTORS: tuple[ExecutorKind, ...] = ("local", "ray")
-ACTOR_RESTARTS = 3  # how many times a dead actor is restarted (and its item retried)
+ACTOR_RESTARTS = 3  # how many times an item whose actor died is run again, on a new actor
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -172,40 +172,55 @@ class RayExecutor:
         use_gpus = gpus > 0 and device != "cpu"
         slots = gpus if use_gpus else max(1, cpus)
         count = min(workers, slots) if workers else slots
-        options: dict[str, Any] = {
-            "max_restarts": ACTOR_RESTARTS,
-            "max_task_retries": ACTOR_RESTARTS,
-            "num_gpus": 1 if use_gpus else 0,
-            "num_cpus": 0 if use_gpus else 1,
-        }
+        self._remote = ray.remote(_RayWorker).options(
+            num_gpus=1 if use_gpus else 0, num_cpus=0 if use_gpus else 1, max_restarts=0
+        )
         # Inside an actor its one GPU is cuda:0; a CPU actor computes with one thread.
-        actor_device = "cuda" if use_gpus else "cpu"
-        shared = ray.put(problem)
-        remote = ray.remote(_RayWorker).options(**options)
-        self._actors = [remote.remote(shared, actor_device, 0 if use_gpus else 1) for _ in range(count)]
+        self._actor_args = (ray.put(problem), "cuda" if use_gpus else "cpu", 0 if use_gpus else 1)
+        self._actors = [self._new_actor() for _ in range(count)]
         self.workers = count
 
+    def _new_actor(self) -> Any:
+        return self._remote.remote(*self._actor_args)
+
     def map(self, items: Sequence[Any]) -> Iterator[Any]:
-        """The results of ``items``, in order; items go to actors as they free up."""
+        """The results of ``items``, in order; items go to actors as they free up.
+
+        An actor that dies takes no result with it: a new actor replaces it and the item
+        it held is run again, up to ``ACTOR_RESTARTS`` times per item.
+        """
         ray = self._ray
         queue = list(enumerate(items))[::-1]
         idle = list(self._actors)
-        running: dict[Any, tuple[int, Any]] = {}
+        running: dict[Any, tuple[int, Any, Any]] = {}
         finished: dict[int, Any] = {}
+        retries = [0] * len(items)
         following = 0
         while following < len(items):
             while queue and idle:
                 index, item = queue.pop()
                 actor = idle.pop()
-                running[actor.run.remote(item)] = (index, actor)
-            if following not in finished:
-                done, _ = ray.wait(list(running), num_returns=1)
-                index, actor = running.pop(done[0])
+                running[actor.run.remote(item)] = (index, item, actor)
+            if following in finished:
+                yield finished.pop(following)
+                following += 1
+                continue
+            done, _ = ray.wait(list(running), num_returns=1)
+            index, item, actor = running.pop(done[0])
+            try:
                 finished[index] = self._result(done[0])
                 idle.append(actor)
-                continue
-            yield finished.pop(following)
-            following += 1
+            except ray.exceptions.RayActorError as error:
+                retries[index] += 1
+                if retries[index] > ACTOR_RESTARTS:
+                    raise ExecutorError(
+                        f"Ray workers died {retries[index]} times running item {index} "
+                        f"({str(error).splitlines()[0]})"
+                    ) from None
+                replacement = self._new_actor()
+                self._actors[self._actors.index(actor)] = replacement
+                queue.append((index, item))
+                idle.append(replacement)
 
     def _result(self, reference: Any) -> Any:
         """The value behind ``reference``; the worker's own error when it raised one."""
@@ -217,11 +232,6 @@ class RayExecutor:
             if cause is not None:
                 raise cause from None
             raise ExecutorError(f"a Ray worker failed: {str(error).splitlines()[0]}") from None
-        except ray.exceptions.RayActorError as error:
-            raise ExecutorError(
-                f"a Ray worker died {ACTOR_RESTARTS + 1} times running the same evaluation "
-                f"({str(error).splitlines()[0]})"
-            ) from None
 
     def close(self) -> None:
         """Stop the actors; shut down the cluster if this executor started it."""

@@ -30,7 +30,7 @@ from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, count_layers, res
 from m3sb.devices import resolve_device
 from m3sb.errors import CheckpointError, ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, get_method
-from m3sb.methods.registry import MIN_WEIGHT_SUM, ParamValue
+from m3sb.methods.registry import ParamValue, check_weights
 
 Progress = Callable[[str, int], None]
 
@@ -247,10 +247,7 @@ def _tensor_job(
     declared_weights = params.pop("weight", [1.0] * len(locations))
     assert isinstance(declared_weights, list)
     weights = tuple(float(w) for w in declared_weights)
-    if method.nonnegative_weights and any(w < 0 for w in weights):
-        raise ConfigError(f"merge_method '{method.name}' needs non-negative weights, got {list(weights)}")
-    if (method.nonnegative_weights or params.get("normalize") is True) and abs(sum(weights)) < MIN_WEIGHT_SUM:
-        raise ConfigError(f"weights sum to zero for tensor '{name}': {list(weights)}")
+    check_weights(method, weights, params.get("normalize"), name)
     return TensorJob(name, info.shape, out_dtype, weights, params, mergeable=True)
 
 

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from m3sb.errors import ConfigError
+from m3sb.errors import ConfigError, MergeError
 from m3sb.methods import barycenter, breadcrumbs, dare, linear, model_stock, slerp, task_arithmetic, ties
-from m3sb.methods.registry import MergeMethod, Param, ParamValue, apply_method
+from m3sb.methods.registry import MergeMethod, Param, ParamValue, apply_method, check_weights
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 METHODS: dict[str, MergeMethod] = {
     method.name: method
@@ -49,10 +51,14 @@ def merge_group(
     Per-model parameters take one value for all models or a sequence of N values;
     ``lambda`` may be written ``lambda_``. For methods where the base is an input
     (``karcher``, ``slerp``) a given ``base`` becomes the first input, with weight 1.
-    The inputs are left unchanged. Example: ``merge_group("ties", [a, b], base=c, density=0.5)``.
+    Half-precision inputs are merged in float32 (and the result is float32); a result
+    that is not finite is an error naming ``tensor_name``. The inputs are left unchanged.
+    Example: ``merge_group("ties", [a, b], base=c, density=0.5)``.
     """
     method = get_method(method_name)
-    tensors = list(tensors)
+    tensors = [tensor.float() if tensor.dtype in HALF_DTYPES else tensor for tensor in tensors]
+    if base is not None and base.dtype in HALF_DTYPES:
+        base = base.float()
     weight_list = [1.0] * len(tensors) if weights is None else [float(w) for w in weights]
     if len(weight_list) != len(tensors):
         raise ConfigError(f"{method_name}: {len(weight_list)} weights for {len(tensors)} tensors")
@@ -83,7 +89,11 @@ def merge_group(
             resolved[param.name] = param.check(value, method_name)
     if params:
         raise ConfigError(f"unknown parameter '{next(iter(params))}' for merge_method '{method_name}'")
-    return apply_method(method, tensors, weight_list, base, resolved, tensor_name)
+    check_weights(method, weight_list, resolved.get("normalize"), tensor_name)
+    merged = apply_method(method, tensors, weight_list, base, resolved, tensor_name)
+    if not bool(torch.isfinite(merged).all()):
+        raise MergeError(f"tensor '{tensor_name}': the merge produced NaN or Inf")
+    return merged
 
 
 __all__ = ["METHODS", "MergeMethod", "Param", "apply_method", "get_method", "merge_group"]

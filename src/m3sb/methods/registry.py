@@ -152,6 +152,15 @@ def tensor_seed(random_seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def check_weights(method: MergeMethod, weights: Sequence[float], normalize: object, tensor_name: str) -> None:
+    """Weights the method can use: non-negative where it needs that, and not summing to zero
+    where it divides by their sum (spherical methods, ``normalize: true``)."""
+    if method.nonnegative_weights and any(w < 0 for w in weights):
+        raise ConfigError(f"merge_method '{method.name}' needs non-negative weights, got {list(weights)}")
+    if (method.nonnegative_weights or normalize is True) and abs(sum(weights)) < MIN_WEIGHT_SUM:
+        raise ConfigError(f"weights sum to zero for tensor '{tensor_name}': {list(weights)}")
+
+
 def apply_method(
     method: MergeMethod,
     tensors: Sequence[torch.Tensor],

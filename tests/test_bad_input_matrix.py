@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -565,6 +565,16 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
         lambda f, d: {"merge_method": "linear", "models": [{"model": str(f.models[1]), "wieght": 1}]},
         [],
         r"recipe\.yml: unknown key 'wieght' at models\.0\.wieght",
+    ),
+    (
+        "unknown key holding a line break",
+        lambda f, d: (
+            "merge_method: linear\nmodels:\n"
+            + "".join(f"  - model: {json.dumps(str(p))}\n" for p in f.models[1:])
+            + '"colour\\nred": 1\n'
+        ),
+        [],
+        r"unknown key 'colour",
     ),
     (
         "unknown top-level parameter",
@@ -1363,18 +1373,24 @@ FUZZ = settings(
 
 
 @FUZZ
+@example(document={"models": [{"model": "a"}], "merge_method": "linear", "colour\nred": 1})
+@example(document={"models": [{"model": "a"}], "merge_method": "linear", "dtype": "fp\n8"})
 @given(document=_documents(VALID_MERGE))
 def test_fuzz_merge_config_documents(document: Any) -> None:
     _assert_config_error(lambda: parse_merge_config(document, "m.yaml"), "m.yaml")
 
 
 @FUZZ
+@example(document={"base_model": "b", "tasks": [{"name": "t", "model": "m", "dataset": {}}] * 2, "x\ry": 1})
 @given(document=_documents(VALID_PARETO))
 def test_fuzz_pareto_config_documents(document: Any) -> None:
     _assert_config_error(lambda: _validated(ParetoConfig, document, "p.yaml"), "p.yaml")
 
 
 @FUZZ
+@example(
+    document={"model_checkpoints": ["m"], "datasets_config": [{}], "merge_configs": {"l": {}}, "a\nb": 1}
+)
 @given(document=_documents(VALID_EXPERIMENT))
 def test_fuzz_experiment_config_documents(document: Any) -> None:
     _assert_config_error(lambda: _validated(ExperimentConfig, document, "e.yaml"), "e.yaml")

@@ -145,3 +145,12 @@ def test_parse_size(text: str, size: int) -> None:
 def test_parse_size_rejects_nonsense(text: str) -> None:
     with pytest.raises(ConfigError, match="size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", ".hidden", " padded"])
+def test_task_names_cannot_leave_the_results_folder(name: str) -> None:
+    from m3sb.config import ParetoConfig, _validated
+
+    tasks = [{"name": name, "model": "m", "dataset": {}}, {"name": "other", "model": "m", "dataset": {}}]
+    with pytest.raises(ConfigError, match=r"^p\.yaml: tasks\.0\.name: .*must be a plain folder name"):
+        _validated(ParetoConfig, {"base_model": "b", "tasks": tasks}, "p.yaml")

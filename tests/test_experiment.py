@@ -127,6 +127,78 @@ def test_experiment_command_writes_results_csv(zoo: dict[str, Any], tmp_path: Pa
         assert (tmp_path / "out" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+MERGES = {"linear": {}, "ties": {"density": 0.3}, "barycenter": {}, "task_arithmetic": {"weights": [0.3] * 3}}
+
+
+def test_an_interrupted_experiment_resumes_without_scoring_finished_merges_again(
+    zoo: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from m3sb.experiment import ExperimentWorker
+
+    whole = TaskVectorExperiment(**_arguments(zoo, MERGES)).run()
+    scored: list[str] = []
+    original = ExperimentWorker.run
+
+    def counting(self: ExperimentWorker, label: str) -> Any:
+        if label == "barycenter" and "stop" not in scored:
+            scored.append("stop")
+            raise KeyboardInterrupt
+        scored.append(label)
+        return original(self, label)
+
+    monkeypatch.setattr(ExperimentWorker, "run", counting)
+    record = tmp_path / "scores.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        TaskVectorExperiment(**_arguments(zoo, MERGES)).run(record=record)
+    assert scored == ["finetuned", "base", "linear", "ties", "stop"]
+    with record.open("a") as file:
+        file.write('{"label": "barycenter", "metr')  # a line torn by the crash
+    resumed = TaskVectorExperiment(**_arguments(zoo, MERGES)).run(record=record)
+    assert scored[5:] == ["barycenter", "task_arithmetic"]
+    pd.testing.assert_frame_equal(resumed, whole)
+    again = TaskVectorExperiment(**_arguments(zoo, MERGES)).run(record=record)
+    assert scored[7:] == []  # everything was on record
+    pd.testing.assert_frame_equal(again, whole)
+    other = _arguments(zoo, MERGES)
+    other["datasets_config"] = [spec | {"max_samples": 60} for spec in other["datasets_config"]]
+    TaskVectorExperiment(**other).run(record=record)
+    assert len(scored) == 7 + 6  # other data: nothing on record is reused
+
+
+def test_an_experiment_killed_with_sigkill_resumes_to_the_same_results(
+    zoo: dict[str, Any], tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    document = _arguments(zoo, MERGES) | {"task_vectors": True}
+    config = tmp_path / "experiment.yml"
+    config.write_text(yaml.safe_dump(document))
+    command = [sys.executable, "-m", "m3sb.cli", "experiment", str(config), "--out"]
+    whole = subprocess.run([*command, str(tmp_path / "whole")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    killed = subprocess.Popen([*command, str(tmp_path / "killed")], stdout=subprocess.DEVNULL)
+    scores = tmp_path / "killed" / "scores.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and killed.poll() is None:
+        if scores.is_file() and len(scores.read_text().splitlines()) >= 4:  # header + 3 labels
+            break
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    kept = len(scores.read_text().splitlines()) - 1
+    assert 3 <= kept < 6, "the kill came too late to test anything"
+    resumed = subprocess.run([*command, str(tmp_path / "killed")], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {kept} of 6 scored" in resumed.stdout
+    assert (tmp_path / "killed" / "results.csv").read_text() == (
+        tmp_path / "whole" / "results.csv"
+    ).read_text()
+
+
 def test_sphere_coordinates_of_the_models() -> None:
     """PCA of unit vectors: scale does not matter, and symmetric points land symmetrically."""
     import torch

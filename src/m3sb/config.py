@@ -255,9 +255,19 @@ class ParetoTaskConfig(BaseModel):
     """One task of a Pareto search: its name, fine-tuned model and validation data."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=200)
     model: str = Field(min_length=1)
     dataset: dict[str, Any]
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        """Task names become folder names under the results folder: nothing that leaves it."""
+        if any(mark in name for mark in ("/", "\\", "\0")) or name.startswith(".") or name != name.strip():
+            raise ValueError(
+                f"task name {name!r} must be a plain folder name (no '/', '\\', leading '.' or spaces)"
+            )
+        return name
 
 
 class ParetoConfig(BaseModel):

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,6 @@ def _evil_pickle(family: Family, folder: Path, legacy: bool) -> Path:
 
 # --------------------------------------------------------------------------- the merge matrix
 
-TIES = "ties"
 MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
     # -- checkpoints without weights, or with nothing in them
     (
@@ -234,7 +234,7 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
     ),
     (
         "base model with zero tensors",
-        lambda f, d: {"merge_method": TIES, "base_model": str(_zero_tensor_file(d)), "models": _others(f)},
+        lambda f, d: {"merge_method": "ties", "base_model": str(_zero_tensor_file(d)), "models": _others(f)},
         [],
         r"zero\.safetensors",
     ),
@@ -332,7 +332,7 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
     ),
     (
         "missing base model",
-        lambda f, d: {"merge_method": TIES, "base_model": str(d / "no-base"), "models": _others(f)},
+        lambda f, d: {"merge_method": "ties", "base_model": str(d / "no-base"), "models": _others(f)},
         [],
         r"no-base: no such file or directory",
     ),
@@ -341,7 +341,7 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
         "weight -1e308 with a spherical method",
         lambda f, d: {"merge_method": "barycenter", "models": _others(f, weight=-1e308)},
         [],
-        r"merge_method 'barycenter' needs non-negative weights",
+        r"parameter 'weight' must be a finite number of magnitude <= 1e\+30, got -1e\+308",
     ),
     (
         "weight -1e308 overflows the merge",
@@ -351,7 +351,7 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
             "models": _others(f, weight=-1e308),
         },
         [],
-        r"tensor '[^']+': the merge produced NaN or Inf",
+        r"parameter 'weight' must be a finite number of magnitude <= 1e\+30, got -1e\+308",
     ),
     (
         "weight as an integer beyond float range",
@@ -361,19 +361,23 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
     ),
     (
         "density as an integer beyond float range",
-        lambda f, d: {"merge_method": TIES, "base_model": str(f.base), "models": _others(f, density=10**400)},
+        lambda f, d: {
+            "merge_method": "ties",
+            "base_model": str(f.base),
+            "models": _others(f, density=10**400),
+        },
         [],
         r"parameter 'density'",
     ),
     (
         "density 2",
-        lambda f, d: {"merge_method": TIES, "base_model": str(f.base), "models": _others(f, density=2)},
+        lambda f, d: {"merge_method": "ties", "base_model": str(f.base), "models": _others(f, density=2)},
         [],
         r"parameter 'density' must be <= 1\.0, got 2",
     ),
     (
         "density -0.5",
-        lambda f, d: {"merge_method": TIES, "base_model": str(f.base), "models": _others(f, density=-0.5)},
+        lambda f, d: {"merge_method": "ties", "base_model": str(f.base), "models": _others(f, density=-0.5)},
         [],
         r"parameter 'density' must be >= 0\.0, got -0\.5",
     ),
@@ -384,7 +388,7 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
             + "".join(f"  - model: {json.dumps(str(p))}\n" for p in f.models[1:])
         ),
         [],
-        r"parameter 't' must be finite",
+        r"parameter 't' must be a finite number",
     ),
     (
         "t: 1.0e+400 (YAML reads inf)",
@@ -393,24 +397,24 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
             + "".join(f"  - model: {json.dumps(str(p))}\n" for p in f.models[1:])
         ),
         [],
-        r"parameter 't' must be finite",
+        r"parameter 't' must be a finite number",
     ),
     (
         "lambda: .nan",
         lambda f, d: {
-            "merge_method": TIES,
+            "merge_method": "ties",
             "base_model": str(f.base),
             "models": _others(f),
             "parameters": {"lambda": float("nan")},
         },
         [],
-        r"parameter 'lambda' must be finite",
+        r"parameter 'lambda' must be a finite number",
     ),
     (
         "weight gradient holding NaN",
         lambda f, d: {"merge_method": "linear", "models": _others(f, weight=[0.5, float("nan")])},
         [],
-        r"parameter 'weight' must be finite",
+        r"parameter 'weight' must be a finite number",
     ),
     (
         "random_seed: .nan",
@@ -531,7 +535,7 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
     ),
     (
         "base_model: a list",
-        lambda f, d: {"merge_method": TIES, "models": _others(f), "base_model": [str(f.base)]},
+        lambda f, d: {"merge_method": "ties", "models": _others(f), "base_model": [str(f.base)]},
         [],
         r"recipe\.yml: base_model: ",
     ),
@@ -633,9 +637,22 @@ def _deep_nesting(depth: int = 5000) -> str:
     return "models: " + "[" * depth + "]" * depth + "\nmerge_method: linear\n"
 
 
+def _folder(directory: Path) -> Path:
+    (directory / "folder.yml").mkdir()
+    return directory / "folder.yml"
+
+
+def _raw(name: str, data: bytes) -> Callable[[Path], Path]:
+    def make(directory: Path) -> Path:
+        (directory / name).write_bytes(data)
+        return directory / name
+
+    return make
+
+
 CONFIG_FILE_CASES: list[tuple[str, Callable[[Path], Path], str]] = [
     ("missing file", lambda d: d / "absent.yml", r"absent\.yml: no such file"),
-    ("a folder", lambda d: (d / "folder.yml").mkdir() or d / "folder.yml", r"folder\.yml: cannot read"),
+    ("a folder", _folder, r"folder\.yml: cannot read"),
     (
         "malformed YAML",
         lambda d: _write(d / "bad.yml", "models: [\n  - model: x\nmerge_method: linear: bad\n"),
@@ -648,10 +665,10 @@ CONFIG_FILE_CASES: list[tuple[str, Callable[[Path], Path], str]] = [
     ),
     (
         "invalid UTF-8",
-        lambda d: (d / "latin1.yml").write_bytes(b"name: mod\xe8le\n") and d / "latin1.yml",
+        _raw("latin1.yml", b"name: mod\xe8le\n"),
         r"latin1\.yml: cannot read",
     ),
-    ("NUL byte", lambda d: (d / "nul.yml").write_bytes(b"name: a\x00b\n") and d / "nul.yml", r"nul\.yml"),
+    ("NUL byte", _raw("nul.yml", b"name: a\x00b\n"), r"nul\.yml"),
     ("empty file", lambda d: _write(d / "empty.yml", ""), r"empty\.yml: expected a mapping .*NoneType"),
     ("a list", lambda d: _write(d / "list.yml", "- 1\n- 2\n"), r"list\.yml: expected a mapping .*list"),
     ("a scalar", lambda d: _write(d / "scalar.yml", "42\n"), r"scalar\.yml: expected a mapping .*int"),
@@ -697,6 +714,9 @@ def test_bad_config_files_are_one_line_and_write_nothing(
 # --------------------------------------------------------------------------- experiment and pareto schemas
 
 
+_DROP = object()  # a key to leave out
+
+
 def _experiment(**changes: Any) -> dict[str, Any]:
     document: dict[str, Any] = {
         "model_checkpoints": ["./a", "./b"],
@@ -720,8 +740,6 @@ def _pareto(**changes: Any) -> dict[str, Any]:
     document.update(changes)
     return {k: v for k, v in document.items() if v is not _DROP}
 
-
-_DROP = object()
 
 SCHEMA_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     # experiment
@@ -837,11 +855,16 @@ def test_experiment_and_pareto_configs_are_checked_before_writing(
 @pytest.fixture(scope="module")
 def mini_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two random 1-layer ViTs sharing a base, with 8-image validation and test splits (a second)."""
+    import datasets
     import numpy as np
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
     from PIL import Image as PILImage
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    datasets.disable_progress_bars()
     folder = tmp_path_factory.mktemp("mini-zoo")
     config = ViTConfig(
         image_size=8,
@@ -851,8 +874,8 @@ def mini_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=32,
-        num_labels=2,
     )
+    config.num_labels = 2
     processor = ViTImageProcessor(
         do_resize=False, do_rescale=True, rescale_factor=1 / 255, image_mean=[0.5], image_std=[0.5]
     )
@@ -1201,7 +1224,7 @@ def test_unicode_and_spaces_in_paths(family: Family, tmp_path: Path) -> None:
     config = _write(folder / "recette ü.yml", recipe)
     code, stderr, output = _invoke("merge", str(config), str(out))
     assert code == 0, output + stderr
-    assert UNICODE_NAME in output  # the summary names the output folder
+    assert UNICODE_NAME in output.replace("\n", "")  # the summary names the output folder (rich wraps it)
     plain = {**recipe, "base_model": str(family.base)}
     plain["models"] = [{"model": str(p), "parameters": {"density": 0.5}} for p in family.models]
     reference = _merge_ok(_write(tmp_path / "plain.yml", plain), tmp_path / "plain")
@@ -1253,7 +1276,7 @@ def test_base_model_listed_among_models_under_another_spelling(
     """m3sb drops a ``models`` entry equal to ``base_model``; spelled differently (a trailing
     slash), the same folder must give the same merge."""
     top = {"space": "task_vectors"} if method == "linear" else {}
-    results = []
+    results: list[dict[str, torch.Tensor]] = []
     for spelling in (str(family.base), str(family.base) + "/"):
         recipe = {
             "merge_method": method,
@@ -1264,10 +1287,10 @@ def test_base_model_listed_among_models_under_another_spelling(
         folder = tmp_path / f"out-{len(results)}"
         results.append(_merge_ok(_write(tmp_path / f"r{len(results)}.yml", recipe), folder))
     literal, aliased = results
-    for name, tensor in literal.items():
-        torch.testing.assert_close(
-            aliased[name], tensor, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
-        )
+    differ = [
+        name for name, tensor in literal.items() if not torch.allclose(aliased[name], tensor, 1e-6, 1e-7)
+    ]
+    assert not differ, f"the spelling of the base path changes {len(differ)} of {len(literal)} tensors"
 
 
 # --------------------------------------------------------------------------- fuzzing the config loaders
@@ -1381,7 +1404,10 @@ def test_fuzz_merge_config_documents(document: Any) -> None:
 
 
 @FUZZ
-@example(document={"base_model": "b", "tasks": [{"name": "t", "model": "m", "dataset": {}}] * 2, "x\ry": 1})
+@example(
+    document={"base_model": "b", "tasks": [{"name": n, "model": "m", "dataset": {}} for n in "tu"], "x\ry": 1}
+)
+@example(document={"base_model": "b", "tasks": [{"name": "a\nb", "model": "m", "dataset": {}}] * 2})
 @given(document=_documents(VALID_PARETO))
 def test_fuzz_pareto_config_documents(document: Any) -> None:
     _assert_config_error(lambda: _validated(ParetoConfig, document, "p.yaml"), "p.yaml")
@@ -1439,4 +1465,4 @@ def test_fuzz_config_files(data: bytes, fuzz_folder: Path) -> None:
     path = fuzz_folder / "fuzz.yml"
     path.write_bytes(data)
     for load in (load_merge_config, load_experiment_config, load_pareto_config):
-        _assert_config_error(lambda load=load: load(path), str(path))
+        _assert_config_error(partial(load, path), str(path))

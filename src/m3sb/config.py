@@ -137,6 +137,8 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{file}: cannot read: {error}") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{file}: nested too deeply to read") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -302,8 +304,8 @@ class ParetoConfig(BaseModel):
     @classmethod
     def _ordered_bounds(cls, bounds: tuple[float, float]) -> tuple[float, float]:
         low, high = bounds
-        if not (abs(low) < float("inf") and abs(high) < float("inf") and low < high):
-            raise ValueError(f"expected two finite numbers, low < high; got {list(bounds)}")
+        if not (abs(low) <= 1e6 and abs(high) <= 1e6 and low < high):
+            raise ValueError(f"expected two numbers in [-1e6, 1e6], low < high; got {list(bounds)}")
         return bounds
 
 

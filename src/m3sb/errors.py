@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class M3SBError(Exception):
-    """Base class of every error m3sb reports to a user as one line."""
+    """Base class of every error m3sb reports to a user as one line.
+
+    Line breaks in the message (a YAML key or value may hold one) are shown as ``\\n``.
+    """
+
+    def __init__(self, message: object = "", *rest: object) -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"), *rest)
 
 
 def first_line(error: BaseException) -> str:

@@ -23,6 +23,7 @@ from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError
 from m3sb.eval import check_autocast, classification_metrics, predict
 from m3sb.methods import get_method, merge_group
+from m3sb.methods.registry import check_param_values, check_weights
 from m3sb.models import TaskModel, check_shared_backbone, load_task_model
 
 RESULT_COLUMNS = (
@@ -96,26 +97,34 @@ class Experiment:
 
     def _check_merge_configs(self) -> None:
         """Method names, weight counts and base requirements, before anything is loaded."""
-        count = len(self.model_checkpoints)
         for label, params in self.merge_configs.items():
             method = get_method(str(params.get("method", label)))
-            for key in params:
-                if key not in ("method", "weights") and method.param(key) is None:
-                    allowed = ", ".join(p.name for p in method.all_params if p.name != "weight")
-                    raise ConfigError(
-                        f"merge_configs['{label}']: unknown parameter '{key}' for '{method.name}'; "
-                        f"allowed: {allowed}"
-                    )
+            where = f"merge_configs['{label}']"
+            settings = {k: v for k, v in params.items() if k not in ("method", "weights")}
+            check_param_values(method, settings, where)
             weights = params.get("weights")
-            if weights is not None and len(weights) != count:
-                raise ConfigError(
-                    f"merge_configs['{label}']: {len(weights)} weights for {count} models; give one per model"
-                )
+            if weights is not None:
+                self._check_weights(method, weights, settings, where)
             space = self.space if method.space == "either" else None
             if method.merges_task_vectors(space) and self.base_model_checkpoint is None:
                 raise ConfigError(
                     f"merge_configs['{label}']: method '{method.name}' needs base_model_checkpoint"
                 )
+
+    def _check_weights(self, method: Any, weights: Any, settings: dict[str, Any], where: str) -> None:
+        """A list of one valid weight per model that the method can use."""
+        weight = method.param("weight")
+        if weight is None:
+            raise ConfigError(f"{where}: method '{method.name}' takes no weights")
+        count = len(self.model_checkpoints)
+        if not isinstance(weights, list | tuple):
+            raise ConfigError(f"{where}: weights must be a list of {count} numbers, one per model")
+        if len(weights) != count:
+            raise ConfigError(f"{where}: {len(weights)} weights for {count} models; give one per model")
+        checked = [float(weight.check(value, where)) for value in weights]
+        normalize = method.param("normalize")
+        default = normalize.default if normalize is not None else None
+        check_weights(method, checked, settings.get("normalize", default), "every tensor")
 
     def run(
         self,

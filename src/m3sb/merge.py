@@ -128,16 +128,29 @@ def _uses_base(method: MergeMethod, config: MergeConfig) -> bool:
     return method.base_is_input or method.merges_task_vectors(config.parameters.get("space"))
 
 
+def _identity(location: str) -> str:
+    """What a model location points at: the resolved path of a local file or folder, else the id."""
+    path = Path(location).expanduser()
+    return str(path.resolve()) if path.exists() else location
+
+
 def _select_inputs(
     method: MergeMethod, config: MergeConfig
 ) -> tuple[list[str], list[dict[str, ParamSpec]], str | None]:
     """The method's input locations with their per-model parameters, and the base location."""
     locations = [entry.model for entry in config.models]
+    identities = [_identity(location) for location in locations]
     for i, location in enumerate(locations):
-        if location in locations[:i]:
-            raise ConfigError(f"model '{location}' is listed twice; give it a larger weight instead")
+        if identities[i] in identities[:i]:
+            first = locations[identities.index(identities[i])]
+            same = "" if first == location else f" (as '{first}')"
+            raise ConfigError(f"model '{location}' is listed twice{same}; give it a larger weight instead")
     specs = [dict(entry.parameters) for entry in config.models]
     base = config.base_model if _uses_base(method, config) else None
+    if base is not None:  # the base may be written another way among the models
+        base = next(
+            (loc for loc, ident in zip(locations, identities, strict=True) if ident == _identity(base)), base
+        )
     if base is None and method.merges_task_vectors(config.parameters.get("space")):
         with_space = " with space: task_vectors" if method.space == "either" else ""
         raise ConfigError(f"merge_method '{method.name}'{with_space} needs a base_model")

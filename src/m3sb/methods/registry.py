@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import keyword
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +27,15 @@ from m3sb.errors import ConfigError, MergeError
 MethodFunction = Callable[..., torch.Tensor]
 # Weight sums smaller than this in magnitude are treated as zero (mergekit's threshold).
 MIN_WEIGHT_SUM = 1e-8
+MAX_NUMBER = 1e30  # parameters and weights beyond this overflow float32 arithmetic
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to 40 characters (a 400-digit number is not worth printing)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 ParamValue = float | int | bool | str
 
 
@@ -62,11 +72,17 @@ class Param:
                     raise ConfigError(f"{label} must be a number, got {value!r}") from None
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{label} must be a number, got {value!r}")
-            if self.kind is int and float(value) != int(value):
+            try:
+                as_float = float(value)
+            except OverflowError:
+                as_float = float("inf")
+            if not math.isfinite(as_float) or abs(as_float) > MAX_NUMBER:
+                raise ConfigError(
+                    f"{label} must be a finite number of magnitude <= {MAX_NUMBER:g}, got {_short(value)}"
+                )
+            if self.kind is int and as_float != int(value):
                 raise ConfigError(f"{label} must be an integer, got {value!r}")
             number = self.kind(value)
-            if number != number or number in (float("inf"), float("-inf")):
-                raise ConfigError(f"{label} must be finite, got {value!r}")
             if self.minimum is not None and number < self.minimum:
                 raise ConfigError(f"{label} must be >= {self.minimum}, got {value!r}")
             if self.maximum is not None and number > self.maximum:
@@ -152,9 +168,29 @@ def tensor_seed(random_seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def check_param_values(method: MergeMethod, params: Mapping[str, Any], where: str) -> None:
+    """Every parameter in ``params`` is the method's, with a valid value (one value, or one
+    per model for per-model parameters); a one-line ConfigError naming ``where`` otherwise."""
+    for key, value in params.items():
+        param = method.param(key)
+        if param is None or key == "weight":
+            allowed = ", ".join(p.name for p in method.all_params if p.name != "weight")
+            raise ConfigError(
+                f"{where}: unknown parameter '{key}' for '{method.name}'; allowed: {allowed or 'none'}"
+            )
+        values = value if param.per_model and isinstance(value, list) else [value]
+        for single in values:
+            param.check(single, where)
+
+
 def check_weights(method: MergeMethod, weights: Sequence[float], normalize: object, tensor_name: str) -> None:
     """Weights the method can use: non-negative where it needs that, and not summing to zero
     where it divides by their sum (spherical methods, ``normalize: true``)."""
+    for weight in weights:
+        if not math.isfinite(weight) or abs(weight) > MAX_NUMBER:
+            raise ConfigError(
+                f"weights must be finite numbers of magnitude <= {MAX_NUMBER:g}, got {_short(weight)}"
+            )
     if method.nonnegative_weights and any(w < 0 for w in weights):
         raise ConfigError(f"merge_method '{method.name}' needs non-negative weights, got {list(weights)}")
     if (method.nonnegative_weights or normalize is True) and abs(sum(weights)) < MIN_WEIGHT_SUM:

@@ -26,6 +26,7 @@ from m3sb.data import TaskInputs
 from m3sb.errors import ConfigError
 from m3sb.eval import autocast, check_autocast, classification_metrics
 from m3sb.methods import get_method, merge_group
+from m3sb.methods.registry import check_param_values
 from m3sb.models import TaskModel
 
 SCORE_METRICS = ("accuracy", "precision", "recall", "f1_score")
@@ -50,12 +51,7 @@ def check_search_method(method_name: str, params: Mapping[str, Any], bounds: tup
         )
     if method.nonnegative_weights and bounds[0] < 0:
         raise ConfigError(f"merge_method '{method_name}' needs weights >= 0, but bounds start at {bounds[0]}")
-    for key in params:
-        if method.param(key) is None or key == "weight":
-            allowed = ", ".join(p.name for p in method.all_params if p.name != "weight")
-            raise ConfigError(
-                f"parameters: unknown parameter '{key}' for '{method_name}'; allowed: {allowed or 'none'}"
-            )
+    check_param_values(method, params, "parameters")
 
 
 @dataclass(frozen=True)

@@ -1236,12 +1236,9 @@ def test_unicode_and_spaces_in_paths(family: Family, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("alias", ["trailing slash", "dot-dot", "symlink"])
-def test_aliased_duplicate_model_is_refused_or_counted_twice(
-    alias: str, family: Family, tmp_path: Path
-) -> None:
-    """The same model under two spellings: either the one-line 'listed twice' error that a
-    literal duplicate gets, or a merge that counts it as two equal models (the same as one
-    entry with twice the weight). Anything else is silently wrong."""
+def test_aliased_duplicate_model_is_refused(alias: str, family: Family, tmp_path: Path) -> None:
+    """The same model under two spellings gets the one-line 'listed twice' error that a
+    literal duplicate gets (naming both spellings)."""
     first = str(family.models[1])
     if alias == "trailing slash":
         second = first + "/"
@@ -1256,17 +1253,7 @@ def test_aliased_duplicate_model_is_refused_or_counted_twice(
     }
     out = tmp_path / "out"
     code, stderr, output = _invoke("merge", str(_write(tmp_path / "dup.yml", recipe)), str(out), "--quiet")
-    if code != 0:
-        _assert_refused(code, stderr, output, r"listed twice", out)
-        return
-    twice = {
-        "merge_method": "linear",
-        "models": [{"model": first, "parameters": {"weight": 2.0}}, {"model": str(family.models[2])}],
-    }
-    expected = _merge_ok(_write(tmp_path / "twice.yml", twice), tmp_path / "twice")
-    merged = _tensors(out)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-7)
+    _assert_refused(code, stderr, output, r"listed twice \(as '", out)
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear"])

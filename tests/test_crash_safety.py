@@ -3,6 +3,7 @@ either nothing or the complete model, never a partial one."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -101,3 +102,26 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(larger_family: Family, tmp
     assert f"{out}: cannot write the merged model (File too large)" in lines[0], lines[0]
     assert not out.exists()
     assert not list(tmp_path.glob(".out.m3sb-partial-*"))
+
+
+def test_a_killed_merges_leftover_is_removed_by_the_next_merge(family: Family, tmp_path: Path) -> None:
+    import socket
+
+    from m3sb.checkpoints import atomic_output_folder
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(gone.stdout)
+    host = socket.gethostname()
+    stale = tmp_path / f".out.m3sb-partial-{host}-{dead_pid}-deadbeef"
+    alive = tmp_path / f".out.m3sb-partial-{host}-{os.getpid()}-cafecafe"
+    elsewhere = tmp_path / f".out.m3sb-partial-otherhost-{dead_pid}-0badf00d"
+    for folder in (stale, alive, elsewhere):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half written")
+    with atomic_output_folder(tmp_path / "out") as staging:
+        (staging / "done").touch()
+    assert (tmp_path / "out" / "done").is_file()
+    assert not stale.exists()  # its process is gone
+    assert alive.exists() and elsewhere.exists()  # a live run, or another machine's

@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from m3sb.cli import app
+from m3sb.config import ExperimentConfig
 from m3sb.data import DataError
 from m3sb.errors import ConfigError, MergeError
 from m3sb.experiment import RESULT_COLUMNS, Experiment, TaskVectorExperiment
@@ -213,3 +214,31 @@ def test_sphere_coordinates_of_the_models() -> None:
     coordinates = sphere_coordinates(points)
     assert abs(coordinates["a"][0] + coordinates["c"][0]) < 1e-9  # a and c are antipodal directions
     assert abs(abs(coordinates["a"][0]) - 1.0) < 1e-9
+
+
+def test_remote_code_is_never_run_unless_the_config_asks(zoo: dict[str, Any], tmp_path: Path) -> None:
+    from m3sb.errors import CheckpointError
+    from m3sb.models import load_task_model
+
+    folder = tmp_path / "custom"
+    shutil.copytree(zoo["tasks"][0]["checkpoint"], folder)
+    marker = tmp_path / "code-ran"
+    (folder / "evil_config.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import ViTConfig\nclass EvilConfig(ViTConfig):\n    model_type = 'evil'\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil_config.EvilConfig"}
+    config["model_type"] = "evil"  # only the folder's own code could load it
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"custom: cannot load an image classifier"):
+        load_task_model(str(folder))
+    assert not marker.exists()
+    document = _arguments(zoo, {"linear": {}})
+    document["model_checkpoints"][0] = str(folder)
+    path = tmp_path / "experiment.yml"
+    path.write_text(yaml.safe_dump(document))
+    result = CliRunner().invoke(app, ["experiment", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "cannot load an image classifier" in result.output
+    assert not marker.exists()
+    assert ExperimentConfig.model_fields["trust_remote_code"].default is False

@@ -14,12 +14,14 @@ hidden folder beside the destination and renamed into place only when complete.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import pickle
 import re
 import shutil
+import socket
 import struct
 import tempfile
 import uuid
@@ -445,6 +447,29 @@ def _safetensors_header(names: list[str], slots: dict[str, _Slot], layout: dict[
     return struct.pack("<Q", len(header)) + header
 
 
+def _remove_stale_partials(destination: Path) -> None:
+    """Remove the hidden partial folders that killed runs on this host left beside ``destination``
+    (their process is gone); other hosts' and live processes' folders are left alone."""
+    prefix = f".{destination.name}.m3sb-partial-{socket.gethostname()}-"
+    if not destination.parent.is_dir():
+        return
+    for folder in destination.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = folder.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_output_folder(destination: Path, force: bool = False) -> Iterator[Path]:
     """Yield a hidden folder beside ``destination``; move it there only if the block succeeds.
@@ -458,8 +483,10 @@ def atomic_output_folder(destination: Path, force: bool = False) -> Iterator[Pat
     if destination.is_dir() and any(destination.iterdir()) and not force:
         raise CheckpointError(f"{destination}: folder exists and is not empty (pass --force to replace it)")
     created = next((p for p in reversed(destination.parents) if not p.exists()), None)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
     token = uuid.uuid4().hex[:8]
-    staging = destination.parent / f".{destination.name}.m3sb-partial-{token}"
+    staging = destination.parent / f".{destination.name}.m3sb-partial-{owner}-{token}"
+    _remove_stale_partials(destination)
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()

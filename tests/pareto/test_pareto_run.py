@@ -158,7 +158,7 @@ BAD_CONFIGS = {
     "metric 'bleu' is not one the evaluator produces": lambda c: c | {"metric": "bleu"},
     "budget 2 is smaller than 3": lambda c: c | {"budget": 2},
     "unknown merge_method 'tie'": lambda c: c | {"merge_method": "tie"},
-    "bounds: Value error, expected two finite numbers, low < high": lambda c: c | {"bounds": [1, 0]},
+    "bounds: Value error, expected two numbers in [-1e6, 1e6], low < high": lambda c: c | {"bounds": [1, 0]},
     "tasks: List should have at least 2 items": lambda c: c | {"tasks": c["tasks"][:1]},
     "unknown key 'budgte'": lambda c: c | {"budgte": 3},
     "tasks[0].dataset: splt: Extra inputs are not permitted": lambda c: (

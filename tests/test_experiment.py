@@ -160,6 +160,10 @@ def test_an_interrupted_experiment_resumes_without_scoring_finished_merges_again
     again = TaskVectorExperiment(**_arguments(zoo, MERGES)).run(record=record)
     assert scored[7:] == []  # everything was on record
     pd.testing.assert_frame_equal(again, whole)
+    changed = _arguments(zoo, MERGES | {"ties": {"density": 0.5}})
+    TaskVectorExperiment(**changed).run(record=record)
+    assert scored[7:] == ["ties"]  # only the merge whose config changed is scored again
+    del scored[7:]
     other = _arguments(zoo, MERGES)
     other["datasets_config"] = [spec | {"max_samples": 60} for spec in other["datasets_config"]]
     TaskVectorExperiment(**other).run(record=record)

@@ -146,8 +146,9 @@ class Experiment:
             resolve_device(self.device_name)  # before loading anything
         problem = self._load()
         labels = [FINETUNED, *([BASE] if problem.base is not None else []), *self.merge_configs]
-        keeper = ExperimentRecord(record, self._fingerprint()) if record is not None else None
-        done = {label: m for label, m in keeper.load().items() if label in labels} if keeper else {}
+        configs = {label: self.merge_configs.get(label) for label in labels}
+        keeper = ExperimentRecord(record, self._fingerprint(), configs) if record is not None else None
+        done = keeper.load() if keeper is not None else {}
         if keeper is not None:
             keeper.start(done)
         if done:
@@ -325,16 +326,20 @@ class ExperimentWorker:
 
 
 class ExperimentRecord:
-    """The scores of finished labels: a fingerprint line, then one JSON line per label, fsynced."""
+    """The scores of finished labels: a fingerprint line, then one JSON line per label
+    (its merge config and its metrics), fsynced. A label is reused only while its merge
+    config is the same as when it was scored."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, path: Path, fingerprint: dict[str, Any], configs: Mapping[str, Any]) -> None:
         self.path = Path(path)
-        self.header = json.dumps({"fingerprint": fingerprint})
+        self.header = json.dumps({"fingerprint": fingerprint}, sort_keys=True)
+        self.configs = {label: _canonical(config) for label, config in configs.items()}
 
     def load(self) -> dict[str, list[dict[str, float]]]:
         """The finished labels' metrics; nothing when the file is absent or from another setup.
 
-        A last line torn by a crash is ignored (that label is scored again).
+        A last line torn by a crash is ignored (that label is scored again), and so is a
+        label whose merge config has changed since.
         """
         if not self.path.is_file():
             return {}
@@ -345,11 +350,12 @@ class ExperimentRecord:
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
-                done[str(entry["label"])] = [
-                    {key: float(value) for key, value in metrics.items()} for metrics in entry["metrics"]
-                ]
+                label = str(entry["label"])
+                metrics = [{key: float(value) for key, value in m.items()} for m in entry["metrics"]]
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
                 break
+            if label in self.configs and _canonical(entry.get("config")) == self.configs[label]:
+                done[label] = metrics
         return done
 
     def start(self, done: Mapping[str, list[dict[str, float]]]) -> None:
@@ -367,9 +373,14 @@ class ExperimentRecord:
             file.flush()
             os.fsync(file.fileno())
 
-    @staticmethod
-    def _line(label: str, metrics: list[dict[str, float]]) -> str:
-        return json.dumps({"label": label, "metrics": metrics}) + "\n"
+    def _line(self, label: str, metrics: list[dict[str, float]]) -> str:
+        config = json.loads(self.configs[label])
+        return json.dumps({"label": label, "config": config, "metrics": metrics}) + "\n"
+
+
+def _canonical(config: Any) -> str:
+    """A merge config as text that compares equal exactly when the configs do."""
+    return json.dumps(config, sort_keys=True, default=str)
 
 
 class TaskVectorExperiment(Experiment):

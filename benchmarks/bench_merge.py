@@ -193,12 +193,31 @@ def write_configs(
     return paths
 
 
+M3SB_DEVICE = ["cpu"]  # set from --device
+
+
+def executable(tool: str) -> list[str]:
+    """The tool's console script, or ``python -m m3sb.cli`` where m3sb's is not installed."""
+    exe = EXECUTABLES[tool]
+    if tool == "m3sb" and not exe.exists():
+        return [sys.executable, "-m", "m3sb.cli"]
+    return [str(exe)]
+
+
 def tool_command(tool: str, config: Path, out: Path) -> list[str]:
     """Return the command line that merges ``config`` into ``out`` with ``tool``."""
-    exe = str(EXECUTABLES[tool])
     if tool == "m3sb":
-        return [exe, "merge", str(config), str(out), "--quiet", "--force"]
-    return [exe, str(config), str(out)]
+        return [
+            *executable(tool),
+            "merge",
+            str(config),
+            str(out),
+            "--quiet",
+            "--force",
+            "--device",
+            M3SB_DEVICE[0],
+        ]
+    return [*executable(tool), str(config), str(out)]
 
 
 # Runs in a fresh, small interpreter that starts the measured command. A child
@@ -389,6 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma list")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method/tool")
     parser.add_argument("--stat", choices=("best", "median"), default="best", help="combine repeats")
+    parser.add_argument("--device", default="cpu", help="m3sb's --device (cpu, cuda, ...)")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.tools = [t for t in args.tools.split(",") if t]
@@ -404,6 +424,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table; exit code 1 if any run failed."""
     args = parse_args(argv)
+    M3SB_DEVICE[0] = args.device
     t_start = time.perf_counter()
     workdir: Path = args.workdir.resolve()
     print("\n".join(machine_facts()))
@@ -413,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Inputs: {len(sizes)} safetensors files, {sum(sizes) / 1e9:.2f} GB total")
     configs = write_configs(workdir, ckpts, args.methods, args.tools)
     for tool in args.tools:
-        secs, rss, rc = run_measured([str(EXECUTABLES[tool]), "--help"])
+        secs, rss, rc = run_measured([*executable(tool), "--help"])
         print(f"{tool} startup (--help): {secs:.2f} s, {rss / 1e9:.2f} GB, rc={rc}")
 
     out_root = workdir / "out"

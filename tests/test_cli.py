@@ -402,3 +402,17 @@ def test_tokenizer_files_come_from_tokenizer_source(family: Family, tmp_path: Pa
     assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"marker": 1}'
     assert (tmp_path / "out" / "vocab.json").read_text() == '{"a": 0}'
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["experiment", "pareto"])
+def test_help_shows_the_executor_and_autocast_defaults(command: str) -> None:
+    from typer.testing import CliRunner
+
+    from m3sb.cli import app
+
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for flag in ("--executor", "--ray-address", "--workers", "--autocast", "--device"):
+        assert flag in text
+    assert "[default: the config's, else local]" in text and "[default: the config's, else none]" in text

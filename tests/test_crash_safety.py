@@ -3,7 +3,6 @@ either nothing or the complete model, never a partial one."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -104,24 +103,24 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(larger_family: Family, tmp
     assert not list(tmp_path.glob(".out.m3sb-partial-*"))
 
 
-def test_a_killed_merges_leftover_is_removed_by_the_next_merge(family: Family, tmp_path: Path) -> None:
-    import socket
+def test_a_killed_merges_leftover_is_removed_by_the_next_merge(tmp_path: Path) -> None:
+    import fcntl
 
     from m3sb.checkpoints import atomic_output_folder
 
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    dead_pid = int(gone.stdout)
-    host = socket.gethostname()
-    stale = tmp_path / f".out.m3sb-partial-{host}-{dead_pid}-deadbeef"
-    alive = tmp_path / f".out.m3sb-partial-{host}-{os.getpid()}-cafecafe"
-    elsewhere = tmp_path / f".out.m3sb-partial-otherhost-{dead_pid}-0badf00d"
-    for folder in (stale, alive, elsewhere):
+    stale = tmp_path / ".out.m3sb-partial-deadbeef"  # its run was killed: nobody holds its lock
+    live = tmp_path / ".out.m3sb-partial-cafecafe"  # a run still writing: it holds the lock
+    other = tmp_path / ".other.m3sb-partial-0badf00d"  # beside another output folder
+    for folder in (stale, live, other):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half written")
-    with atomic_output_folder(tmp_path / "out") as staging:
-        (staging / "done").touch()
+    (tmp_path / ".out.m3sb-partial-deadbeef.lock").touch()
+    with open(tmp_path / ".out.m3sb-partial-cafecafe.lock", "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with atomic_output_folder(tmp_path / "out") as staging:
+            (staging / "done").touch()
+            assert (staging.parent / f"{staging.name}.lock").exists()
     assert (tmp_path / "out" / "done").is_file()
-    assert not stale.exists()  # its process is gone
-    assert alive.exists() and elsewhere.exists()  # a live run, or another machine's
+    assert not stale.exists() and not (tmp_path / ".out.m3sb-partial-deadbeef.lock").exists()
+    assert live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.glob("*.lock")) == [".out.m3sb-partial-cafecafe.lock"]

@@ -37,6 +37,13 @@ def cluster() -> Iterator[None]:
     ray.shutdown()
 
 
+class BrokenStart:
+    """A problem whose workers cannot be built (as when a GPU runs out of memory)."""
+
+    def build(self, device: str) -> Any:
+        raise ConfigError("tasks[0].model: no such checkpoint")
+
+
 class Squares:
     """A problem whose items are numbers; item ``dies_at`` kills its worker the first time."""
 
@@ -91,6 +98,14 @@ def test_an_item_that_always_kills_its_worker_is_given_up_in_one_line(cluster: N
         assert [square for square, _ in pool.map([5, 6])] == [25, 36]  # the pool still works
 
 
+def test_a_worker_that_cannot_start_is_one_line_at_once(cluster: None) -> None:
+    with RayExecutor(BrokenStart(), "cpu") as pool, pytest.raises(ExecutorError) as caught:
+        list(pool.map([1, 2]))
+    message = str(caught.value)
+    assert message.startswith("a Ray worker could not start: ")
+    assert "tasks[0].model: no such checkpoint" in message and "\x1b" not in message and "\n" not in message
+
+
 def test_a_worker_error_reaches_the_caller_as_the_same_one_line_error(cluster: None) -> None:
     with (
         RayExecutor(Squares(), "cpu") as pool,
@@ -127,7 +142,14 @@ def test_executor_names_and_address_are_checked() -> None:
     with pytest.raises(ConfigError, match="executor 'dask': choose one of local, ray"):
         check_executor("dask")
     with pytest.raises(ConfigError, match="--ray-address is only for --executor ray"):
-        open_executor("local", Squares(), "cpu", address="127.0.0.1:6379")
+        open_executor("local", "cpu", address="127.0.0.1:6379")
+    with pytest.raises(ConfigError, match="--workers is only for --executor ray"):
+        open_executor("local", "cpu", workers=2)
+    for device in ("mps", "cuda:1", "gpu"):
+        with pytest.raises(
+            ConfigError, match=rf"--device {device}: with --executor ray choose auto, cpu or cuda"
+        ):
+            open_executor("ray", device)
 
 
 # On real models: the digits zoo.

@@ -166,8 +166,10 @@ def test_an_interrupted_experiment_resumes_without_scoring_finished_merges_again
     del scored[7:]
     other = _arguments(zoo, MERGES)
     other["datasets_config"] = [spec | {"max_samples": 60} for spec in other["datasets_config"]]
-    TaskVectorExperiment(**other).run(record=record)
-    assert len(scored) == 7 + 6  # other data: nothing on record is reused
+    before = record.read_bytes()
+    with pytest.raises(ConfigError, match=r"scores\.jsonl: holds the scores of another experiment"):
+        TaskVectorExperiment(**other).run(record=record)
+    assert record.read_bytes() == before and len(scored) == 7  # refused, nothing overwritten or scored
 
 
 def test_an_experiment_killed_with_sigkill_resumes_to_the_same_results(
@@ -218,6 +220,22 @@ def test_sphere_coordinates_of_the_models() -> None:
     coordinates = sphere_coordinates(points)
     assert abs(coordinates["a"][0] + coordinates["c"][0]) < 1e-9  # a and c are antipodal directions
     assert abs(abs(coordinates["a"][0]) - 1.0) < 1e-9
+
+
+@pytest.mark.parametrize(
+    ("merges", "message"),
+    [
+        ({"finetuned": {}}, r"merge_configs\['finetuned'\]: 'finetuned' names the reference rows"),
+        ({"ties": {"density": [0.5] * 4}}, r"merge_configs\['ties'\]: 4 values of 'density' for 3 models"),
+        ({"linear": {"weights": [1, -1, 0]}}, r"weights sum to zero in merge_configs\['linear'\]"),
+        ({"linear": {"weights": 5}}, r"merge_configs\['linear'\]: weights must be a list of 3 numbers"),
+    ],
+)
+def test_merge_configs_are_checked_before_anything_loads(
+    zoo: dict[str, Any], merges: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Experiment(**_arguments(zoo, merges))
 
 
 def test_remote_code_is_never_run_unless_the_config_asks(zoo: dict[str, Any], tmp_path: Path) -> None:

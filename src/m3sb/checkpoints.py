@@ -21,7 +21,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import struct
 import tempfile
 import uuid
@@ -32,13 +31,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
 from m3sb.errors import CheckpointError, first_line
+
+try:  # POSIX: locks mark the partial folders of live runs
+    import fcntl
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None  # type: ignore[assignment]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -448,26 +452,40 @@ def _safetensors_header(names: list[str], slots: dict[str, _Slot], layout: dict[
 
 
 def _remove_stale_partials(destination: Path) -> None:
-    """Remove the hidden partial folders that killed runs on this host left beside ``destination``
-    (their process is gone); other hosts' and live processes' folders are left alone."""
-    prefix = f".{destination.name}.m3sb-partial-{socket.gethostname()}-"
-    if not destination.parent.is_dir():
+    """Remove the hidden partial folders that killed runs left beside ``destination``.
+
+    A run holds an exclusive lock on ``<partial folder>.lock`` while it writes; a folder
+    whose lock can be taken has no live owner (on this machine or any other that shares
+    the file system and its locks). Without ``fcntl`` nothing is removed.
+    """
+    if fcntl is None or not destination.parent.is_dir():
         return
-    for folder in destination.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = folder.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+    for folder in destination.parent.glob(f"{glob.escape(f'.{destination.name}.m3sb-partial-')}*"):
+        if not folder.is_dir():
+            continue
+        owner = _lock(folder.with_name(folder.name + ".lock"), wait=False)
+        if owner is None:
+            continue  # a live run is writing it
+        shutil.rmtree(folder, ignore_errors=True)
+        _unlock(owner)
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host."""
+def _lock(path: Path, wait: bool) -> Any:
+    """An open file holding an exclusive lock on ``path`` (None if another process holds it)."""
+    assert fcntl is not None
+    handle = open(path, "a+b")  # noqa: SIM115 (held until _unlock)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def _unlock(handle: Any) -> None:
+    """Release and remove a lock taken by :func:`_lock`."""
+    Path(handle.name).unlink(missing_ok=True)
+    handle.close()
 
 
 @contextmanager
@@ -475,7 +493,8 @@ def atomic_output_folder(destination: Path, force: bool = False) -> Iterator[Pat
     """Yield a hidden folder beside ``destination``; move it there only if the block succeeds.
 
     An existing non-empty ``destination`` is an error unless ``force``, in which case it
-    is replaced only after the new folder is complete.
+    is replaced only after the new folder is complete. Partial folders left beside it by
+    killed runs are removed first.
     """
     destination = destination.expanduser().absolute()
     if destination.exists() and not destination.is_dir():
@@ -483,25 +502,34 @@ def atomic_output_folder(destination: Path, force: bool = False) -> Iterator[Pat
     if destination.is_dir() and any(destination.iterdir()) and not force:
         raise CheckpointError(f"{destination}: folder exists and is not empty (pass --force to replace it)")
     created = next((p for p in reversed(destination.parents) if not p.exists()), None)
-    owner = f"{socket.gethostname()}-{os.getpid()}"
     token = uuid.uuid4().hex[:8]
-    staging = destination.parent / f".{destination.name}.m3sb-partial-{owner}-{token}"
+    staging = destination.parent / f".{destination.name}.m3sb-partial-{token}"
     _remove_stale_partials(destination)
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
+        owner = _lock(staging.with_name(staging.name + ".lock"), wait=True) if fcntl is not None else None
     except OSError as error:
         raise CheckpointError(f"{destination}: cannot create the output folder ({error.strerror})") from None
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(created or staging, ignore_errors=True)
-        raise
-    retired = destination.parent / f".{destination.name}.m3sb-old-{token}"
-    if destination.exists():
-        destination.replace(retired)
-    staging.replace(destination)
-    shutil.rmtree(retired, ignore_errors=True)
+        staging.mkdir()
+    except OSError as error:
+        if owner is not None:
+            _unlock(owner)
+        raise CheckpointError(f"{destination}: cannot create the output folder ({error.strerror})") from None
+    try:
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(created or staging, ignore_errors=True)
+            raise
+        retired = destination.parent / f".{destination.name}.m3sb-old-{token}"
+        if destination.exists():
+            destination.replace(retired)
+        staging.replace(destination)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        if owner is not None:
+            _unlock(owner)
 
 
 def _umask() -> int:

@@ -36,7 +36,7 @@ ExecutorOption = Annotated[
     str | None,
     typer.Option(
         "--executor",
-        help="Where evaluations run: local (this process) or ray. [default: the config's, else local]",
+        help="Where evaluations run: local (this process) or ray. \\[default: the config's, else local]",
     ),
 ]
 RayAddressOption = Annotated[
@@ -55,7 +55,7 @@ WorkersOption = Annotated[
 AutocastOption = Annotated[
     str | None,
     typer.Option(
-        "--autocast", help="Forward passes in none, float16 or bfloat16. [default: the config's, else none]"
+        "--autocast", help="Forward passes in none, float16 or bfloat16. \\[default: the config's, else none]"
     ),
 ]
 

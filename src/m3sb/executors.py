@@ -15,6 +15,7 @@ there again; each item's result is taken exactly once. This is the only module t
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
@@ -60,9 +61,18 @@ def check_executor(kind: str, address: str | None = None) -> ExecutorKind:
 class LocalExecutor:
     """Runs every item in this process, in order, with one worker."""
 
-    def __init__(self, problem: Problem, device: str) -> None:
-        self.worker = problem.build(device)
+    def __init__(self, problem: Problem | None, device: str) -> None:
+        from m3sb.devices import resolve_device
+
+        resolve_device(device)  # a device that is not there is an error before anything loads
+        self.device = device
         self.workers = 1
+        if problem is not None:
+            self.start(problem)
+
+    def start(self, problem: Problem) -> None:
+        """Build the worker for ``problem``."""
+        self.worker = problem.build(self.device)
 
     def map(self, items: Sequence[Any]) -> Iterator[Any]:
         """The results of ``items``, in order, each as soon as it is computed."""
@@ -98,6 +108,26 @@ def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         raise ExecutorError(f"--ray-address {address}: cannot reach a Ray cluster there ({reason})") from None
 
 
+def check_ray_device(device: str) -> None:
+    """Devices a Ray worker can be given: ``auto``, ``cpu`` or ``cuda`` (each GPU worker has one)."""
+    if device not in ("auto", "cpu", "cuda"):
+        hint = (
+            "; with --executor ray every GPU worker has its own, so use --device cuda"
+            if device.startswith("cuda:")
+            else ""
+        )
+        raise ConfigError(f"--device {device}: with --executor ray choose auto, cpu or cuda{hint}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _last_error_line(error: BaseException) -> str:
+    """The last line of a Ray error's traceback text (where the worker's own error is), plain."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def _ray() -> Any:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this environment as it is
     try:
@@ -126,21 +156,24 @@ class _RayWorker:
 class RayExecutor:
     """Runs items on Ray actors: one per GPU, or one per CPU slot (``workers`` to cap them).
 
-    Without ``address`` (and without ``RAY_ADDRESS``) a local cluster is started on this
-    machine and shut down by :meth:`close`; with one, the executor joins that cluster
-    and leaves it running.
+    Without ``address`` (and without ``RAY_ADDRESS``) a local cluster of ``num_cpus`` CPUs
+    (all of this machine's by default) is started and shut down by :meth:`close`; with
+    one, the executor joins that cluster and leaves it running. Connecting and checking
+    the device come first; :meth:`start` (or a ``problem`` given here) starts the actors.
     """
 
     def __init__(
         self,
-        problem: Problem,
+        problem: Problem | None,
         device: str,
         address: str | None = None,
         workers: int | None = None,
         num_cpus: int | None = None,
     ) -> None:
+        check_ray_device(device)
         ray = _ray()
         self._ray = ray
+        self._actors: list[Any] = []
         address = address or os.environ.get("RAY_ADDRESS") or None
         self._started = False
         if not ray.is_initialized():
@@ -154,31 +187,40 @@ class RayExecutor:
                     logging_level="ERROR",
                     log_to_driver=False,
                 )
-            except ConnectionError as error:
-                raise ExecutorError(f"--ray-address {address}: {str(error).splitlines()[0]}") from None
+            except ConnectionError:
+                raise ExecutorError(f"--ray-address {address}: no running Ray cluster found there") from None
             self._started = address is None
         try:
-            self._start_actors(problem, device, workers)
+            self._plan_actors(device, workers)
+            if problem is not None:
+                self.start(problem)
         except BaseException:
             self.close()
             raise
 
-    def _start_actors(self, problem: Problem, device: str, workers: int | None) -> None:
-        ray = self._ray
-        resources = ray.cluster_resources()
+    def _plan_actors(self, device: str, workers: int | None) -> None:
+        """How many actors, with which resources: refuses a GPU the cluster does not have."""
+        resources = self._ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-        if device.startswith("cuda") and gpus == 0:
+        if device == "cuda" and gpus == 0:
             raise ConfigError(f"--device {device}: the Ray cluster has no GPU")
         use_gpus = gpus > 0 and device != "cpu"
         slots = gpus if use_gpus else max(1, cpus)
-        count = min(workers, slots) if workers else slots
-        self._remote = ray.remote(_RayWorker).options(
-            num_gpus=1 if use_gpus else 0, num_cpus=0 if use_gpus else 1, max_restarts=0
-        )
+        self.workers = min(workers, slots) if workers else slots
+        self._options = {
+            "num_gpus": 1 if use_gpus else 0,
+            "num_cpus": 0 if use_gpus else 1,
+            "max_restarts": 0,
+        }
         # Inside an actor its one GPU is cuda:0; a CPU actor computes with one thread.
-        self._actor_args = (ray.put(problem), "cuda" if use_gpus else "cpu", 0 if use_gpus else 1)
-        self._actors = [self._new_actor() for _ in range(count)]
-        self.workers = count
+        self._device, self._threads = ("cuda", 0) if use_gpus else ("cpu", 1)
+
+    def start(self, problem: Problem) -> None:
+        """Put ``problem`` in the object store once and start the actors on it."""
+        ray = self._ray
+        self._remote = ray.remote(_RayWorker).options(**self._options)
+        self._actor_args = (ray.put(problem), self._device, self._threads)
+        self._actors = [self._new_actor() for _ in range(self.workers)]
 
     def _new_actor(self) -> Any:
         return self._remote.remote(*self._actor_args)
@@ -211,6 +253,8 @@ class RayExecutor:
                 finished[index] = self._result(done[0])
                 idle.append(actor)
             except ray.exceptions.RayActorError as error:
+                if getattr(error, "actor_init_failed", False):
+                    raise ExecutorError(f"a Ray worker could not start: {_last_error_line(error)}") from None
                 retries[index] += 1
                 if retries[index] > ACTOR_RESTARTS:
                     raise ExecutorError(
@@ -235,7 +279,7 @@ class RayExecutor:
 
     def close(self) -> None:
         """Stop the actors; shut down the cluster if this executor started it."""
-        for actor in getattr(self, "_actors", []):
+        for actor in self._actors:
             self._ray.kill(actor)
         self._actors = []
         if self._started:
@@ -254,12 +298,14 @@ Executor = LocalExecutor | RayExecutor
 
 def open_executor(
     kind: str,
-    problem: Problem,
     device: str = "cpu",
     address: str | None = None,
     workers: int | None = None,
 ) -> Executor:
-    """A ready executor of ``kind`` for ``problem`` (use it as a context manager)."""
+    """An executor of ``kind``, connected and with its device checked, before anything is
+    loaded: call its ``start(problem)`` next (and use it as a context manager)."""
     if check_executor(kind, address) == "local":
-        return LocalExecutor(problem, device)
-    return RayExecutor(problem, device, address, workers)
+        if workers is not None:
+            raise ConfigError("--workers is only for --executor ray")
+        return LocalExecutor(None, device)
+    return RayExecutor(None, device, address, workers)

@@ -98,10 +98,12 @@ class Experiment:
     def _check_merge_configs(self) -> None:
         """Method names, weight counts and base requirements, before anything is loaded."""
         for label, params in self.merge_configs.items():
-            method = get_method(str(params.get("method", label)))
             where = f"merge_configs['{label}']"
+            if label in (FINETUNED, BASE):
+                raise ConfigError(f"{where}: '{label}' names the reference rows; give the merge another name")
+            method = get_method(str(params.get("method", label)))
             settings = {k: v for k, v in params.items() if k not in ("method", "weights")}
-            check_param_values(method, settings, where)
+            check_param_values(method, settings, where, len(self.model_checkpoints))
             weights = params.get("weights")
             if weights is not None:
                 self._check_weights(method, weights, settings, where)
@@ -124,7 +126,7 @@ class Experiment:
         checked = [float(weight.check(value, where)) for value in weights]
         normalize = method.param("normalize")
         default = normalize.default if normalize is not None else None
-        check_weights(method, checked, settings.get("normalize", default), "every tensor")
+        check_weights(method, checked, settings.get("normalize", default), f"in {where}")
 
     def run(
         self,
@@ -142,22 +144,23 @@ class Experiment:
         from m3sb.executors import check_executor, open_executor
 
         kind = check_executor(executor, ray_address)
-        if kind == "local":
-            resolve_device(self.device_name)  # before loading anything
-        problem = self._load()
-        labels = [FINETUNED, *([BASE] if problem.base is not None else []), *self.merge_configs]
+        labels = [FINETUNED, *([BASE] if self.base_model_checkpoint else []), *self.merge_configs]
         configs = {label: self.merge_configs.get(label) for label in labels}
         keeper = ExperimentRecord(record, self._fingerprint(), configs) if record is not None else None
         done = keeper.load() if keeper is not None else {}
-        if keeper is not None:
-            keeper.start(done)
         if done:
             self._log(f"resuming: {len(done)} of {len(labels)} scored in {record}")
         todo = [label for label in labels if label not in done]
         scored: dict[str, list[dict[str, float]]] = dict(done)
         points: dict[str, np.ndarray] = {}
-        if todo:
-            with open_executor(kind, problem, self.device_name, ray_address, workers) as pool:
+        if not todo:
+            problem = self._load()
+        else:
+            with open_executor(kind, self.device_name, ray_address, workers) as pool:  # checked first
+                problem = self._load()
+                pool.start(problem)
+                if keeper is not None:
+                    keeper.start(done)
                 for label, outcome in zip(todo, pool.map(todo), strict=True):
                     self._log(f"scored {label}")
                     scored[label] = outcome.metrics
@@ -336,7 +339,8 @@ class ExperimentRecord:
         self.configs = {label: _canonical(config) for label, config in configs.items()}
 
     def load(self) -> dict[str, list[dict[str, float]]]:
-        """The finished labels' metrics; nothing when the file is absent or from another setup.
+        """The finished labels' metrics; nothing when the file is absent, an error when it
+        belongs to another experiment.
 
         A last line torn by a crash is ignored (that label is scored again), and so is a
         label whose merge config has changed since.
@@ -344,8 +348,13 @@ class ExperimentRecord:
         if not self.path.is_file():
             return {}
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        if not lines or lines[0] != self.header:
+        if not lines:
             return {}
+        if lines[0] != self.header:
+            raise ConfigError(
+                f"{self.path}: holds the scores of another experiment (other models, datasets or "
+                "autocast); choose another --out, or delete the file to start again"
+            )
         done = {}
         for line in lines[1:]:
             try:

@@ -260,7 +260,7 @@ def _tensor_job(
     declared_weights = params.pop("weight", [1.0] * len(locations))
     assert isinstance(declared_weights, list)
     weights = tuple(float(w) for w in declared_weights)
-    check_weights(method, weights, params.get("normalize"), name)
+    check_weights(method, weights, params.get("normalize"), f"for tensor '{name}'")
     return TensorJob(name, info.shape, out_dtype, weights, params, mergeable=True)
 
 

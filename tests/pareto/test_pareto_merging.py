@@ -160,3 +160,25 @@ def test_a_baseline_merge_on_rebuilt_task_models_matches_the_original_weights(lo
     measured = evaluator.run(MethodMerge("ties", {"density": 0.5}))
     merged = merged_backbone("ties", {"density": 0.5}, [1.0] * 3, [t.weights for t in tasks], base.backbone)
     np.testing.assert_allclose(measured, problem.build(CPU).score(merged), rtol=1e-4)
+
+
+def test_half_precision_models_ship_float32_heads_and_score_alike(loaded: dict[str, Any]) -> None:
+    import copy
+    import pickle
+
+    def halved(task: TaskModel) -> TaskModel:
+        twin = copy.deepcopy(task)
+        twin.model.half()
+        twin.weights = {k: v.half() if v.is_floating_point() else v for k, v in twin.weights.items()}
+        return twin
+
+    problem = MergeProblem(
+        [halved(t) for t in loaded["tasks"]], loaded["inputs"], halved(loaded["base"]), "loss"
+    )
+    shipped = pickle.loads(pickle.dumps(problem.for_workers()))
+    for task in shipped.tasks:
+        assert {t.dtype for t in task.weights.values() if t.is_floating_point()} == {torch.float32}
+    points = np.random.default_rng(2).uniform(0.0, 1.0, size=(2, 3))
+    np.testing.assert_array_equal(
+        np.stack(shipped.build("cpu").run(points)), np.stack(problem.build(CPU).run(points))
+    )

@@ -228,3 +228,12 @@ def test_a_search_killed_mid_run_resumes_to_the_same_files(zoo_manifest: Path, t
         whole = pd.read_csv(tmp_path / "whole" / name)
         resumed = pd.read_csv(tmp_path / "cut" / name)
         pd.testing.assert_frame_equal(resumed, whole)
+
+
+def test_autocast_is_part_of_what_a_resumed_search_must_share(zoo_manifest: Path) -> None:
+    from m3sb.pareto.run import fingerprint
+
+    plain = ParetoConfig.model_validate(_config(zoo_manifest))
+    assert "autocast" not in fingerprint(plain)  # folders made before autocast existed still resume
+    half = ParetoConfig.model_validate(_config(zoo_manifest, autocast="bfloat16"))
+    assert fingerprint(half) != fingerprint(plain)

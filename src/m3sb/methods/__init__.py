@@ -89,7 +89,7 @@ def merge_group(
             resolved[param.name] = param.check(value, method_name)
     if params:
         raise ConfigError(f"unknown parameter '{next(iter(params))}' for merge_method '{method_name}'")
-    check_weights(method, weight_list, resolved.get("normalize"), tensor_name)
+    check_weights(method, weight_list, resolved.get("normalize"), f"for tensor '{tensor_name}'")
     merged = apply_method(method, tensors, weight_list, base, resolved, tensor_name)
     if not bool(torch.isfinite(merged).all()):
         raise MergeError(f"tensor '{tensor_name}': the merge produced NaN or Inf")

@@ -168,9 +168,12 @@ def tensor_seed(random_seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def check_param_values(method: MergeMethod, params: Mapping[str, Any], where: str) -> None:
-    """Every parameter in ``params`` is the method's, with a valid value (one value, or one
-    per model for per-model parameters); a one-line ConfigError naming ``where`` otherwise."""
+def check_param_values(
+    method: MergeMethod, params: Mapping[str, Any], where: str, count: int | None = None
+) -> None:
+    """Every parameter in ``params`` is the method's, with a valid value (one value, or, for
+    per-model parameters, a list of one per model when ``count`` models are known); a
+    one-line ConfigError naming ``where`` otherwise."""
     for key, value in params.items():
         param = method.param(key)
         if param is None or key == "weight":
@@ -179,22 +182,29 @@ def check_param_values(method: MergeMethod, params: Mapping[str, Any], where: st
                 f"{where}: unknown parameter '{key}' for '{method.name}'; allowed: {allowed or 'none'}"
             )
         values = value if param.per_model and isinstance(value, list) else [value]
+        if param.per_model and isinstance(value, list) and count is not None and len(value) != count:
+            raise ConfigError(
+                f"{where}: {len(value)} values of '{key}' for {count} models; give one per model"
+            )
         for single in values:
             param.check(single, where)
 
 
-def check_weights(method: MergeMethod, weights: Sequence[float], normalize: object, tensor_name: str) -> None:
-    """Weights the method can use: non-negative where it needs that, and not summing to zero
-    where it divides by their sum (spherical methods, ``normalize: true``)."""
+def check_weights(method: MergeMethod, weights: Sequence[float], normalize: object, what: str) -> None:
+    """Weights the method can use: finite, non-negative where it needs that, and not summing
+    to zero where it divides by their sum (spherical methods, ``normalize: true``).
+    ``what`` ends the messages: ``for tensor 'x'``, say."""
     for weight in weights:
         if not math.isfinite(weight) or abs(weight) > MAX_NUMBER:
             raise ConfigError(
-                f"weights must be finite numbers of magnitude <= {MAX_NUMBER:g}, got {_short(weight)}"
+                f"weights must be finite numbers of magnitude <= {MAX_NUMBER:g}, got {_short(weight)} {what}"
             )
     if method.nonnegative_weights and any(w < 0 for w in weights):
-        raise ConfigError(f"merge_method '{method.name}' needs non-negative weights, got {list(weights)}")
+        raise ConfigError(
+            f"merge_method '{method.name}' needs non-negative weights, got {list(weights)} {what}"
+        )
     if (method.nonnegative_weights or normalize is True) and abs(sum(weights)) < MIN_WEIGHT_SUM:
-        raise ConfigError(f"weights sum to zero for tensor '{tensor_name}': {list(weights)}")
+        raise ConfigError(f"weights sum to zero {what}: {list(weights)}")
 
 
 def apply_method(

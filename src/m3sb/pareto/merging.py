@@ -42,7 +42,9 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def check_search_method(method_name: str, params: Mapping[str, Any], bounds: tuple[float, float]) -> None:
+def check_search_method(
+    method_name: str, params: Mapping[str, Any], bounds: tuple[float, float], count: int | None = None
+) -> None:
     """The method must take per-model weights (the coefficients) and accept ``params``."""
     method = get_method(method_name)
     if not method.uses_weights:
@@ -51,7 +53,7 @@ def check_search_method(method_name: str, params: Mapping[str, Any], bounds: tup
         )
     if method.nonnegative_weights and bounds[0] < 0:
         raise ConfigError(f"merge_method '{method_name}' needs weights >= 0, but bounds start at {bounds[0]}")
-    check_param_values(method, params, "parameters")
+    check_param_values(method, params, "parameters", count)
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,7 @@ class MergeProblem:
     flat: FlatTaskVectors = field(init=False)
 
     def __post_init__(self) -> None:
+        """Checks the settings, casts the task models to float32 (in place) and flattens them."""
         check_metric(self.metric)
         check_autocast(self.autocast)
         for task in self.tasks:  # heads meet float32 candidate backbones: half-precision models too
@@ -338,8 +341,11 @@ def without_backbone(task: TaskModel) -> TaskModel:
     """A copy of ``task`` whose backbone tensors are one-element stand-ins of the right shape
     (``functional_call`` supplies the real ones); its own weights keep only the head."""
     backbone = task.backbone
-    heads = {name: tensor for name, tensor in task.weights.items() if name not in backbone}
-    stand_ins = {name: torch.zeros((), dtype=t.dtype).expand(t.shape) for name, t in backbone.items()}
+    state = task.model.state_dict()  # the model's own dtypes (float32 after MergeProblem)
+    heads = {name: tensor for name, tensor in state.items() if name not in backbone}
+    stand_ins = {
+        name: torch.zeros((), dtype=state[name].dtype).expand(t.shape) for name, t in backbone.items()
+    }
     model = copy.deepcopy(task.model)
     model.load_state_dict({**heads, **stand_ins}, strict=True, assign=True)
     return TaskModel(task.checkpoint, model, task.processor, heads)

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from m3sb.pareto.preference import Rule, check_preference
 from m3sb.pareto.records import FRONT, SELECTED, EvaluationRecord, front_table
 from m3sb.pareto.search import SearchSettings
 from m3sb.pareto.surrogate import Warp, fit_surrogates
+
+if TYPE_CHECKING:
+    from m3sb.pareto.merging import MergeProblem
 
 MAX_GRID_POINTS = 10_000
 TASK_ARITHMETIC_SCALE = 0.3  # the task-arithmetic baseline: every coefficient at 0.3 (Ilharco et al.)
@@ -71,7 +74,7 @@ def check_run(
     from m3sb.pareto.merging import check_metric, check_search_method
 
     check_metric(config.metric)
-    check_search_method(config.merge_method, config.parameters, config.bounds)
+    check_search_method(config.merge_method, config.parameters, config.bounds, len(config.tasks))
     count = len(config.tasks)
     budget = config.budget if config.budget is not None else default_budget(count, cast(Mode, mode))
     check_search_inputs(count, budget, config.bounds, mode, "loss" if config.metric == "loss" else "score")
@@ -97,6 +100,7 @@ def fingerprint(config: ParetoConfig) -> dict[str, Any]:
         "merge_method": config.merge_method,
         "parameters": config.parameters,
         "metric": config.metric,
+        **({"autocast": config.autocast} if config.autocast != "none" else {}),
         "tasks": [
             task.model_dump() | {"dataset": _with_default_split(task.dataset)} for task in config.tasks
         ],
@@ -130,18 +134,14 @@ def run_pareto(
     address = ray_address or config.ray_address
     kind = check_executor(executor or config.executor, address)
     check_run(config, mode, preference, grid_points)
-    if kind == "local":
-        from m3sb.devices import resolve_device
-
-        resolve_device(device)  # before loading anything
     names = [task.name for task in config.tasks]
     record = EvaluationRecord(Path(results_path), names, config.metric, fingerprint(config))
     known, labelled = record.load()
     if known or labelled:
         say(f"resuming: {len(known) + len(labelled)} evaluations found in {record.path}")
-    problem = _load_problem(config, say)
-    shipped = problem.for_workers() if kind == "ray" else problem
-    with open_executor(kind, shipped, device, address, workers) as pool:
+    with open_executor(kind, device, address, workers) as pool:  # device and cluster checked first
+        problem = _load_problem(config, say)
+        pool.start(problem.for_workers() if kind == "ray" else problem)
         if kind == "ray":
             say(f"evaluating on {pool.workers} Ray workers")
         return _search_and_write(
@@ -265,7 +265,7 @@ def _search_and_write(
     return outcome
 
 
-def _load_problem(config: ParetoConfig, say: Callable[[str], None]) -> Any:
+def _load_problem(config: ParetoConfig, say: Callable[[str], None]) -> MergeProblem:
     from m3sb.data import load_task_data, parse_dataset_spec, prepare_inputs
     from m3sb.models import check_shared_backbone, load_task_model
     from m3sb.pareto.merging import MergeProblem

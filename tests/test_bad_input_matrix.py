@@ -1098,7 +1098,7 @@ def test_zero_element_tensors_present_in_every_model_merge(
 def test_mixed_dtypes_compute_in_float32(family: Family, tmp_path: Path) -> None:
     """float16, bfloat16 and float32 fine-tunes of one family merge together. m3sb upcasts
     every input to float32, merges, and writes ``out_dtype`` (else ``dtype``, else the
-    dtype of each tensor in the first model listed)."""
+    dtype that holds every input's: float32 here, whatever the order of the models)."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     mixed = [
         _clone(p, tmp_path / f"ft-{i}", dtype=dt)
@@ -1123,14 +1123,18 @@ def test_mixed_dtypes_compute_in_float32(family: Family, tmp_path: Path) -> None
         # such errors is within 2^-8 of the largest magnitude
         assert as_float32[name].dtype == torch.float32
         assert ((as_float32[name] - expected).abs() <= largest * 2**-8 + 1e-7).all(), name
-        assert default[name].dtype == torch.float16, name  # the first model's dtype
-        assert torch.equal(default[name], as_float32[name].to(torch.float16)), name
+        assert default[name].dtype == torch.float32, name  # float16 + bfloat16 + float32 -> float32
+        assert torch.equal(default[name], as_float32[name]), name
         assert as_bf16[name].dtype == torch.bfloat16 and torch.equal(
             as_bf16[name], as_float32[name].bfloat16()
         )
-    for folder, dtype in (("f32", "float32"), ("default", "float16"), ("bf16", "bfloat16")):
+    for folder, dtype in (("f32", "float32"), ("default", "float32"), ("bf16", "bfloat16")):
         config = json.loads((tmp_path / folder / "config.json").read_text())
         assert config.get("dtype", config.get("torch_dtype")) == dtype, folder
+    reordered = {**recipe, "models": recipe["models"][::-1]}
+    backwards = _merge_ok(_write(tmp_path / "backwards.yml", reordered), tmp_path / "backwards")
+    for name in default:
+        assert backwards[name].dtype == torch.float32, name  # the order of the models does not matter
 
 
 def _tied_family(folder: Path) -> list[Path]:

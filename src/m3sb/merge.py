@@ -227,6 +227,17 @@ def _resolve(
     return param.default
 
 
+def _promoted(name: str, info: TensorInfo, checkpoints: Sequence[Checkpoint]) -> TensorInfo:
+    """``info`` with the dtype that holds every input's (float16 and bfloat16 give float32), so
+    that a merge of mixed dtypes does not depend on the order of the models."""
+    dtype = info.dtype
+    for checkpoint in checkpoints:
+        other = checkpoint.tensors[name].dtype
+        if other != dtype and other.is_floating_point and dtype.is_floating_point:
+            dtype = torch.promote_types(dtype, other)
+    return info if dtype == info.dtype else TensorInfo(info.shape, dtype)
+
+
 def _tensor_job(
     name: str,
     info: TensorInfo,
@@ -274,10 +285,12 @@ def build_plan(config: MergeConfig) -> MergePlan:
         opened[location] = open_checkpoint(location)
     inputs = tuple(opened[location] for location in locations)
     base = opened[base_location] if base_location else None
-    names = _check_alignment([*inputs, *([base] if base else [])])
+    every = [*inputs, *([base] if base else [])]
+    names = _check_alignment(every)
     num_layers = _num_layers(inputs[0])
     jobs = tuple(
-        _tensor_job(name, info, method, config, specs, locations, num_layers) for name, info in names.items()
+        _tensor_job(name, _promoted(name, info, every), method, config, specs, locations, num_layers)
+        for name, info in names.items()
     )
     compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
     tokenizer_folder = _tokenizer_folder(config)

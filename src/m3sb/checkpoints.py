@@ -539,6 +539,14 @@ def _umask() -> int:
     return mask
 
 
+def append_text_durably(path: Path, text: str) -> None:
+    """Append ``text`` to ``path`` and make it durable (fsync) before returning."""
+    with open(path, "a", encoding="utf-8", newline="") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file renamed into place."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)

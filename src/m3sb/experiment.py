@@ -9,7 +9,6 @@ reference rows, and each row carries its accuracy normalised by the fine-tuned o
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from m3sb.checkpoints import append_text_durably, write_text_atomic
 from m3sb.data import DatasetSpec, TaskInputs, load_task_data, parse_dataset_spec, prepare_inputs
 from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError
 from m3sb.eval import check_autocast, classification_metrics, predict
-from m3sb.methods import get_method, merge_group
+from m3sb.methods import get_method, merge_backbones
 from m3sb.methods.registry import check_param_values, check_weights
 from m3sb.models import TaskModel, check_shared_backbone, load_task_model
 
@@ -285,16 +285,14 @@ class ExperimentProblem:
         weights = params.pop("weights", None)
         if method.space == "either":
             params.setdefault("space", self.space)
-        merged = {}
-        base_backbone = self.base.backbone if self.base is not None else None
-        for name, reference in self.tasks[0].backbone.items():
-            if not reference.is_floating_point():
-                merged[name] = reference
-                continue
-            group = [task.weights[name] for task in self.tasks]
-            base_tensor = base_backbone[name] if base_backbone is not None else None
-            merged[name] = merge_group(method.name, group, weights, base_tensor, tensor_name=name, **params)
-        return merged
+        return merge_backbones(
+            method.name,
+            self.tasks[0].backbone,
+            [task.weights for task in self.tasks],
+            weights,
+            self.base.backbone if self.base is not None else None,
+            **params,
+        )
 
 
 class ExperimentWorker:
@@ -369,18 +367,13 @@ class ExperimentRecord:
 
     def start(self, done: Mapping[str, list[dict[str, float]]]) -> None:
         """Rewrite the file with its header and the ``done`` labels only (atomically)."""
-        from m3sb.checkpoints import write_text_atomic
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         entries = [self._line(label, metrics) for label, metrics in done.items()]
         write_text_atomic(self.path, "".join([self.header + "\n", *entries]))
 
     def append(self, label: str, metrics: list[dict[str, float]]) -> None:
         """Add one label's metrics, on disk before this returns."""
-        with open(self.path, "a", encoding="utf-8") as file:
-            file.write(self._line(label, metrics))
-            file.flush()
-            os.fsync(file.fileno())
+        append_text_durably(self.path, self._line(label, metrics))
 
     def _line(self, label: str, metrics: list[dict[str, float]]) -> str:
         config = json.loads(self.configs[label])

@@ -148,8 +148,9 @@ def _select_inputs(
     specs = [dict(entry.parameters) for entry in config.models]
     base = config.base_model if _uses_base(method, config) else None
     if base is not None:  # the base may be written another way among the models
+        base_identity = _identity(base)
         base = next(
-            (loc for loc, ident in zip(locations, identities, strict=True) if ident == _identity(base)), base
+            (loc for loc, ident in zip(locations, identities, strict=True) if ident == base_identity), base
         )
     if base is None and method.merges_task_vectors(config.parameters.get("space")):
         with_space = " with space: task_vectors" if method.space == "either" else ""

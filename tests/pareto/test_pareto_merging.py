@@ -101,7 +101,7 @@ def test_loss_metric_is_the_mean_cross_entropy(loaded: dict[str, Any]) -> None:
 def test_other_methods_take_the_coefficients_as_weights(loaded: dict[str, Any]) -> None:
     tasks, base = loaded["tasks"], loaded["base"]
     evaluator = _evaluator(loaded, method_name="ties", params={"density": 0.5})
-    assert not evaluator.fast
+    assert not evaluator.problem.fast
     merged = evaluator.backbone([0.5, 0.3, 0.2])
     name = next(iter(base.backbone))
     expected = merge_group(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -96,4 +96,28 @@ def merge_group(
     return merged
 
 
-__all__ = ["METHODS", "MergeMethod", "Param", "apply_method", "get_method", "merge_group"]
+def merge_backbones(
+    method_name: str,
+    reference: Mapping[str, torch.Tensor],
+    models: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    base: Mapping[str, torch.Tensor] | None = None,
+    **params: ParamValue | Sequence[ParamValue],
+) -> dict[str, torch.Tensor]:
+    """Merge whole backbones in memory with :func:`merge_group`, tensor by tensor.
+
+    ``reference`` names the tensors to merge and supplies the non-floating ones (copied
+    as they are); ``models`` and ``base`` map at least those names to tensors.
+    """
+    merged = {}
+    for name, tensor in reference.items():
+        if not tensor.is_floating_point():
+            merged[name] = tensor
+            continue
+        group = [model[name] for model in models]
+        base_tensor = base[name] if base is not None else None
+        merged[name] = merge_group(method_name, group, weights, base_tensor, tensor_name=name, **params)
+    return merged
+
+
+__all__ = ["METHODS", "MergeMethod", "Param", "apply_method", "get_method", "merge_backbones", "merge_group"]

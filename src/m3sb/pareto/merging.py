@@ -25,7 +25,7 @@ from torch.func import functional_call
 from m3sb.data import TaskInputs
 from m3sb.errors import ConfigError
 from m3sb.eval import autocast, check_autocast, classification_metrics
-from m3sb.methods import get_method, merge_group
+from m3sb.methods import get_method, merge_backbones
 from m3sb.methods.registry import check_param_values
 from m3sb.models import TaskModel
 
@@ -198,24 +198,15 @@ def merged_backbone(
     models: Sequence[Mapping[str, torch.Tensor]],
     base: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Any weighted method's merged backbone, tensor by tensor, with the coefficients as weights.
+    """Any weighted method's merged backbone, tensor by tensor, with the coefficients as weights
+    (in the task-vector space where the method offers both).
 
-    ``models`` and ``base`` map tensor names to tensors (backbones or whole state dicts).
+    ``base`` is the base backbone; ``models`` map at least its names to tensors.
     """
-    method = get_method(method_name)
     extra = dict(params)
-    if method.space == "either":
+    if get_method(method_name).space == "either":
         extra.setdefault("space", "task_vectors")
-    merged = {}
-    for name, reference in base.items():
-        if not reference.is_floating_point():
-            merged[name] = reference
-            continue
-        group = [model[name] for model in models]
-        merged[name] = merge_group(
-            method_name, group, list(coefficients), reference, tensor_name=name, **extra
-        )
-    return merged
+    return merge_backbones(method_name, base, models, list(coefficients), base, **extra)
 
 
 @torch.inference_mode()
@@ -356,24 +347,20 @@ class MergeEvaluator:
 
     def __init__(self, problem: MergeProblem, device: torch.device) -> None:
         self.problem = problem
-        self.tasks, self.inputs, self.base = problem.tasks, problem.inputs, problem.base
-        self.metric = problem.metric
         self.device = device
-        self.method_name = problem.method_name
-        self.params = problem.params
-        self.fast, self.scale = problem.fast, problem.scale
         self.space = TaskVectorSpace(problem.flat, device)
 
     def backbone(self, coefficients: Sequence[float] | np.ndarray) -> dict[str, torch.Tensor]:
         """The candidate backbone for ``coefficients`` (views of a reused buffer on the fast path)."""
-        if self.fast:
-            return self.space.candidate(self.scale * np.asarray(coefficients, dtype=float))
+        problem = self.problem
+        if problem.fast:
+            return self.space.candidate(problem.scale * np.asarray(coefficients, dtype=float))
         merged = merged_backbone(
-            self.method_name,
-            self.params,
+            problem.method_name,
+            problem.params,
             list(coefficients),
-            [task.weights for task in self.tasks],
-            self.base.backbone,
+            [task.weights for task in problem.tasks],
+            problem.base.backbone,
         )
         return {name: tensor.to(self.device) for name, tensor in merged.items()}
 
@@ -385,9 +372,9 @@ class MergeEvaluator:
                 task_metric(
                     task_logits(task, backbone, data, self.device, problem.batch_size, problem.autocast),
                     data.labels,
-                    self.metric,
+                    problem.metric,
                 )
-                for task, data in zip(self.tasks, self.inputs, strict=True)
+                for task, data in zip(problem.tasks, problem.inputs, strict=True)
             ]
         )
 
@@ -411,24 +398,24 @@ class MergeEvaluator:
         share each forward pass (vmap over their stacked backbones): worth it on a GPU;
         on a small CPU one candidate at a time is as fast.
         """
-        per_pass = self.problem.candidates_per_pass
-        if not self.fast or per_pass <= 1:
+        problem = self.problem
+        per_pass = problem.candidates_per_pass
+        if not problem.fast or per_pass <= 1:
             yield from (self(point) for point in points)
             return
-        problem = self.problem
         for start in range(0, len(points), per_pass):
-            chunk = self.scale * np.asarray(points[start : start + per_pass], dtype=float)
+            chunk = problem.scale * np.asarray(points[start : start + per_pass], dtype=float)
             flats = self.space.candidates(chunk)
             logits = [
                 batched_task_logits(
                     task, flats, self.space, data, self.device, problem.batch_size, problem.autocast
                 )
-                for task, data in zip(self.tasks, self.inputs, strict=True)
+                for task, data in zip(problem.tasks, problem.inputs, strict=True)
             ]
             for row in range(len(chunk)):
                 yield np.array(
                     [
-                        task_metric(batch[row], data.labels, self.metric)
-                        for batch, data in zip(logits, self.inputs, strict=True)
+                        task_metric(batch[row], data.labels, problem.metric)
+                        for batch, data in zip(logits, problem.inputs, strict=True)
                     ]
                 )

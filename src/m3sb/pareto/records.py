@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from m3sb.checkpoints import write_text_atomic
+from m3sb.checkpoints import append_text_durably, write_text_atomic
 from m3sb.errors import ConfigError
 from m3sb.pareto.evaluations import Evaluation
 
@@ -133,10 +132,7 @@ class EvaluationRecord:
             [""] * len(self.task_names) if coefficients is None else [repr(float(v)) for v in coefficients]
         )
         line = _csv_line([phase, *values, *(repr(float(v)) for v in metrics)])
-        with open(self.path, "a", encoding="utf-8", newline="") as file:
-            file.write(line)
-            file.flush()
-            os.fsync(file.fileno())
+        append_text_durably(self.path, line)
 
 
 def _csv_line(fields: Sequence[str]) -> str:

@@ -190,7 +190,7 @@ class PoolEvaluator:
 
 def _search_and_write(
     config: ParetoConfig,
-    problem: Any,
+    problem: MergeProblem,
     evaluator: PoolEvaluator,
     record: EvaluationRecord,
     known: list[Evaluation],
@@ -316,7 +316,7 @@ def _select(
 
 
 def _baselines(
-    problem: Any,
+    problem: MergeProblem,
     evaluator: PoolEvaluator,
     extra: EvaluationLog,
     labelled: dict[str, np.ndarray],
@@ -355,7 +355,7 @@ def _plots(outcome: ParetoOutcome, evaluations: list[Evaluation], config: Pareto
 
 
 def save_selected_models(
-    problem: Any, coefficients: Sequence[float], names: Sequence[str], folder: Path
+    problem: MergeProblem, coefficients: Sequence[float], names: Sequence[str], folder: Path
 ) -> Path:
     """One classifier per task (the selected merged backbone, that task's head) under ``folder/<task>``."""
     from m3sb.checkpoints import atomic_output_folder

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from m3sb.cli import app
 from m3sb.config import ExperimentConfig
-from m3sb.data import DataError
 from m3sb.errors import ConfigError, MergeError
 from m3sb.experiment import RESULT_COLUMNS, Experiment, TaskVectorExperiment
+from m3sb.tasks.data import DataError
 
 pytestmark = pytest.mark.slow
 
@@ -240,7 +240,7 @@ def test_merge_configs_are_checked_before_anything_loads(
 
 def test_remote_code_is_never_run_unless_the_config_asks(zoo: dict[str, Any], tmp_path: Path) -> None:
     from m3sb.errors import CheckpointError
-    from m3sb.models import load_task_model
+    from m3sb.tasks.image_classification import load_task_model
 
     folder = tmp_path / "custom"
     shutil.copytree(zoo["tasks"][0]["checkpoint"], folder)

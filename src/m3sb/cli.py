@@ -256,7 +256,7 @@ def pareto(
             raise ConfigError(f"--rule {rule}: choose weighted_sum or chebyshev")
         spec = load_pareto_config(config)
         if autocast is not None:
-            from m3sb.eval import check_autocast
+            from m3sb.tasks.metrics import check_autocast
 
             spec = spec.model_copy(update={"autocast": check_autocast(autocast)})
         weights = load_preference(preference, [t.name for t in spec.tasks]) if preference else None

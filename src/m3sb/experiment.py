@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from m3sb.checkpoints import append_text_durably, write_text_atomic
-from m3sb.data import DatasetSpec, TaskInputs, load_task_data, parse_dataset_spec, prepare_inputs
 from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError
-from m3sb.eval import check_autocast, classification_metrics, predict
 from m3sb.methods import get_method, merge_backbones
 from m3sb.methods.registry import check_param_values, check_weights
-from m3sb.models import TaskModel, check_shared_backbone, load_task_model
+from m3sb.tasks.data import DatasetSpec, TaskInputs, load_task_data, parse_dataset_spec, prepare_inputs
+from m3sb.tasks.image_classification import TaskModel, check_shared_backbone, load_task_model
+from m3sb.tasks.metrics import check_autocast, classification_metrics, predict
 
 RESULT_COLUMNS = (
     "experiment",

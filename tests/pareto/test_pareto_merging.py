@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from m3sb.data import DatasetSpec, load_task_data, prepare_inputs
 from m3sb.errors import ConfigError
-from m3sb.eval import classification_metrics, predict
 from m3sb.methods import merge_group
-from m3sb.models import TaskModel, load_task_model
 from m3sb.pareto.merging import (
     FlatTaskVectors,
     MergeEvaluator,
@@ -25,6 +22,9 @@ from m3sb.pareto.merging import (
     check_search_method,
     merged_backbone,
 )
+from m3sb.tasks.data import DatasetSpec, load_task_data, prepare_inputs
+from m3sb.tasks.image_classification import TaskModel, load_task_model
+from m3sb.tasks.metrics import classification_metrics, predict
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")

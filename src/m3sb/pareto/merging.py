@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from m3sb.data import TaskInputs
 from m3sb.errors import ConfigError
-from m3sb.eval import autocast, check_autocast, classification_metrics
 from m3sb.methods import get_method, merge_backbones
 from m3sb.methods.registry import check_param_values
-from m3sb.models import TaskModel
+from m3sb.tasks.data import TaskInputs
+from m3sb.tasks.image_classification import TaskModel
+from m3sb.tasks.metrics import autocast, check_autocast, classification_metrics
 
 SCORE_METRICS = ("accuracy", "precision", "recall", "f1_score")
 METRICS = (*SCORE_METRICS, "loss")

@@ -70,8 +70,8 @@ def check_run(
     config: ParetoConfig, mode: str, preference: Sequence[float] | None, grid_points: int | None
 ) -> None:
     """Every error that needs no model: metric, method, budget, preference, grid size."""
-    from m3sb.data import parse_dataset_spec
     from m3sb.pareto.merging import check_metric, check_search_method
+    from m3sb.tasks.data import parse_dataset_spec
 
     check_metric(config.metric)
     check_search_method(config.merge_method, config.parameters, config.bounds, len(config.tasks))
@@ -266,9 +266,9 @@ def _search_and_write(
 
 
 def _load_problem(config: ParetoConfig, say: Callable[[str], None]) -> MergeProblem:
-    from m3sb.data import load_task_data, parse_dataset_spec, prepare_inputs
-    from m3sb.models import check_shared_backbone, load_task_model
     from m3sb.pareto.merging import MergeProblem
+    from m3sb.tasks.data import load_task_data, parse_dataset_spec, prepare_inputs
+    from m3sb.tasks.image_classification import check_shared_backbone, load_task_model
 
     say("loading models and validation data ...")
     models = [load_task_model(task.model, config.trust_remote_code) for task in config.tasks]

@@ -11,7 +11,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
 from transformers import ViTImageProcessor
 
-from m3sb.data import DataError, DatasetSpec, load_task_data, prepare_inputs
+from m3sb.tasks.data import DataError, DatasetSpec, load_task_data, prepare_inputs
 
 PROCESSOR = ViTImageProcessor(
     do_resize=False, image_mean=[0.5], image_std=[0.5], size={"height": 8, "width": 8}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Idle OpenMP threads spin by default, which stalls small tensor ops on 2-vCPU machines.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The preprocessing cache of the whole session (CLI subprocesses too) lives in a fresh folder.
+os.environ["M3SB_CACHE_DIR"] = tempfile.mkdtemp(prefix="m3sb-test-cache-")
 
 from pathlib import Path
 

@@ -214,7 +214,7 @@ def test_a_search_whose_worker_dies_finishes_with_the_same_evaluations(
     quick = SearchSettings(generations=20)
 
     def search(pool: Any) -> Any:
-        evaluator = PoolEvaluator(pool, 1)
+        evaluator = PoolEvaluator(pool, problem)
         return amortized_pareto_front(evaluator, 3, 12, search=quick, evaluate_many=evaluator.evaluate_many)
 
     with LocalExecutor(problem, "cpu") as local:

@@ -264,3 +264,37 @@ def test_remote_code_is_never_run_unless_the_config_asks(zoo: dict[str, Any], tm
     assert result.exit_code == 1 and "cannot load an image classifier" in result.output
     assert not marker.exists()
     assert ExperimentConfig.model_fields["trust_remote_code"].default is False
+
+
+def test_a_control_task_is_scored_with_every_merge_but_not_merged(zoo: dict[str, Any]) -> None:
+    arguments = _arguments(zoo, {"linear": {"weights": [1, 1]}, "barycenter": {"weights": [1, 1]}})
+    arguments["datasets_config"][2] = arguments["datasets_config"][2] | {"control": True}
+    with_control = Experiment(**arguments).run()
+    plain = _arguments(zoo, {"linear": {"weights": [1, 1]}, "barycenter": {"weights": [1, 1]}}, tasks=2)
+    without = Experiment(**plain).run()
+    control = arguments["datasets_config"][2]["dataset_name"].split("/")[-1]
+    merged_rows = with_control[with_control["dataset"] != control].reset_index(drop=True)
+    columns = [c for c in RESULT_COLUMNS if c != "control"]
+    pd.testing.assert_frame_equal(merged_rows[columns], without[columns])  # the control changed no merge
+    rows = with_control[with_control["dataset"] == control]
+    assert list(rows["merge_method"]) == ["finetuned", "base", "linear", "barycenter"]
+    assert rows["control"].all() and not merged_rows["control"].any()
+    assert (rows["samples"] == 120).all() and rows["accuracy"].between(0, 100).all()
+    with pytest.raises(ConfigError, match=r"3 weights for 2 merged models; give one per merged model"):
+        Experiment(**(arguments | {"merge_configs": {"linear": {"weights": [1, 1, 1]}}}))
+    every = [entry | {"control": True} for entry in arguments["datasets_config"]]
+    with pytest.raises(ConfigError, match="every task is a control"):
+        Experiment(**(arguments | {"datasets_config": every}))
+    with pytest.raises(ConfigError, match=r"datasets_config\[0\]: unknown kind 'clip'; choose one of"):
+        Experiment(
+            **(
+                arguments
+                | {"datasets_config": [{**arguments["datasets_config"][0], "kind": "clip"}, *every[1:]]}
+            )
+        )
+
+
+def test_the_default_device_is_auto() -> None:
+    import inspect
+
+    assert inspect.signature(Experiment).parameters["device"].default == "auto"

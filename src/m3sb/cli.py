@@ -32,6 +32,12 @@ T = TypeVar("T")
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+EvalDeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device", help="Where evaluations run: auto (a GPU when there is one), cpu, cuda[:N], mps."
+    ),
+]
 ExecutorOption = Annotated[
     str | None,
     typer.Option(
@@ -155,7 +161,7 @@ def experiment(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for results.csv, the plots and report.html.")
     ] = Path("m3sb-experiment"),
-    device: DeviceOption = "cpu",
+    device: EvalDeviceOption = "auto",
     executor: ExecutorOption = None,
     ray_address: RayAddressOption = None,
     workers: WorkersOption = None,
@@ -188,13 +194,18 @@ def experiment(
             trust_remote_code=spec.trust_remote_code,
             log=lambda line: console.print(line, highlight=False),
             autocast=autocast or spec.autocast,
+            processor_checkpoint=spec.processor_checkpoint,
+            cache_dir=spec.cache_dir,
         )
         results = runner.run(
             executor or spec.executor, ray_address or spec.ray_address, workers, record=out / SCORES
         )
         written = write_results(results, out)
         figures = write_figures(results, runner.points, runner.point_kinds, out)
-        report = write_report(results, figures, yaml.safe_dump(spec.model_dump(), sort_keys=False), out)
+        configuration = yaml.safe_dump(spec.model_dump(), sort_keys=False)
+        report = write_report(
+            results, figures, configuration, out, points=runner.points, kinds=runner.point_kinds
+        )
         print_results(results, console)
         console.print(f"results: {written}\nreport: {report}", highlight=False)
 
@@ -234,7 +245,7 @@ def pareto(
             "--baselines/--no-baselines", help="Also score task arithmetic, TIES and the barycenter."
         ),
     ] = True,
-    device: DeviceOption = "cpu",
+    device: EvalDeviceOption = "auto",
     executor: ExecutorOption = None,
     ray_address: RayAddressOption = None,
     workers: WorkersOption = None,
@@ -259,7 +270,7 @@ def pareto(
             from m3sb.tasks.metrics import check_autocast
 
             spec = spec.model_copy(update={"autocast": check_autocast(autocast)})
-        weights = load_preference(preference, [t.name for t in spec.tasks]) if preference else None
+        weights = load_preference(preference, [t.name for t in spec.merged_tasks]) if preference else None
         outcome = run_pareto(
             spec,
             results_path,
@@ -282,6 +293,42 @@ def pareto(
             print_outcome(outcome, console)
 
     guarded(run, debug, f"finished evaluations are kept in {results_path}/evaluations.csv; rerun to resume")
+
+
+@app.command()
+def compare(
+    folders: Annotated[
+        list[Path] | None,
+        typer.Argument(metavar="RESULTS_DIR", help="Folders that m3sb experiment wrote (results.csv)."),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Folder for comparison.csv, comparison.png and comparison.html."),
+    ] = Path("m3sb-comparison"),
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            help="accuracy, precision, recall, f1_score or normalized_accuracy; repeat for one PNG "
+            "per metric (the first is comparison.png and the printed table). \\[default: accuracy]",
+        ),
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Compare experiments: every row of each RESULTS_DIR/results.csv, side by side, per task."""
+
+    def run() -> None:
+        from m3sb.compare import load_results, print_summary, summary_table, write_comparison
+
+        metrics = metric or ["accuracy"]
+        frame = load_results(folders or [])
+        paths = write_comparison(frame, out, metrics)
+        print_summary(summary_table(frame, metrics[0]), metrics[0], console)
+        console.print(
+            "\n".join(f"{name}: {path}" for name, path in paths.items()), highlight=False, markup=False
+        )
+
+    guarded(run, debug)
 
 
 @app.command()
@@ -310,7 +357,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's models and results.")] = Path(
         "m3sb-demo"
     ),
-    device: DeviceOption = "cpu",
+    device: EvalDeviceOption = "auto",
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:

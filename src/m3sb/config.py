@@ -231,6 +231,8 @@ class ExperimentConfig(BaseModel):
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     trust_remote_code: bool = False
+    processor_checkpoint: str | None = Field(default=None, min_length=1)
+    cache_dir: str | None = Field(default=None, min_length=1)
 
 
 def _validated(schema: type[BaseModel], data: Any, path: str | Path) -> Any:
@@ -260,6 +262,8 @@ class ParetoTaskConfig(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     model: str = Field(min_length=1)
     dataset: dict[str, Any]
+    kind: str = "image_classification"
+    control: bool = False
 
     @field_validator("name")
     @classmethod
@@ -288,6 +292,8 @@ class ParetoConfig(BaseModel):
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     trust_remote_code: bool = False
+    processor_checkpoint: str | None = Field(default=None, min_length=1)
+    cache_dir: str | None = Field(default=None, min_length=1)
     tasks: list[ParetoTaskConfig] = Field(min_length=2)
 
     @field_validator("tasks")
@@ -298,7 +304,14 @@ class ParetoConfig(BaseModel):
             if task.name in seen:
                 raise ValueError(f"two tasks share the name '{task.name}'; give each task its own name")
             seen.add(task.name)
+        if sum(not task.control for task in tasks) < 2:
+            raise ValueError("a search needs at least two tasks that are merged (not control tasks)")
         return tasks
+
+    @property
+    def merged_tasks(self) -> list[ParetoTaskConfig]:
+        """The tasks whose task vectors the coefficients weigh (every task but the controls)."""
+        return [task for task in self.tasks if not task.control]
 
     @field_validator("bounds")
     @classmethod

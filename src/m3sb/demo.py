@@ -83,13 +83,14 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "linear": {},
     "pairwise_slerp": {},
     "barycenter": {},
+    "barycenter_seed": {},  # the seed's published loop, beside the exact barycenter
     "task_arithmetic": {"lambda": 0.3},
     "ties": {"density": 0.2},
     "dare_ties": {"density": 0.3, "lambda": 0.5},
 }
 
 
-def run_demo(out: Path, console: Console | None = None, device: str = "cpu") -> Any:
+def run_demo(out: Path, console: Console | None = None, device: str = "auto") -> Any:
     """The merge engine on toy Llamas, M3SB experiments on the digits zoo, then MAP on the zoo
     (evaluations on ``device``)."""
     from m3sb.devices import resolve_device
@@ -105,7 +106,7 @@ def run_demo(out: Path, console: Console | None = None, device: str = "cpu") -> 
 PARETO_SAMPLES = 200  # validation images per task and evaluation in the demo's searches
 
 
-def pareto_demo(out: Path, console: Console | None = None, device: str = "cpu") -> list[Any]:
+def pareto_demo(out: Path, console: Console | None = None, device: str = "auto") -> list[Any]:
     """A two-task front (with a 5 x 5 ground-truth grid) and nested MAP over every zoo task.
 
     Both runs are resumable: a second demo reuses their ``evaluations.csv``.
@@ -133,12 +134,13 @@ def pareto_demo(out: Path, console: Console | None = None, device: str = "cpu") 
     base = zoo["base_model_checkpoint"]
     outcomes = []
     say("MAP: the front between rotated and mirrored digits (12 evaluations, plus a 5 x 5 grid to compare)")
-    pair = ParetoConfig.model_validate({"base_model": base, "tasks": tasks[:2]})
+    cache = str(out / "cache")
+    pair = ParetoConfig.model_validate({"base_model": base, "tasks": tasks[:2], "cache_dir": cache})
     outcomes.append(
         run_pareto(pair, out / "pareto" / "two_tasks", preference=[1.0, 1.0], grid_points=5, device=device)
     )
     say(f"MAP nested over all {len(tasks)} tasks, every task weighing the same")
-    every = ParetoConfig.model_validate({"base_model": base, "tasks": tasks})
+    every = ParetoConfig.model_validate({"base_model": base, "tasks": tasks, "cache_dir": cache})
     outcomes.append(
         run_pareto(
             every, out / "pareto" / "nested", mode="nested", preference=[1.0] * len(tasks), device=device
@@ -150,7 +152,7 @@ def pareto_demo(out: Path, console: Console | None = None, device: str = "cpu") 
     return outcomes
 
 
-def experiments_demo(out: Path, console: Console | None = None, device: str = "cpu") -> Any:
+def experiments_demo(out: Path, console: Console | None = None, device: str = "auto") -> Any:
     """Full-weight and task-vector experiments with every demo method on the digits zoo."""
     import json
 
@@ -173,6 +175,7 @@ def experiments_demo(out: Path, console: Console | None = None, device: str = "c
         "merge_configs": DEMO_METHODS,
         "base_model_checkpoint": zoo["base_model_checkpoint"],
         "device": device,
+        "cache_dir": str(out / "cache"),
     }
     full = Experiment("digits zoo", **arguments)
     task_vectors = TaskVectorExperiment("digits zoo", **arguments)
@@ -185,7 +188,7 @@ def experiments_demo(out: Path, console: Console | None = None, device: str = "c
     write_results(results, out)
     figures = write_figures(results, points, kinds, out)
     configuration = yaml.safe_dump(arguments | {"task_vectors": "both (tv rows)"}, sort_keys=False)
-    report = write_report(results, figures, configuration, out)
+    report = write_report(results, figures, configuration, out, points=points, kinds=kinds)
     if console is not None:
         print_results(results, console)
         console.print(f"results.csv, figures and {report} are in {out}", highlight=False)

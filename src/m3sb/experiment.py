@@ -22,9 +22,9 @@ from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError
 from m3sb.methods import get_method, merge_backbones
 from m3sb.methods.registry import check_param_values, check_weights
-from m3sb.tasks.data import DatasetSpec, TaskInputs, load_task_data, parse_dataset_spec, prepare_inputs
-from m3sb.tasks.image_classification import TaskModel, check_shared_backbone, load_task_model
-from m3sb.tasks.metrics import check_autocast, classification_metrics, predict
+from m3sb.tasks.image_classification import TaskModel
+from m3sb.tasks.metrics import check_autocast
+from m3sb.tasks.registry import LoadSettings, Task, TaskSpec, load_tasks, parse_task_entry
 
 RESULT_COLUMNS = (
     "experiment",
@@ -34,18 +34,14 @@ RESULT_COLUMNS = (
     "precision",
     "recall",
     "f1_score",
+    "loss",
     "normalized_accuracy",
     "samples",
     "skipped_images",
+    "control",
 )
 FINETUNED, BASE = "finetuned", "base"
 SCORES = "scores.jsonl"  # the record of finished scores that makes ``m3sb experiment`` resumable
-
-
-def _dataset_label(spec: DatasetSpec) -> str:
-    """A short name for a dataset: its folder name or hub id."""
-    path = Path(spec.dataset_name)
-    return path.name if path.exists() else spec.dataset_name
 
 
 class Experiment:
@@ -53,7 +49,14 @@ class Experiment:
 
     ``merge_configs`` maps a label to the method's parameters: ``{"ties": {"weights":
     [...], "density": 0.5}}``; the label is the method's name unless the parameters
-    name one with ``method``. ``datasets_config`` lists one dataset per model, in order.
+    name one with ``method``. ``datasets_config`` lists one dataset per model, in order;
+    an entry may say ``kind`` (the task kind, default ``image_classification``) and
+    ``control: true`` (the model is not merged; its task is scored with every merge, and
+    the merge's ``weights`` list one weight per merged model). Evaluation runs on
+    ``device`` (``auto``: the GPU when there is one), streaming each split from the
+    preprocessing cache (``cache_dir``, default ``$M3SB_CACHE_DIR`` or ``~/.cache/m3sb``).
+    A fine-tune without an image processor uses the base model's, and
+    ``processor_checkpoint`` makes one processor serve every task.
     """
 
     space = "weights"
@@ -65,11 +68,13 @@ class Experiment:
         datasets_config: Sequence[Mapping[str, Any]],
         merge_configs: Mapping[str, Mapping[str, Any]],
         base_model_checkpoint: str | None = None,
-        device: str = "cpu",
+        device: str = "auto",
         batch_size: int = 256,
         trust_remote_code: bool = False,
         log: Callable[[str], None] | None = None,
         autocast: str = "none",
+        processor_checkpoint: str | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if not model_checkpoints:
             raise ConfigError(f"experiment '{name}': no model_checkpoints")
@@ -80,15 +85,21 @@ class Experiment:
             )
         self.name = name
         self.model_checkpoints = list(model_checkpoints)
-        self.datasets = [
-            parse_dataset_spec(d, f"datasets_config[{i}]") for i, d in enumerate(datasets_config)
+        self.task_specs = [
+            _task_spec(checkpoint, entry, f"datasets_config[{i}]")
+            for i, (checkpoint, entry) in enumerate(zip(model_checkpoints, datasets_config, strict=True))
         ]
+        self.datasets = [spec.dataset for spec in self.task_specs]
+        if all(spec.control for spec in self.task_specs):
+            raise ConfigError(f"experiment '{name}': every task is a control; merge at least one model")
         self.merge_configs = {label: dict(params) for label, params in merge_configs.items()}
         self.base_model_checkpoint = base_model_checkpoint
         self.device_name = device
         self.batch_size = batch_size
         self.autocast = check_autocast(autocast)
         self.trust_remote_code = trust_remote_code
+        self.processor_checkpoint = processor_checkpoint
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
         self._log = log or (lambda _: None)
         self._rows: list[dict[str, Any]] = []
         self.points: dict[str, torch.Tensor] = {}
@@ -103,7 +114,7 @@ class Experiment:
                 raise ConfigError(f"{where}: '{label}' names the reference rows; give the merge another name")
             method = get_method(str(params.get("method", label)))
             settings = {k: v for k, v in params.items() if k not in ("method", "weights")}
-            check_param_values(method, settings, where, len(self.model_checkpoints))
+            check_param_values(method, settings, where, sum(not t.control for t in self.task_specs))
             weights = params.get("weights")
             if weights is not None:
                 self._check_weights(method, weights, settings, where)
@@ -118,11 +129,15 @@ class Experiment:
         weight = method.param("weight")
         if weight is None:
             raise ConfigError(f"{where}: method '{method.name}' takes no weights")
-        count = len(self.model_checkpoints)
+        count = sum(not spec.control for spec in self.task_specs)
+        merged = "merged " if count < len(self.task_specs) else ""
         if not isinstance(weights, list | tuple):
-            raise ConfigError(f"{where}: weights must be a list of {count} numbers, one per model")
+            raise ConfigError(f"{where}: weights must be a list of {count} numbers, one per {merged}model")
         if len(weights) != count:
-            raise ConfigError(f"{where}: {len(weights)} weights for {count} models; give one per model")
+            raise ConfigError(
+                f"{where}: {len(weights)} weights for {count} {merged}models; give one per {merged}model"
+                + (" (control tasks take none)" if merged else "")
+            )
         checked = [float(weight.check(value, where)) for value in weights]
         normalize = method.param("normalize")
         default = normalize.default if normalize is not None else None
@@ -172,19 +187,10 @@ class Experiment:
         return self.get_results_df()
 
     def _load(self) -> ExperimentProblem:
-        """The task models, the base and the task datasets, loaded once."""
-        tasks = [load_task_model(c, self.trust_remote_code) for c in self.model_checkpoints]
-        base = None
-        if self.base_model_checkpoint is not None:
-            base = load_task_model(self.base_model_checkpoint, self.trust_remote_code, with_processor=False)
-        check_shared_backbone([*tasks, *([base] if base else [])])
-        inputs = []
-        for task, spec in zip(tasks, self.datasets, strict=True):
-            dataset = load_task_data(spec)
-            inputs.append(prepare_inputs(dataset, spec, task.processor, task.num_channels, task.num_labels))
-        return ExperimentProblem(
-            tasks, base, inputs, self.merge_configs, self.space, self.batch_size, self.autocast
-        )
+        """The task models, the base and the preprocessed task data, loaded once."""
+        settings = LoadSettings(self.trust_remote_code, self.processor_checkpoint, self.cache_dir)
+        tasks, base = load_tasks(self.task_specs, self.base_model_checkpoint, settings, self._log)
+        return ExperimentProblem(tasks, base, self.merge_configs, self.space, self.batch_size, self.autocast)
 
     def _fingerprint(self) -> dict[str, Any]:
         """What decides the scores: a record made under another one is not reused."""
@@ -192,7 +198,10 @@ class Experiment:
             "space": self.space,
             "model_checkpoints": self.model_checkpoints,
             "base_model_checkpoint": self.base_model_checkpoint,
-            "datasets": [spec.model_dump() for spec in self.datasets],
+            "datasets": [spec.dataset.model_dump() for spec in self.task_specs],
+            "kinds": [spec.kind for spec in self.task_specs],
+            "controls": [spec.control for spec in self.task_specs],
+            "processor_checkpoint": self.processor_checkpoint,
             "autocast": self.autocast,
         }
 
@@ -208,36 +217,33 @@ class Experiment:
         self.points, self.point_kinds = {}, {}
         if problem.base is not None:
             self._keep_point(BASE, "base", flatten_backbone(problem.base.backbone))
-        for task, spec in zip(problem.tasks, self.datasets, strict=True):
-            self._keep_point(_dataset_label(spec), "finetuned", flatten_backbone(task.backbone))
+        for task in problem.merged:
+            self._keep_point(task.name, "finetuned", flatten_backbone(task.model.backbone))
         finetuned = [metrics["accuracy"] for metrics in scored[FINETUNED]]
         for label in labels:
             if label not in (FINETUNED, BASE):
                 point = points[label] if label in points else flatten_backbone(problem.merge(label))
                 self._keep_point(label, "merge", point)
-            for spec, data, metrics, reference in zip(
-                self.datasets, problem.inputs, scored[label], finetuned, strict=True
-            ):
-                self._record(label, spec, data, metrics, reference)
+            for task, metrics, reference in zip(problem.tasks, scored[label], finetuned, strict=True):
+                self._record(label, task, metrics, reference)
 
     def _keep_point(self, label: str, kind: str, point: np.ndarray) -> None:
         """Keep a flattened backbone for the plot of the models on the sphere."""
         self.points[label] = torch.from_numpy(np.array(point))  # a copy: workers' arrays are read-only
         self.point_kinds[label] = kind
 
-    def _record(
-        self, label: str, spec: DatasetSpec, data: TaskInputs, metrics: dict[str, float], finetuned: float
-    ) -> None:
+    def _record(self, label: str, task: Task, metrics: dict[str, float], finetuned: float) -> None:
         normalized = 100.0 * metrics["accuracy"] / finetuned if finetuned > 0 else float("nan")
         self._rows.append(
             {
                 "experiment": self.name,
                 "merge_method": label,
-                "dataset": _dataset_label(spec),
+                "dataset": task.name,
                 **metrics,
                 "normalized_accuracy": normalized,
-                "samples": len(data.labels),
-                "skipped_images": data.skipped,
+                "samples": task.data.count,
+                "skipped_images": task.data.skipped,
+                "control": task.control,
             }
         )
 
@@ -266,13 +272,17 @@ class ScoredMerge:
 class ExperimentProblem:
     """What scoring an experiment needs, device-free and picklable (what executors ship)."""
 
-    tasks: list[TaskModel]
+    tasks: list[Task]
     base: TaskModel | None
-    inputs: list[TaskInputs]
     merge_configs: dict[str, dict[str, Any]]
     space: str
     batch_size: int
     autocast: str
+
+    @property
+    def merged(self) -> list[Task]:
+        """The tasks whose models take part in the merges (every task but the controls)."""
+        return [task for task in self.tasks if not task.control]
 
     def build(self, device: str) -> ExperimentWorker:
         """The worker scoring on ``device``."""
@@ -285,10 +295,11 @@ class ExperimentProblem:
         weights = params.pop("weights", None)
         if method.space == "either":
             params.setdefault("space", self.space)
+        merged = self.merged
         return merge_backbones(
             method.name,
-            self.tasks[0].backbone,
-            [task.weights for task in self.tasks],
+            merged[0].model.backbone,
+            [task.model.weights for task in merged],
             weights,
             self.base.backbone if self.base is not None else None,
             **params,
@@ -302,28 +313,31 @@ class ExperimentWorker:
         self.problem = problem
         self.device = device
 
-    def score(
-        self, task: TaskModel, inputs: TaskInputs, backbone: dict[str, torch.Tensor] | None
-    ) -> dict[str, float]:
-        """One task's metrics with ``backbone`` (its own when None) and its own head."""
+    def score(self, backbone: Mapping[str, torch.Tensor] | None) -> list[dict[str, float]]:
+        """Every task's metrics with ``backbone`` (each task's own when None) and its own head."""
         problem = self.problem
-        model = task.use_backbone(backbone)
-        predictions = predict(model, inputs.pixel_values, self.device, problem.batch_size, problem.autocast)
-        return classification_metrics(predictions, inputs.labels)
+        return [
+            task.evaluate(backbone, self.device, problem.batch_size, problem.autocast)
+            for task in problem.tasks
+        ]
 
     def run(self, label: str) -> ScoredMerge:
         """The metrics of every task for ``label`` (``finetuned``, ``base`` or a merge config)."""
         problem = self.problem
-        pairs = list(zip(problem.tasks, problem.inputs, strict=True))
         if label == FINETUNED:
-            return ScoredMerge([self.score(task, data, None) for task, data in pairs], None)
+            return ScoredMerge(self.score(None), None)
         if label == BASE:
             assert problem.base is not None
-            return ScoredMerge([self.score(task, data, problem.base.backbone) for task, data in pairs], None)
+            return ScoredMerge(self.score(problem.base.backbone), None)
         backbone = problem.merge(label)
-        return ScoredMerge(
-            [self.score(task, data, backbone) for task, data in pairs], flatten_backbone(backbone)
-        )
+        return ScoredMerge(self.score(backbone), flatten_backbone(backbone))
+
+
+def _task_spec(checkpoint: str, entry: Mapping[str, Any], where: str) -> TaskSpec:
+    """One task of an experiment: a model and its ``datasets_config`` entry."""
+    kind, control, dataset = parse_task_entry(entry, where)
+    spec = TaskSpec("", checkpoint, dataset, kind, control)
+    return TaskSpec(spec.family.dataset_label(dataset), checkpoint, dataset, kind, control)
 
 
 class ExperimentRecord:

@@ -22,9 +22,10 @@ from m3sb.pareto.merging import (
     check_search_method,
     merged_backbone,
 )
-from m3sb.tasks.data import DatasetSpec, load_task_data, prepare_inputs
-from m3sb.tasks.image_classification import TaskModel, load_task_model
-from m3sb.tasks.metrics import classification_metrics, predict
+from m3sb.tasks.data import DatasetSpec
+from m3sb.tasks.image_classification import TaskModel
+from m3sb.tasks.metrics import METRICS, classification_metrics
+from m3sb.tasks.registry import Task, TaskSpec, load_tasks
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -33,22 +34,24 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def loaded(zoo_manifest: Path) -> dict[str, Any]:
     zoo = json.loads(zoo_manifest.read_text())
-    chosen = zoo["tasks"][:3]
-    tasks = [load_task_model(task["checkpoint"]) for task in chosen]
-    base = load_task_model(zoo["base_model_checkpoint"], with_processor=False)
-    inputs = []
-    for task, model in zip(chosen, tasks, strict=True):
-        spec = DatasetSpec.model_validate(task["dataset"] | {"split": "validation", "max_samples": 150})
-        inputs.append(prepare_inputs(load_task_data(spec), spec, model.processor, 1, model.num_labels))
-    return {"tasks": tasks, "base": base, "inputs": inputs}
+    specs = [
+        TaskSpec(
+            task["name"],
+            task["checkpoint"],
+            DatasetSpec.model_validate(task["dataset"] | {"split": "validation", "max_samples": 150}),
+        )
+        for task in zoo["tasks"][:3]
+    ]
+    tasks, base = load_tasks(specs, zoo["base_model_checkpoint"])
+    return {"tasks": tasks, "base": base}
 
 
 def _evaluator(loaded: dict[str, Any], metric: str = "accuracy", **options: Any) -> MergeEvaluator:
-    return MergeProblem(loaded["tasks"], loaded["inputs"], loaded["base"], metric, **options).build(CPU)
+    return MergeProblem(loaded["tasks"], loaded["base"], metric, **options).build(CPU)
 
 
 def test_one_hot_candidate_is_that_model_and_zero_is_the_base(loaded: dict[str, Any]) -> None:
-    tasks: list[TaskModel] = loaded["tasks"]
+    tasks: list[TaskModel] = [task.model for task in loaded["tasks"]]
     space = TaskVectorSpace(FlatTaskVectors.of(loaded["base"].backbone, [t.backbone for t in tasks]), CPU)
     for index, task in enumerate(tasks):
         candidate = space.candidate(np.eye(len(tasks))[index])
@@ -60,7 +63,7 @@ def test_one_hot_candidate_is_that_model_and_zero_is_the_base(loaded: dict[str, 
 
 
 def test_fast_candidate_equals_task_arithmetic_tensor_by_tensor(loaded: dict[str, Any]) -> None:
-    tasks, base = loaded["tasks"], loaded["base"]
+    tasks, base = [task.model for task in loaded["tasks"]], loaded["base"]
     coefficients = [0.7, -0.2, 0.45]
     fast = _evaluator(loaded, params={"lambda": 0.8}).backbone(coefficients)
     for name, tensor in base.backbone.items():
@@ -71,7 +74,7 @@ def test_fast_candidate_equals_task_arithmetic_tensor_by_tensor(loaded: dict[str
 
 
 def test_gram_matrix_is_that_of_the_task_vectors(loaded: dict[str, Any]) -> None:
-    tasks, base = loaded["tasks"], loaded["base"]
+    tasks, base = [task.model for task in loaded["tasks"]], loaded["base"]
     gram = _evaluator(loaded).problem.flat.gram()
     vectors = [
         torch.cat([(t.backbone[n] - base.backbone[n]).reshape(-1).double() for n in base.backbone])
@@ -84,22 +87,25 @@ def test_gram_matrix_is_that_of_the_task_vectors(loaded: dict[str, Any]) -> None
 
 def test_one_hot_scores_are_the_finetuned_models_own(loaded: dict[str, Any]) -> None:
     evaluator = _evaluator(loaded)
-    for index, (task, data) in enumerate(zip(loaded["tasks"], loaded["inputs"], strict=True)):
-        own = classification_metrics(predict(task.use_backbone(None), data.pixel_values, CPU), data.labels)
+    for index, task in enumerate(loaded["tasks"]):
+        with torch.inference_mode():
+            logits = task.model.use_backbone(None)(pixel_values=task.data.values()).logits
+        own = classification_metrics(logits.argmax(-1), task.data.labels)
         assert evaluator(np.eye(3)[index])[index] == pytest.approx(own["accuracy"], abs=1e-9)
 
 
 def test_loss_metric_is_the_mean_cross_entropy(loaded: dict[str, Any]) -> None:
     losses = _evaluator(loaded, "loss")(np.eye(3)[0])
-    task, data = loaded["tasks"][0], loaded["inputs"][0]
+    task = loaded["tasks"][0]
     with torch.inference_mode():
-        logits = task.use_backbone(None)(pixel_values=data.pixel_values).logits
-    assert losses[0] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, data.labels)), rel=1e-5)
+        logits = task.model.use_backbone(None)(pixel_values=task.data.values()).logits
+    expected = float(torch.nn.functional.cross_entropy(logits, task.data.labels))
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
     assert np.all(losses > 0)
 
 
 def test_other_methods_take_the_coefficients_as_weights(loaded: dict[str, Any]) -> None:
-    tasks, base = loaded["tasks"], loaded["base"]
+    tasks, base = [task.model for task in loaded["tasks"]], loaded["base"]
     evaluator = _evaluator(loaded, method_name="ties", params={"density": 0.5})
     assert not evaluator.problem.fast
     merged = evaluator.backbone([0.5, 0.3, 0.2])
@@ -135,7 +141,7 @@ def test_batched_candidates_score_like_one_at_a_time(loaded: dict[str, Any], met
 def test_workers_get_heads_only_and_score_exactly_the_same(loaded: dict[str, Any]) -> None:
     import pickle
 
-    problem = MergeProblem(loaded["tasks"], loaded["inputs"], loaded["base"], "loss")
+    problem = MergeProblem(loaded["tasks"], loaded["base"], "loss")
     shipped = problem.for_workers()
     backbone_bytes = 4 * problem.flat.base.size
     full = len(pickle.dumps(problem))
@@ -148,8 +154,8 @@ def test_workers_get_heads_only_and_score_exactly_the_same(loaded: dict[str, Any
 
 
 def test_a_baseline_merge_on_rebuilt_task_models_matches_the_original_weights(loaded: dict[str, Any]) -> None:
-    tasks, base = loaded["tasks"], loaded["base"]
-    problem = MergeProblem(tasks, loaded["inputs"], base, "loss")
+    tasks, base = [task.model for task in loaded["tasks"]], loaded["base"]
+    problem = MergeProblem(loaded["tasks"], base, "loss")
     evaluator = problem.for_workers().build(CPU)
     space_base, rebuilt = evaluator.space.backbones()
     for name, tensor in base.backbone.items():
@@ -173,12 +179,39 @@ def test_half_precision_models_ship_float32_heads_and_score_alike(loaded: dict[s
         return twin
 
     problem = MergeProblem(
-        [halved(t) for t in loaded["tasks"]], loaded["inputs"], halved(loaded["base"]), "loss"
+        [Task(t.spec, halved(t.model), t.data) for t in loaded["tasks"]], halved(loaded["base"]), "loss"
     )
     shipped = pickle.loads(pickle.dumps(problem.for_workers()))
     for task in shipped.tasks:
-        assert {t.dtype for t in task.weights.values() if t.is_floating_point()} == {torch.float32}
+        assert {t.dtype for t in task.model.weights.values() if t.is_floating_point()} == {torch.float32}
     points = np.random.default_rng(2).uniform(0.0, 1.0, size=(2, 3))
     np.testing.assert_array_equal(
         np.stack(shipped.build("cpu").run(points)), np.stack(problem.build(CPU).run(points))
+    )
+
+
+def test_one_evaluation_records_every_metric_of_every_task(loaded: dict[str, Any]) -> None:
+    evaluator = _evaluator(loaded, "loss")
+    table = evaluator.run(np.array([[0.3, 0.4, 0.2]]))[0]
+    assert table.shape == (len(METRICS), 3)
+    accuracy = _evaluator(loaded, "accuracy")(np.array([0.3, 0.4, 0.2]))
+    np.testing.assert_array_equal(table[METRICS.index("accuracy")], accuracy)
+    np.testing.assert_array_equal(table[METRICS.index("loss")], evaluator(np.array([0.3, 0.4, 0.2])))
+
+
+def test_a_control_task_is_scored_but_has_no_coefficient(loaded: dict[str, Any]) -> None:
+    import dataclasses
+
+    tasks = list(loaded["tasks"])
+    control = dataclasses.replace(tasks[2], spec=dataclasses.replace(tasks[2].spec, control=True))
+    problem = MergeProblem([tasks[0], tasks[1], control], loaded["base"], "accuracy")
+    assert problem.flat.vectors.shape[0] == 2  # two task vectors: the control's model is not merged
+    evaluator = problem.build(CPU)
+    table = evaluator.run(np.array([[1.0, 0.0]]))[0]
+    assert table.shape == (len(METRICS), 3) and evaluator(np.array([1.0, 0.0])).shape == (2,)
+    first = tasks[0].model.backbone
+    expected = control.evaluate(first, CPU, 256)
+    assert table[METRICS.index("accuracy"), 2] == pytest.approx(expected["accuracy"], abs=1e-9)
+    assert table[METRICS.index("accuracy"), 0] == pytest.approx(
+        tasks[0].evaluate(None, CPU, 256)["accuracy"], abs=1e-9
     )

@@ -20,6 +20,7 @@ from m3sb.pareto.evaluations import Evaluation
 from m3sb.pareto.merging import MergeEvaluator
 from m3sb.pareto.records import EvaluationRecord
 from m3sb.pareto.run import run_pareto
+from m3sb.tasks.metrics import METRICS
 
 pytestmark = pytest.mark.slow
 QUICK = SearchSettings(generations=20)
@@ -53,7 +54,7 @@ def test_run_writes_every_file_and_a_rerun_evaluates_nothing(zoo_manifest: Path,
     assert list(evaluations.columns) == [
         "phase",
         *(f"c_{n}" for n in names),
-        *(f"accuracy_{n}" for n in names),
+        *(f"{metric}_{n}" for metric in METRICS for n in names),
     ]
     assert (evaluations["phase"] == "design").sum() == 8
     assert (
@@ -88,20 +89,20 @@ def test_an_interrupted_run_resumes_to_the_same_front(
 ) -> None:
     config = ParetoConfig.model_validate(_config(zoo_manifest, metric="loss"))
     whole = run_pareto(config, tmp_path / "whole", mode="bayesian", baselines=False, search=QUICK)
-    original = MergeEvaluator.__call__
+    original = MergeEvaluator.score
     calls = {"count": 0}
 
-    def dies_on_the_fifth(self: MergeEvaluator, coefficients: np.ndarray) -> np.ndarray:
+    def dies_on_the_fifth(self: MergeEvaluator, backbone: Any) -> np.ndarray:
         calls["count"] += 1
         if calls["count"] == 5:
             raise KeyboardInterrupt
-        return original(self, coefficients)
+        return original(self, backbone)
 
-    monkeypatch.setattr(MergeEvaluator, "__call__", dies_on_the_fifth)
+    monkeypatch.setattr(MergeEvaluator, "score", dies_on_the_fifth)
     with pytest.raises(KeyboardInterrupt):
         run_pareto(config, tmp_path / "cut", mode="bayesian", baselines=False, search=QUICK)
     assert len(pd.read_csv(tmp_path / "cut" / "evaluations.csv")) == 4
-    monkeypatch.setattr(MergeEvaluator, "__call__", original)
+    monkeypatch.setattr(MergeEvaluator, "score", original)
     resumed = run_pareto(config, tmp_path / "cut", mode="bayesian", baselines=False, search=QUICK)
     assert resumed.reused_evaluations == 4
     np.testing.assert_array_equal(resumed.front.coefficients, whole.front.coefficients)
@@ -112,22 +113,36 @@ def test_records_round_trip_exactly_and_drop_a_torn_last_line(tmp_path: Path) ->
     record = EvaluationRecord(tmp_path / "r", ["a", "b"], "accuracy", {"search": 1})
     record.create()
     point = np.array([1 / 3, 2 / 7])
-    record.append("design", point, np.array([50.123456789012345, 1e-17]))
-    record.append("baseline: ties", None, np.array([3.0, 4.0]))
+    table = np.arange(2.0 * len(METRICS)).reshape(len(METRICS), 2) + 0.5
+    table[0] = [50.123456789012345, 1e-17]
+    record.append("design", point, table)
+    record.append("baseline: ties", None, table + 3)
     with open(record.path, "a") as file:
         file.write("design,0.5,0.")  # a write cut short by a crash
     points, labelled = EvaluationRecord(tmp_path / "r", ["a", "b"], "accuracy", {"search": 1}).load()
     assert len(points) == 1 and points[0].phase == "design"
     assert points[0].coefficients.tolist() == point.tolist()
     assert points[0].metrics.tolist() == [50.123456789012345, 1e-17]
-    assert labelled["baseline: ties"].tolist() == [3.0, 4.0]
-    assert record.path.read_text().endswith("4.0\n")
+    assert labelled["baseline: ties"].tolist() == (table + 3).tolist()
+    assert record.path.read_text().endswith(f"{float(table[-1, -1] + 3)!r}\n")
+    losses, _ = EvaluationRecord(tmp_path / "r", ["a", "b"], "loss", {"search": 1}).load()
+    assert losses[0].metrics.tolist() == table[METRICS.index("loss")].tolist()
     with pytest.raises(ConfigError, match="holds evaluations of a different search"):
         EvaluationRecord(tmp_path / "r", ["a", "b"], "accuracy", {"search": 2}).load()
     with open(record.path, "a") as file:
         file.write("design,x,1,2,3\ndesign,0.1,0.2,3,4\n")
     with pytest.raises(ConfigError, match="line 4 is malformed"):
         record.load()
+
+
+def test_a_control_column_is_recorded_beside_the_merged_ones(tmp_path: Path) -> None:
+    record = EvaluationRecord(tmp_path / "r", ["a", "b", "c"], "loss", {"search": 1}, [False, True, False])
+    record.create()
+    assert record.columns[:3] == ["phase", "c_a", "c_c"] and "accuracy_b" in record.columns
+    table = np.arange(3.0 * len(METRICS)).reshape(len(METRICS), 3)
+    record.append("design", np.array([0.2, 0.7]), table)
+    (point,), _ = record.load()
+    assert point.metrics.tolist() == table[METRICS.index("loss"), [0, 2]].tolist()
 
 
 def test_evaluations_are_reused_by_a_different_mode(zoo_manifest: Path, tmp_path: Path) -> None:
@@ -237,3 +252,37 @@ def test_autocast_is_part_of_what_a_resumed_search_must_share(zoo_manifest: Path
     assert "autocast" not in fingerprint(plain)  # folders made before autocast existed still resume
     half = ParetoConfig.model_validate(_config(zoo_manifest, autocast="bfloat16"))
     assert fingerprint(half) != fingerprint(plain)
+
+
+def test_a_search_on_another_metric_reuses_every_evaluation(zoo_manifest: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    accuracy = ParetoConfig.model_validate(_config(zoo_manifest))
+    first = run_pareto(accuracy, folder, baselines=False, search=QUICK)
+    loss = ParetoConfig.model_validate(_config(zoo_manifest, metric="loss"))
+    second = run_pareto(loss, folder, baselines=False, search=QUICK)
+    assert second.reused_evaluations >= 8  # the whole design; only the new front's checks are new
+    table = pd.read_csv(folder / "evaluations.csv")
+    design = table[table["phase"] == "design"]
+    assert len(design) == 8 and set(table["phase"][len(first.front.evaluated) :]) <= {"front check"}
+    names = first.task_names
+    for evaluation in second.front.evaluated[:8]:
+        row = design[np.isclose(design[f"c_{names[0]}"], evaluation.coefficients[0])]
+        row = row[np.isclose(row[f"c_{names[1]}"], evaluation.coefficients[1])].iloc[0]
+        assert [row[f"loss_{n}"] for n in names] == evaluation.metrics.tolist()
+
+
+def test_a_control_task_is_recorded_but_not_searched(zoo_manifest: Path, tmp_path: Path) -> None:
+    settings = _config(zoo_manifest, count=3)
+    settings["tasks"][2]["control"] = True
+    config = ParetoConfig.model_validate(settings)
+    assert [t.name for t in config.merged_tasks] == [t["name"] for t in settings["tasks"][:2]]
+    outcome = run_pareto(config, tmp_path / "run", baselines=False, search=QUICK)
+    assert outcome.task_names == [t["name"] for t in settings["tasks"][:2]]
+    assert outcome.front.coefficients.shape[1] == 2
+    table = pd.read_csv(tmp_path / "run" / "evaluations.csv")
+    control = settings["tasks"][2]["name"]
+    assert f"c_{control}" not in table.columns and f"accuracy_{control}" in table.columns
+    assert table[f"accuracy_{control}"].between(0, 100).all() and table[f"accuracy_{control}"].nunique() > 1
+    with pytest.raises(ValueError, match="at least two tasks that are merged"):
+        settings["tasks"][1]["control"] = True
+        ParetoConfig.model_validate(settings)

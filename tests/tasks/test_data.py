@@ -1,4 +1,4 @@
-"""Task datasets: formats, columns, labels, and unreadable images skipped and counted."""
+"""Task datasets: formats, columns, labels, splits (names, slices, carves) and unreadable images."""
 
 from __future__ import annotations
 
@@ -7,15 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
-from transformers import ViTImageProcessor
 
-from m3sb.tasks.data import DataError, DatasetSpec, load_task_data, prepare_inputs
-
-PROCESSOR = ViTImageProcessor(
-    do_resize=False, image_mean=[0.5], image_std=[0.5], size={"height": 8, "width": 8}
-)
+from m3sb.errors import ConfigError
+from m3sb.tasks.data import CarveSpec, DataError, DatasetSpec, load_task_data, parse_dataset_spec
 
 
 def _png(value: int) -> bytes:
@@ -37,23 +33,31 @@ def saved(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-def test_unreadable_images_are_skipped_and_counted(saved: Path) -> None:
-    spec = DatasetSpec(dataset_name=str(saved))
-    inputs = prepare_inputs(load_task_data(spec), spec, PROCESSOR, num_channels=1, num_labels=3)
-    assert inputs.skipped == 1
-    assert inputs.labels.tolist() == [0, 2]
-    assert inputs.pixel_values.shape == (2, 1, 8, 8)
-    assert inputs.pixel_values[0].max() == -1.0 and inputs.pixel_values[1].min() == 1.0
+@pytest.fixture
+def numbered(tmp_path: Path) -> Path:
+    """A 'train' split of 200 rows whose label is the row number modulo 10 and an 'id' column."""
+    rows = 200
+    features = Features({"image": Image(), "label": ClassLabel(num_classes=10), "id": Value("int64")})
+    columns = {
+        "image": [{"bytes": _png(i % 256), "path": None} for i in range(rows)],
+        "label": [i % 10 for i in range(rows)],
+        "id": list(range(rows)),
+    }
+    split = Dataset.from_dict(columns, features=features)
+    DatasetDict({"train": split}).save_to_disk(str(tmp_path / "numbered"))
+    return tmp_path / "numbered"
 
 
-def test_missing_split_column_and_out_of_range_labels_are_named(saved: Path) -> None:
+def _ids(folder: Path, split: object) -> list[int]:
+    spec = DatasetSpec.model_validate({"dataset_name": str(folder), "split": split})
+    return list(load_task_data(spec)["id"])
+
+
+def test_missing_split_and_column_are_named(saved: Path) -> None:
     with pytest.raises(DataError, match="no split 'validation'; it has test"):
         load_task_data(DatasetSpec(dataset_name=str(saved), split="validation"))
     with pytest.raises(DataError, match="no column 'img'; columns are image, label"):
         load_task_data(DatasetSpec(dataset_name=str(saved), image_col="img"))
-    spec = DatasetSpec(dataset_name=str(saved))
-    with pytest.raises(DataError, match=r"label 2 is outside the classifier's range 0\.\.1"):
-        prepare_inputs(load_task_data(spec), spec, PROCESSOR, num_channels=1, num_labels=2)
 
 
 def test_max_samples_and_image_folders(saved: Path, tmp_path: Path) -> None:
@@ -63,3 +67,54 @@ def test_max_samples_and_image_folders(saved: Path, tmp_path: Path) -> None:
         (tmp_path / "folder" / "test" / label / "a.png").write_bytes(_png(10))
     folder = load_task_data(DatasetSpec(dataset_name=str(tmp_path / "folder")))
     assert sorted(folder["label"]) == [0, 1]
+
+
+def test_slices_follow_the_datasets_syntax(numbered: Path) -> None:
+    assert _ids(numbered, "train[90%:]") == list(range(180, 200))
+    assert _ids(numbered, "train[:25]") == list(range(25))
+    assert _ids(numbered, "train[10:20]") == list(range(10, 20))
+    with pytest.raises(DataError, match="no split 'test'; it has train"):
+        _ids(numbered, "test[:10%]")
+
+
+def test_a_carve_is_seeded_reproducible_and_disjoint_from_its_rest(numbered: Path) -> None:
+    carve = {"carve": "train", "fraction": 0.1, "max_examples": 5000, "seed": 0}
+    carved = _ids(numbered, carve)
+    assert len(carved) == 20 and carved == sorted(carved)
+    assert carved == _ids(numbered, carve)  # the same examples on every run
+    expected = np.sort(np.random.default_rng(0).permutation(200)[:20]).tolist()
+    assert carved == expected
+    rest = _ids(numbered, carve | {"part": "rest"})
+    assert (
+        len(rest) == 180
+        and not set(rest) & set(carved)
+        and sorted(set(rest) | set(carved)) == list(range(200))
+    )
+    assert _ids(numbered, carve | {"seed": 1}) != carved
+    assert len(_ids(numbered, {"carve": "train", "fraction": 0.5, "max_examples": 30})) == 30
+    assert len(_ids(numbered, {"carve": "train", "max_examples": 7})) == 7
+    sliced = _ids(numbered, {"carve": "train[:100]", "fraction": 0.2})
+    assert len(sliced) == 20 and max(sliced) < 100
+
+
+def test_a_carve_larger_than_its_source_is_named(numbered: Path) -> None:
+    with pytest.raises(
+        DataError, match=r"carve of 500 examples is larger than its source 'train' \(200 examples\)"
+    ):
+        _ids(numbered, {"carve": "train", "max_examples": 500})
+    with pytest.raises(
+        ConfigError, match=r"datasets_config\[0\]: split: carve fraction 1\.5 is larger than its source"
+    ):
+        parse_dataset_spec(
+            {"dataset_name": "x", "split": {"carve": "train", "fraction": 1.5}}, "datasets_config[0]"
+        )
+    with pytest.raises(ConfigError, match="a carve needs a fraction, max_examples or both"):
+        parse_dataset_spec({"dataset_name": "x", "split": {"carve": "train"}}, "d")
+    with pytest.raises(ConfigError, match=r"d: split\.sed: Extra inputs are not permitted"):
+        parse_dataset_spec({"dataset_name": "x", "split": {"carve": "train", "fraction": 0.1, "sed": 1}}, "d")
+
+
+def test_carve_sizes() -> None:
+    assert CarveSpec(carve="train", fraction=0.1, max_examples=5000).size(60_000) == 5000
+    assert CarveSpec(carve="train", fraction=0.1, max_examples=5000).size(20_000) == 2000
+    assert CarveSpec(carve="train", fraction=0.001).size(10) == 1

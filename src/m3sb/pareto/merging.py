@@ -13,6 +13,7 @@ per-model weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,26 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 from m3sb.errors import ConfigError
 from m3sb.methods import get_method, merge_backbones
 from m3sb.methods.registry import check_param_values
-from m3sb.tasks.data import TaskInputs
 from m3sb.tasks.image_classification import TaskModel
-from m3sb.tasks.metrics import autocast, check_autocast, classification_metrics
-
-SCORE_METRICS = ("accuracy", "precision", "recall", "f1_score")
-METRICS = (*SCORE_METRICS, "loss")
-
-
-def check_metric(metric: str) -> str:
-    """``metric`` if the evaluator produces it; a one-line error naming the choices otherwise."""
-    if metric not in METRICS:
-        raise ConfigError(
-            f"metric '{metric}' is not one the evaluator produces; choose one of: {', '.join(METRICS)}"
-        )
-    return metric
+from m3sb.tasks.metrics import METRICS, check_autocast, check_metric
+from m3sb.tasks.registry import Task
 
 
 def check_search_method(
@@ -209,62 +197,9 @@ def merged_backbone(
     return merge_backbones(method_name, base, models, list(coefficients), base, **extra)
 
 
-@torch.inference_mode()
-def task_logits(
-    task: TaskModel,
-    backbone: Mapping[str, torch.Tensor],
-    inputs: TaskInputs,
-    device: torch.device,
-    batch_size: int,
-    autocast_dtype: str = "none",
-) -> torch.Tensor:
-    """The task's classifier (its own head) run on ``backbone`` without loading it into the model."""
-    model = task.model.to(device).eval()
-    outputs = []
-    for start in range(0, len(inputs.pixel_values), batch_size):
-        batch = inputs.pixel_values[start : start + batch_size].to(device)
-        with autocast(device, autocast_dtype):
-            result = functional_call(model, dict(backbone), args=(), kwargs={"pixel_values": batch})
-        outputs.append(result.logits.float().cpu())
-    return torch.cat(outputs)
-
-
-@torch.inference_mode()
-def batched_task_logits(
-    task: TaskModel,
-    flats: torch.Tensor,
-    space: TaskVectorSpace,
-    inputs: TaskInputs,
-    device: torch.device,
-    batch_size: int,
-    autocast_dtype: str = "none",
-) -> torch.Tensor:
-    """The task's classifier on B candidate backbones at once (``torch.func.vmap`` over the
-    rows of ``flats``, shape (B, P)): logits of shape (B, N, classes)."""
-    model = task.model.to(device).eval()
-
-    def logits(flat: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        backbone = {**space.layout.views(flat), **space.fixed}
-        return functional_call(model, backbone, args=(), kwargs={"pixel_values": pixels}).logits  # type: ignore[no-any-return]
-
-    every = torch.func.vmap(logits, in_dims=(0, None))
-    outputs = []
-    with (
-        warnings.catch_warnings()
-    ):  # vmap falls back to a loop for CPU flash attention: correct, and said once here
-        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
-        for start in range(0, len(inputs.pixel_values), batch_size):
-            pixels = inputs.pixel_values[start : start + batch_size].to(device)
-            with autocast(device, autocast_dtype):
-                outputs.append(every(flats, pixels).float().cpu())
-    return torch.cat(outputs, dim=1)
-
-
-def task_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
-    """One metric from logits: the seed's scores in percent, or mean cross-entropy for ``loss``."""
-    if metric == "loss":
-        return float(torch.nn.functional.cross_entropy(logits, labels).item())
-    return classification_metrics(logits.argmax(-1), labels)[metric]
+def metrics_table(per_task: Sequence[Mapping[str, float]]) -> np.ndarray:
+    """Every metric of every task as one (metrics, tasks) array, rows in the order of ``METRICS``."""
+    return np.array([[float(metrics[name]) for metrics in per_task] for name in METRICS])
 
 
 @dataclass(frozen=True)
@@ -279,11 +214,12 @@ class MethodMerge:
 class MergeProblem:
     """Everything MAP's evaluations need, device-free and picklable (what executors ship).
 
-    ``build(device)`` gives the :class:`MergeEvaluator` that computes on ``device``.
+    ``build(device)`` gives the :class:`MergeEvaluator` that computes on ``device``. Each
+    evaluation scores every task (control tasks too) on every metric; the search sees
+    ``metric`` on the merged tasks only (:meth:`objective`).
     """
 
-    tasks: list[TaskModel]
-    inputs: list[TaskInputs]
+    tasks: list[Task]
     base: TaskModel
     metric: str
     method_name: str = "task_arithmetic"
@@ -298,8 +234,18 @@ class MergeProblem:
         check_metric(self.metric)
         check_autocast(self.autocast)
         for task in self.tasks:  # heads meet float32 candidate backbones: half-precision models too
-            task.model.float()
-        self.flat = FlatTaskVectors.of(self.base.backbone, [task.backbone for task in self.tasks])
+            task.model.model.float()
+        self.flat = FlatTaskVectors.of(self.base.backbone, [task.model.backbone for task in self.merged])
+
+    @property
+    def merged(self) -> list[Task]:
+        """The tasks whose task vectors the coefficients weigh (every task but the controls)."""
+        return [task for task in self.tasks if not task.control]
+
+    def objective(self, table: np.ndarray) -> np.ndarray:
+        """What the search sees of a metrics table: ``metric`` on each merged task."""
+        columns = [index for index, task in enumerate(self.tasks) if not task.control]
+        return np.asarray(table[METRICS.index(self.metric), columns], dtype=float)
 
     @property
     def fast(self) -> bool:
@@ -323,7 +269,7 @@ class MergeProblem:
         if not self.fast:
             return self
         shipped = copy.copy(self)
-        shipped.tasks = [without_backbone(task) for task in self.tasks]
+        shipped.tasks = [dataclasses.replace(task, model=without_backbone(task.model)) for task in self.tasks]
         shipped.base = without_backbone(self.base)
         return shipped
 
@@ -339,7 +285,7 @@ def without_backbone(task: TaskModel) -> TaskModel:
     }
     model = copy.deepcopy(task.model)
     model.load_state_dict({**heads, **stand_ins}, strict=True, assign=True)
-    return TaskModel(task.checkpoint, model, task.processor, heads)
+    return TaskModel(task.checkpoint, model, task.processor, heads, task.processor_source)
 
 
 class MergeEvaluator:
@@ -359,40 +305,40 @@ class MergeEvaluator:
             problem.method_name,
             problem.params,
             list(coefficients),
-            [task.weights for task in problem.tasks],
+            [task.model.weights for task in problem.merged],
             problem.base.backbone,
         )
         return {name: tensor.to(self.device) for name, tensor in merged.items()}
 
     def score(self, backbone: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """Every task's metric with ``backbone`` and its own head."""
+        """Every metric of every task with ``backbone`` and each task's own head: a (metrics, tasks) table."""
         problem = self.problem
-        return np.array(
+        return metrics_table(
             [
-                task_metric(
-                    task_logits(task, backbone, data, self.device, problem.batch_size, problem.autocast),
-                    data.labels,
-                    problem.metric,
-                )
-                for task, data in zip(problem.tasks, problem.inputs, strict=True)
+                task.evaluate(backbone, self.device, problem.batch_size, problem.autocast)
+                for task in problem.tasks
             ]
         )
 
     def __call__(self, coefficients: np.ndarray) -> np.ndarray:
-        """The T metrics of the candidate merged with ``coefficients``."""
-        return self.score(self.backbone(coefficients))
+        """The search's metric on each merged task for the candidate merged with ``coefficients``."""
+        return self.problem.objective(self.score(self.backbone(coefficients)))
 
     def run(self, item: np.ndarray | MethodMerge) -> list[np.ndarray] | np.ndarray:
-        """An executor's item: the metrics of each row of a (k, T) array of coefficients, or of
-        the merge a :class:`MethodMerge` names (every model at weight 1)."""
+        """An executor's item: the metrics tables of each row of a (k, T) array of coefficients,
+        or of the merge a :class:`MethodMerge` names (every model at weight 1)."""
         if isinstance(item, MethodMerge):
             base, models = self.space.backbones()
             merged = merged_backbone(item.method, item.params, [1.0] * len(models), models, base)
             return self.score({name: tensor.to(self.device) for name, tensor in merged.items()})
-        return list(self.evaluate_many(item))
+        return list(self.tables(item))
 
     def evaluate_many(self, points: np.ndarray) -> Iterator[np.ndarray]:
-        """The metrics of each row of ``points``, in order.
+        """The search's metrics of each row of ``points``, in order."""
+        return (self.problem.objective(table) for table in self.tables(points))
+
+    def tables(self, points: np.ndarray) -> Iterator[np.ndarray]:
+        """The metrics table of each row of ``points``, in order.
 
         On the task-arithmetic path with ``candidates_per_pass`` > 1, that many candidates
         share each forward pass (vmap over their stacked backbones): worth it on a GPU;
@@ -401,21 +347,19 @@ class MergeEvaluator:
         problem = self.problem
         per_pass = problem.candidates_per_pass
         if not problem.fast or per_pass <= 1:
-            yield from (self(point) for point in points)
+            yield from (self.score(self.backbone(point)) for point in points)
             return
+        space = self.space
+
+        def views(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {**space.layout.views(flat), **space.fixed}
+
         for start in range(0, len(points), per_pass):
             chunk = problem.scale * np.asarray(points[start : start + per_pass], dtype=float)
-            flats = self.space.candidates(chunk)
-            logits = [
-                batched_task_logits(
-                    task, flats, self.space, data, self.device, problem.batch_size, problem.autocast
-                )
-                for task, data in zip(problem.tasks, problem.inputs, strict=True)
+            flats = space.candidates(chunk)
+            per_task = [
+                task.evaluate_candidates(flats, views, self.device, problem.batch_size, problem.autocast)
+                for task in problem.tasks
             ]
             for row in range(len(chunk)):
-                yield np.array(
-                    [
-                        task_metric(batch[row], data.labels, problem.metric)
-                        for batch, data in zip(logits, problem.inputs, strict=True)
-                    ]
-                )
+                yield metrics_table([candidates[row] for candidates in per_task])

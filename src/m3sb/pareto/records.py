@@ -20,6 +20,7 @@ import numpy as np
 from m3sb.checkpoints import append_text_durably, write_text_atomic
 from m3sb.errors import ConfigError
 from m3sb.pareto.evaluations import Evaluation
+from m3sb.tasks.metrics import METRICS
 
 EVALUATIONS, RUN, FRONT, SELECTED = "evaluations.csv", "run.json", "front.csv", "selected.json"
 
@@ -27,25 +28,46 @@ EVALUATIONS, RUN, FRONT, SELECTED = "evaluations.csv", "run.json", "front.csv", 
 class EvaluationRecord:
     """``evaluations.csv`` in a results folder: one row per evaluated candidate.
 
-    Columns: ``phase``, ``c_<task>`` for each task (empty for baselines, which are not
-    points of the coefficient space), and ``<metric>_<task>`` for each task.
+    Columns: ``phase``, ``c_<task>`` for each merged task (empty for baselines, which are
+    not points of the coefficient space), then ``<metric>_<task>`` for every metric of
+    :data:`METRICS` and every task, control tasks included. Every metric is recorded, so
+    a search with another ``metric`` in the same folder reuses the evaluations.
     """
 
-    def __init__(self, folder: Path, task_names: Sequence[str], metric: str, fingerprint: Mapping[str, Any]):
+    def __init__(
+        self,
+        folder: Path,
+        task_names: Sequence[str],
+        metric: str,
+        fingerprint: Mapping[str, Any],
+        controls: Sequence[bool] | None = None,
+    ):
         self.folder = folder
         self.path = folder / EVALUATIONS
-        self.task_names = list(task_names)
+        self.all_names = list(task_names)
+        self.controls = list(controls) if controls is not None else [False] * len(self.all_names)
+        self.task_names = [n for n, c in zip(self.all_names, self.controls, strict=True) if not c]
         self.metric = metric
-        self.columns = ["phase", *(f"c_{n}" for n in task_names), *(f"{metric}_{n}" for n in task_names)]
+        self.columns = [
+            "phase",
+            *(f"c_{n}" for n in self.task_names),
+            *(f"{m}_{n}" for m in METRICS for n in self.all_names),
+        ]
         self.fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True))
+
+    def objective(self, table: np.ndarray) -> np.ndarray:
+        """``metric`` on each merged task, from a (metrics, tasks) table."""
+        columns = [index for index, control in enumerate(self.controls) if not control]
+        return np.asarray(table[METRICS.index(self.metric), columns], dtype=float)
 
     def load(self) -> tuple[list[Evaluation], dict[str, np.ndarray]]:
         """An earlier run's evaluations in this folder (none when it is new).
 
         Writes nothing, except to drop a half-written last line that a crash left behind.
 
-        Returns the evaluations at coefficient vectors and the labelled ones (baselines).
-        An error when the folder holds evaluations of a different search.
+        Returns the evaluations at coefficient vectors (their ``metric`` on the merged
+        tasks) and the labelled ones (baselines, their whole metrics tables). An error when
+        the folder holds evaluations of a different search.
         """
         run_file = self.folder / RUN
         if self.folder.exists() and not self.folder.is_dir():
@@ -100,11 +122,12 @@ class EvaluationRecord:
                     break
                 raise ConfigError(f"{self.path}: line {number} is malformed; fix or delete it to resume")
             phase, values = row
-            coefficients, metrics = values[:count], values[count:]
+            coefficients = values[:count]
+            table = values[count:].reshape(len(METRICS), len(self.all_names))
             if np.all(np.isnan(coefficients)):
-                labelled[phase] = metrics
+                labelled[phase] = table
             else:
-                points.append(Evaluation(coefficients, metrics, phase))
+                points.append(Evaluation(coefficients, self.objective(table), phase))
         return points, labelled
 
     def _parse(self, line: str) -> tuple[str, np.ndarray] | None:
@@ -126,12 +149,12 @@ class EvaluationRecord:
         """An interrupted write left half a line: rewrite the file without it."""
         write_text_atomic(self.path, "".join(kept))
 
-    def append(self, phase: str, coefficients: np.ndarray | None, metrics: np.ndarray) -> None:
-        """Append one evaluation and make it durable before returning."""
+    def append(self, phase: str, coefficients: np.ndarray | None, table: np.ndarray) -> None:
+        """Append one evaluation (its whole (metrics, tasks) table) and make it durable before returning."""
         values = (
             [""] * len(self.task_names) if coefficients is None else [repr(float(v)) for v in coefficients]
         )
-        line = _csv_line([phase, *values, *(repr(float(v)) for v in metrics)])
+        line = _csv_line([phase, *values, *(repr(float(v)) for v in np.asarray(table).reshape(-1))])
         append_text_durably(self.path, line)
 
 

@@ -20,7 +20,7 @@ from m3sb.checkpoints import write_text_atomic
 from m3sb.config import ParetoConfig
 from m3sb.errors import ConfigError
 from m3sb.pareto.design import grid
-from m3sb.pareto.evaluations import Evaluation, EvaluationLog
+from m3sb.pareto.evaluations import Evaluation, EvaluationLog, point_key
 from m3sb.pareto.front import (
     MetricSense,
     Mode,
@@ -70,12 +70,12 @@ def check_run(
     config: ParetoConfig, mode: str, preference: Sequence[float] | None, grid_points: int | None
 ) -> None:
     """Every error that needs no model: metric, method, budget, preference, grid size."""
-    from m3sb.pareto.merging import check_metric, check_search_method
-    from m3sb.tasks.data import parse_dataset_spec
+    from m3sb.pareto.merging import check_search_method
+    from m3sb.tasks.metrics import check_metric
 
     check_metric(config.metric)
-    check_search_method(config.merge_method, config.parameters, config.bounds, len(config.tasks))
-    count = len(config.tasks)
+    count = len(config.merged_tasks)
+    check_search_method(config.merge_method, config.parameters, config.bounds, count)
     budget = config.budget if config.budget is not None else default_budget(count, cast(Mode, mode))
     check_search_inputs(count, budget, config.bounds, mode, "loss" if config.metric == "loss" else "score")
     if preference is not None:
@@ -84,8 +84,24 @@ def check_run(
         raise ConfigError(
             f"--grid {grid_points}: needs 2 <= N and N^T <= {MAX_GRID_POINTS} points (T = {count} tasks)"
         )
-    for index, task in enumerate(config.tasks):
-        parse_dataset_spec(_with_default_split(task.dataset), f"tasks[{index}].dataset")
+    task_specs(config)
+
+
+def task_specs(config: ParetoConfig) -> list[Any]:
+    """The search's tasks as the task layer describes them (kinds and datasets checked)."""
+    from m3sb.tasks.data import parse_dataset_spec
+    from m3sb.tasks.registry import TaskSpec, check_kind
+
+    return [
+        TaskSpec(
+            task.name,
+            task.model,
+            parse_dataset_spec(_with_default_split(task.dataset), f"tasks[{index}].dataset"),
+            check_kind(task.kind, f"tasks[{index}]"),
+            task.control,
+        )
+        for index, task in enumerate(config.tasks)
+    ]
 
 
 def _with_default_split(dataset: dict[str, Any]) -> dict[str, Any]:
@@ -94,13 +110,14 @@ def _with_default_split(dataset: dict[str, Any]) -> dict[str, Any]:
 
 
 def fingerprint(config: ParetoConfig) -> dict[str, Any]:
-    """What decides the value of an evaluation: reused evaluations must share it."""
+    """What decides the value of an evaluation: reused evaluations must share it (every metric
+    is recorded, so the search's metric is not part of it)."""
     return {
         "base_model": config.base_model,
         "merge_method": config.merge_method,
         "parameters": config.parameters,
-        "metric": config.metric,
         **({"autocast": config.autocast} if config.autocast != "none" else {}),
+        **({"processor_checkpoint": config.processor_checkpoint} if config.processor_checkpoint else {}),
         "tasks": [
             task.model_dump() | {"dataset": _with_default_split(task.dataset)} for task in config.tasks
         ],
@@ -115,7 +132,7 @@ def run_pareto(
     seed: int = 0,
     grid_points: int | None = None,
     save_model: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
     rule: Rule = "weighted_sum",
     baselines: bool = True,
     search: SearchSettings | None = None,
@@ -134,8 +151,9 @@ def run_pareto(
     address = ray_address or config.ray_address
     kind = check_executor(executor or config.executor, address)
     check_run(config, mode, preference, grid_points)
-    names = [task.name for task in config.tasks]
-    record = EvaluationRecord(Path(results_path), names, config.metric, fingerprint(config))
+    every = [task.name for task in config.tasks]
+    controls = [task.control for task in config.tasks]
+    record = EvaluationRecord(Path(results_path), every, config.metric, fingerprint(config), controls)
     known, labelled = record.load()
     if known or labelled:
         say(f"resuming: {len(known) + len(labelled)} evaluations found in {record.path}")
@@ -147,7 +165,7 @@ def run_pareto(
         return _search_and_write(
             config,
             problem,
-            PoolEvaluator(pool, problem.candidates_per_pass),
+            PoolEvaluator(pool, problem),
             record,
             known,
             labelled,
@@ -165,27 +183,37 @@ def run_pareto(
 
 class PoolEvaluator:
     """MAP's ``evaluate``/``evaluate_many`` over an executor: rows go out in chunks of
-    ``candidates_per_pass`` and come back in order."""
+    ``candidates_per_pass`` and come back in order. The search sees the problem's
+    objective; the whole metrics table of each point is kept for the record."""
 
-    def __init__(self, pool: Any, candidates_per_pass: int) -> None:
+    def __init__(self, pool: Any, problem: MergeProblem) -> None:
         self.pool = pool
-        self.per_item = candidates_per_pass
+        self.problem = problem
+        self.per_item = problem.candidates_per_pass
+        self.tables: dict[tuple[float, ...], np.ndarray] = {}
 
     def evaluate_many(self, points: np.ndarray) -> Iterator[np.ndarray]:
-        """The metrics of each row of ``points``, in order, each as soon as it is known."""
+        """The search's metrics of each row of ``points``, in order, each as soon as it is known."""
         chunks = [points[start : start + self.per_item] for start in range(0, len(points), self.per_item)]
+        rows = iter(points)
         for results in self.pool.map(chunks):
-            yield from results
+            for table in results:
+                self.tables[point_key(next(rows))] = table
+                yield self.problem.objective(table)
 
     def __call__(self, point: np.ndarray) -> np.ndarray:
-        """The metrics of one point."""
+        """The search's metrics of one point."""
         return next(iter(self.evaluate_many(np.atleast_2d(point))))
 
+    def table_of(self, point: np.ndarray) -> np.ndarray:
+        """The whole metrics table of a point this evaluator has evaluated."""
+        return self.tables.pop(point_key(point))
+
     def merge_of(self, method: str, params: dict[str, Any]) -> np.ndarray:
-        """The metrics of the merge of every task model by ``method`` (a baseline)."""
+        """The metrics table of the merge of every task model by ``method`` (a baseline)."""
         from m3sb.pareto.merging import MethodMerge
 
-        return next(iter(self.pool.map([MethodMerge(method, params)])))
+        return np.asarray(next(iter(self.pool.map([MethodMerge(method, params)]))))
 
 
 def _search_and_write(
@@ -205,7 +233,7 @@ def _search_and_write(
     search: SearchSettings | None,
     say: Callable[[str], None],
 ) -> ParetoOutcome:
-    names = [task.name for task in config.tasks]
+    names = [task.name for task in config.merged_tasks]
     record.create()
     search_mode = cast(Mode, mode)  # check_run has checked it
     sense: MetricSense = "loss" if config.metric == "loss" else "score"
@@ -214,7 +242,7 @@ def _search_and_write(
     def keep(evaluation: Evaluation) -> None:
         nonlocal new
         new += 1
-        record.append(evaluation.phase, evaluation.coefficients, evaluation.metrics)
+        record.append(evaluation.phase, evaluation.coefficients, evaluator.table_of(evaluation.coefficients))
         shown = ", ".join(f"{n}={m:.2f}" for n, m in zip(names, evaluation.metrics, strict=True))
         say(f"  [{evaluation.phase}] c=[{', '.join(f'{c:.3f}' for c in evaluation.coefficients)}] {shown}")
 
@@ -260,28 +288,21 @@ def _search_and_write(
     if save_model:
         assert outcome.selected is not None
         coefficients = [outcome.selected["coefficients"][n] for n in names]
-        outcome.files["model"] = save_selected_models(problem, coefficients, names, record.folder / "model")
+        outcome.files["model"] = save_selected_models(problem, coefficients, record.folder / "model")
     outcome.new_evaluations = new
     return outcome
 
 
 def _load_problem(config: ParetoConfig, say: Callable[[str], None]) -> MergeProblem:
     from m3sb.pareto.merging import MergeProblem
-    from m3sb.tasks.data import load_task_data, parse_dataset_spec, prepare_inputs
-    from m3sb.tasks.image_classification import check_shared_backbone, load_task_model
+    from m3sb.tasks.registry import LoadSettings, load_tasks
 
     say("loading models and validation data ...")
-    models = [load_task_model(task.model, config.trust_remote_code) for task in config.tasks]
-    base = load_task_model(config.base_model, config.trust_remote_code, with_processor=False)
-    check_shared_backbone([*models, base])
-    inputs = []
-    for index, (task, model) in enumerate(zip(config.tasks, models, strict=True)):
-        spec = parse_dataset_spec(_with_default_split(task.dataset), f"tasks[{index}].dataset")
-        data = load_task_data(spec)
-        inputs.append(prepare_inputs(data, spec, model.processor, model.num_channels, model.num_labels))
+    settings = LoadSettings(config.trust_remote_code, config.processor_checkpoint, config.cache_dir)
+    tasks, base = load_tasks(task_specs(config), config.base_model, settings, say)
+    assert base is not None
     return MergeProblem(
-        models,
-        inputs,
+        tasks,
         base,
         config.metric,
         config.merge_method,
@@ -326,7 +347,7 @@ def _baselines(
 ) -> dict[str, np.ndarray]:
     """Every coefficient at 0.3 (task arithmetic with the default method), TIES and the barycenter."""
     results = {}
-    count = len(problem.tasks)
+    count = len(problem.merged)
     scale = float(np.clip(TASK_ARITHMETIC_SCALE, *bounds))
     label = "task arithmetic" if problem.fast and problem.scale == 1.0 else problem.method_name
     results[f"{label} ({scale:g})"] = extra(np.full(count, scale), "baseline: every coefficient at 0.3")[0]
@@ -336,7 +357,7 @@ def _baselines(
             say(f"  [{phase}]")
             labelled[phase] = evaluator.merge_of(method, params)
             record.append(phase, None, labelled[phase])
-        results[label] = labelled[phase]
+        results[label] = problem.objective(labelled[phase])
     return results
 
 
@@ -354,19 +375,17 @@ def _plots(outcome: ParetoOutcome, evaluations: list[Evaluation], config: Pareto
     return files
 
 
-def save_selected_models(
-    problem: MergeProblem, coefficients: Sequence[float], names: Sequence[str], folder: Path
-) -> Path:
+def save_selected_models(problem: MergeProblem, coefficients: Sequence[float], folder: Path) -> Path:
     """One classifier per task (the selected merged backbone, that task's head) under ``folder/<task>``."""
     from m3sb.checkpoints import atomic_output_folder
 
     merged = problem.build("cpu").backbone(coefficients)
     backbone = {name: tensor.detach().clone() for name, tensor in merged.items()}
     with atomic_output_folder(folder, force=True) as staging:
-        for name, task in zip(names, problem.tasks, strict=True):
-            model = task.use_backbone(backbone)
-            model.save_pretrained(staging / name, safe_serialization=True)
-            if task.processor is not None:
-                task.processor.save_pretrained(staging / name)
-            task.use_backbone(None)
+        for task in problem.tasks:  # control tasks too: the merged backbone with their own head
+            model = task.model.use_backbone(backbone)
+            model.save_pretrained(staging / task.name, safe_serialization=True)
+            if task.model.processor is not None:
+                task.model.processor.save_pretrained(staging / task.name)
+            task.model.use_backbone(None)
     return folder

@@ -1,18 +1,26 @@
-"""Task datasets: load a split from a hub id, a ``save_to_disk`` folder or an image folder,
-and turn it into model inputs with the task's own image processor.
+"""Task datasets: load a split from a hub id, a ``save_to_disk`` folder or an image folder.
 
-Unreadable images are skipped and counted, never fatal; a missing column or a label the
-classifier cannot produce is an error that names the dataset, before any evaluation.
+A split is a name (``test``), a slice in the ``datasets`` syntax (``train[90%:]``,
+``train[:500]``) or a seeded random *carve* of another split: a fraction of it, capped at
+a number of examples, or the rest of it (MAP's validation sets are 10% of train, at most
+5,000 examples, seed 0)::
+
+    split: {carve: train, fraction: 0.1, max_examples: 5000, seed: 0}
+    split: {carve: train, fraction: 0.1, max_examples: 5000, seed: 0, part: rest}
+
+The same carve gives the same examples on every run and machine; ``part: rest`` gives
+exactly the examples the carve leaves out. A missing split or column, or a carve larger
+than its source, is an error that names the dataset before any evaluation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from m3sb.errors import ConfigError, M3SBError, first_line
 
@@ -21,58 +29,127 @@ class DataError(M3SBError):
     """A dataset cannot be found, read or used as asked."""
 
 
+class CarveSpec(BaseModel):
+    """A seeded random part of another split (or what is left of it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    carve: str = Field(min_length=1)
+    fraction: float | None = Field(default=None, gt=0)
+    max_examples: int | None = Field(default=None, gt=0)
+    seed: int = 0
+    part: Literal["carved", "rest"] = "carved"
+
+    @model_validator(mode="after")
+    def _sized(self) -> CarveSpec:
+        if self.fraction is None and self.max_examples is None:
+            raise ValueError("a carve needs a fraction, max_examples or both")
+        if self.fraction is not None and self.fraction > 1:
+            raise ValueError(f"carve fraction {self.fraction} is larger than its source (at most 1)")
+        return self
+
+    def size(self, available: int) -> int:
+        """How many examples the carve takes from a split of ``available`` examples."""
+        count = available if self.fraction is None else int(self.fraction * available)
+        if self.max_examples is not None:
+            if self.fraction is None and self.max_examples > available:
+                raise ValueError(
+                    f"carve of {self.max_examples} examples is larger than its source "
+                    f"'{self.carve}' ({available} examples)"
+                )
+            count = min(count, self.max_examples)
+        return max(1, count) if available else 0
+
+    def indices(self, available: int) -> np.ndarray:
+        """The rows of the source split that this carve (or its rest) holds, in ascending order."""
+        order = np.random.default_rng(self.seed).permutation(available)
+        carved = order[: self.size(available)]
+        if self.part == "carved":
+            return np.sort(carved)
+        mask = np.ones(available, dtype=bool)
+        mask[carved] = False
+        return np.flatnonzero(mask)
+
+    def describe(self) -> str:
+        """The carve as one short phrase for messages."""
+        parts = [f"fraction {self.fraction:g}" if self.fraction is not None else ""]
+        parts.append(f"at most {self.max_examples}" if self.max_examples is not None else "")
+        what = ", ".join(p for p in parts if p)
+        rest = "the rest of " if self.part == "rest" else ""
+        return f"{rest}a carve ({what}, seed {self.seed}) of '{self.carve}'"
+
+
 class DatasetSpec(BaseModel):
     """Where a task's evaluation data is and which columns hold images and labels."""
 
     model_config = ConfigDict(extra="forbid")
     dataset_name: str = Field(min_length=1)
-    split: str = "test"
+    split: str | CarveSpec = "test"
     image_col: str = "image"
     label_col: str = "label"
     max_samples: int | None = Field(default=None, gt=0)
 
-
-@dataclass(frozen=True)
-class TaskInputs:
-    """A task's preprocessed evaluation data."""
-
-    pixel_values: torch.Tensor
-    labels: torch.Tensor
-    skipped: int
+    @property
+    def split_name(self) -> str:
+        """The split as written (a carve is described in words)."""
+        return self.split if isinstance(self.split, str) else self.split.describe()
 
 
-def _load_split(spec: DatasetSpec) -> Any:
-    """The requested split as a ``datasets.Dataset``."""
+_SPLIT = re.compile(r"^\s*([^\[\]\s]+)\s*(\[.*\])?\s*$")
+
+
+def _named_split(dataset_name: str, name: str) -> Any:
+    """A whole named split as a ``datasets.Dataset``."""
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(spec.dataset_name).expanduser()
+    path = Path(dataset_name).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if name not in loaded:
+                raise DataError(f"{dataset_name}: no split '{name}'; it has {', '.join(loaded)}")
+            return loaded[name]
+        return loaded
+    if path.is_dir():
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split=name)
+    return datasets.load_dataset(dataset_name, split=name)
+
+
+def _split(dataset_name: str, split: str) -> Any:
+    """A split written as a name or a slice (``train[10%:20%]``, ``train[:500]``)."""
+    from datasets import ReadInstruction
+
+    match = _SPLIT.match(split)
+    if not match:
+        raise DataError(f"{dataset_name}: split '{split}' is neither a name nor a slice such as train[:10%]")
+    name, bounds = match.group(1), match.group(2)
+    whole = _named_split(dataset_name, name)
+    if bounds is None:
+        return whole
     try:
-        if path.is_dir() and (
-            (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
-        ):
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if spec.split not in loaded:
-                    raise DataError(
-                        f"{spec.dataset_name}: no split '{spec.split}'; it has {', '.join(loaded)}"
-                    )
-                return loaded[spec.split]
-            return loaded
-        if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path), split=spec.split)
-        return datasets.load_dataset(spec.dataset_name, split=spec.split)
+        (instruction,) = ReadInstruction.from_spec(f"{name}{bounds}").to_absolute({name: len(whole)})
+    except (ValueError, AssertionError) as error:
+        raise DataError(f"{dataset_name}: split '{split}': {first_line(error)[:200]}") from None
+    return whole.select(range(instruction.from_, instruction.to))
+
+
+def load_task_data(spec: DatasetSpec) -> Any:
+    """Load a task's split (named, sliced or carved), check its columns, keep at most ``max_samples`` rows."""
+    carve = spec.split if isinstance(spec.split, CarveSpec) else None
+    source = carve.carve if carve is not None else str(spec.split)
+    try:
+        dataset = _split(spec.dataset_name, source)
+        if carve is not None:
+            try:
+                dataset = dataset.select(carve.indices(len(dataset)))
+            except ValueError as error:
+                raise DataError(f"{spec.dataset_name}: {error}") from None
     except DataError:
         raise
     except Exception as error:  # noqa: BLE001 (every loading failure becomes one line)
         raise DataError(
-            f"{spec.dataset_name}: cannot load split '{spec.split}' ({first_line(error)[:200]})"
+            f"{spec.dataset_name}: cannot load split '{source}' ({first_line(error)[:200]})"
         ) from None
-
-
-def load_task_data(spec: DatasetSpec) -> Any:
-    """Load a task's split, check its columns and keep at most ``max_samples`` rows."""
-    dataset = _load_split(spec)
     for column in (spec.image_col, spec.label_col):
         if column not in dataset.column_names:
             raise DataError(
@@ -83,39 +160,17 @@ def load_task_data(spec: DatasetSpec) -> Any:
     return dataset
 
 
-def prepare_inputs(
-    dataset: Any, spec: DatasetSpec, processor: Any, num_channels: int, num_labels: int
-) -> TaskInputs:
-    """Preprocess every readable image with ``processor``; count the unreadable ones."""
-    mode = "L" if num_channels == 1 else "RGB"
-    labels = [int(label) for label in dataset[spec.label_col]]
-    bad = [label for label in labels if not 0 <= label < num_labels]
-    if bad:
-        raise DataError(
-            f"{spec.dataset_name}: label {bad[0]} is outside the classifier's range 0..{num_labels - 1}"
-        )
-    images, kept, skipped = [], [], 0
-    column = dataset.with_format(None)
-    for index in range(len(dataset)):
-        try:
-            image = column[index][spec.image_col]
-            images.append(image.convert(mode))
-            kept.append(labels[index])
-        except Exception:  # noqa: BLE001 (a corrupt image is skipped and counted)
-            skipped += 1
-    if not images:
-        raise DataError(f"{spec.dataset_name}: no readable image in split '{spec.split}'")
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    return TaskInputs(pixels, torch.tensor(kept), skipped)
-
-
 def parse_dataset_spec(data: Any, where: str) -> DatasetSpec:
-    """Validate one dataset entry of an experiment config."""
+    """Validate one dataset entry of a config."""
     from pydantic import ValidationError
 
     try:
         return DatasetSpec.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        location = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{where}: {location}: {first['msg']}") from None
+        problems = error.errors()
+        first = next(
+            (e for e in problems if "str" not in e["loc"]), problems[0]
+        )  # the carve's, for a mapping
+        location = ".".join(str(p) for p in first["loc"] if str(p) != "str" and "CarveSpec" not in str(p))
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {location}: {message}") from None

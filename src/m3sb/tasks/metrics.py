@@ -1,4 +1,5 @@
-"""Scoring a classifier on a task: predictions and the seed's metrics (percent, macro averages)."""
+"""Scoring on a task: the seed's metrics (percent, macro averages) and the mean loss, from
+batches of logits; and the autocast choices of forward passes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from m3sb.errors import ConfigError
 
 AUTOCAST_DTYPES = ("none", "float16", "bfloat16")
+SCORE_METRICS = ("accuracy", "precision", "recall", "f1_score")
+METRICS = (*SCORE_METRICS, "loss")
 
 
 def check_autocast(name: str) -> str:
@@ -19,30 +22,20 @@ def check_autocast(name: str) -> str:
     return name
 
 
+def check_metric(metric: str) -> str:
+    """``metric`` if evaluations produce it; a one-line error naming the choices otherwise."""
+    if metric not in METRICS:
+        raise ConfigError(
+            f"metric '{metric}' is not one the evaluator produces; choose one of: {', '.join(METRICS)}"
+        )
+    return metric
+
+
 def autocast(device: torch.device, dtype_name: str) -> contextlib.AbstractContextManager[Any]:
     """Forward passes in ``dtype_name`` (float16 or bfloat16) where it is safe; nothing for ``none``."""
     if check_autocast(dtype_name) == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, dtype_name))
-
-
-@torch.inference_mode()
-def predict(
-    model: Any,
-    pixel_values: torch.Tensor,
-    device: torch.device,
-    batch_size: int = 256,
-    autocast_dtype: str = "none",
-) -> torch.Tensor:
-    """Class predictions for every image, in batches (under autocast when asked)."""
-    model.to(device)
-    predictions = []
-    for start in range(0, len(pixel_values), batch_size):
-        batch = pixel_values[start : start + batch_size].to(device)
-        with autocast(device, autocast_dtype):
-            logits = model(pixel_values=batch).logits
-        predictions.append(logits.float().argmax(-1).cpu())
-    return torch.cat(predictions)
 
 
 def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -57,3 +50,28 @@ def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor) -> d
         "recall": 100.0 * float(recall),
         "f1_score": 100.0 * float(f1),
     }
+
+
+class ClassificationTally:
+    """Predictions and summed cross-entropy gathered batch by batch; every metric at the end."""
+
+    def __init__(self) -> None:
+        self.predictions: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.loss_sum = 0.0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One batch of logits (any device) and its labels (CPU)."""
+        logits = logits.float()
+        self.predictions.append(logits.argmax(-1).cpu())
+        self.labels.append(labels.clone())
+        loss = torch.nn.functional.cross_entropy(logits, labels.to(logits.device), reduction="sum")
+        self.loss_sum += float(loss.double().item())
+
+    def metrics(self) -> dict[str, float]:
+        """Accuracy, macro precision/recall/F1 (percent) and the mean cross-entropy ``loss``."""
+        labels = torch.cat(self.labels)
+        return {
+            **classification_metrics(torch.cat(self.predictions), labels),
+            "loss": self.loss_sum / max(1, len(labels)),
+        }

@@ -20,7 +20,7 @@ def method_rows() -> list[tuple[str, str, str, str]]:
     rows = []
     for method in METHODS.values():
         params = ", ".join(
-            f"{p.name}{' (per model)' if p.per_model else ''}={_format_default(p.default)}"
+            f"{p.label}{' (per model)' if p.per_model else ''}={_format_default(p.default)}"
             for p in method.all_params
         )
         params = params or "-"

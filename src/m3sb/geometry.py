@@ -1,4 +1,4 @@
-"""Sphere maths on flat tensors: Gram matrices, SLERP and the weighted Karcher mean.
+"""Sphere maths on flat tensors: Gram matrices, SLERP, the weighted Karcher mean, the seed's barycenter.
 
 Every spherical merge of N tensors returns a linear combination of those tensors: the
 SLERP of two points and the Karcher mean of many both lie in the span of their inputs.
@@ -185,6 +185,80 @@ def karcher_coefficients(
             break
     for slot, i in enumerate(points):
         coefficients[i] = scale * float(mean[slot]) / norms[i]
+    return coefficients, steps
+
+
+def seed_barycenter_coefficients(
+    gram: torch.Tensor,
+    weights: Sequence[float],
+    iterations: int = 20,
+    threshold: float = 1e-5,
+    dot_threshold: float = 0.9995,
+) -> tuple[list[float], int]:
+    """Coefficients of the M3SB seed's published barycenter, and the number of steps taken.
+
+    The seed's loop (mehdiamlal/m3sb ``geometry.barycenter``) on the directions ``u_i``:
+    start at the first direction, ``b = u_1``; each step maps every ``u_i`` to the tangent
+    space at ``b`` (zero where ``cos(u_i, b) > dot_threshold``, else the log map) and moves
+    ``b`` along the geodesic by ``v = sum_i w_i * tangent_i``; it stops after the step whose
+    angle ``|v|`` (the angle between successive estimates) is below ``threshold``, or after
+    ``iterations`` steps. The direction is scaled by the weighted mean norm.
+
+    Where no input is within ``arccos(dot_threshold)`` of the estimate this is the
+    Karcher iteration of :func:`karcher_coefficients` from another start; inputs nearer
+    than that are ignored, so near-parallel inputs stay at the first one. ``weights`` are
+    divided by their sum. The loop starts at the first input with a positive weight and a
+    non-zero norm (input 1 in every seed config); zero-norm inputs add their norm (zero)
+    and no tangent, their weight still counting, as in the seed. An input within
+    ``arccos(-dot_threshold)`` of antipodal to the estimate, where the seed drew a random
+    tangent, is a MergeError.
+    """
+    weight = normalized_weights(weights)
+    count = len(weight)
+    norms = [math.sqrt(max(0.0, float(gram[i, i]))) for i in range(count)]
+    scale = sum(w * n for w, n in zip(weight, norms, strict=True))
+    points = [i for i in range(count) if weight[i] > 0.0 and norms[i] > 0.0]
+    coefficients = [0.0] * count
+    if not points:
+        return coefficients, 0
+    if len(points) == 1:
+        only = points[0]
+        coefficients[only] = scale / norms[only]
+        return coefficients, 0
+
+    index = torch.tensor(points)
+    point_norms = torch.tensor([norms[i] for i in points], dtype=torch.float64)
+    unit_gram = gram[index][:, index] / torch.outer(point_norms, point_norms)
+    w = [weight[i] for i in points]  # not renormalised over the points: zero norms shorten steps
+    estimate = torch.zeros(len(points), dtype=torch.float64)
+    estimate[0] = 1.0
+    steps = 0
+    while steps < iterations:
+        steps += 1
+        cosines = (unit_gram @ estimate).clamp(-1.0, 1.0).tolist()
+        if min(cosines) < -dot_threshold or min(cosines) < -1.0 + _ANTIPODAL_GAP:
+            raise MergeError(
+                f"the seed's barycenter is undefined: an input is antipodal to the estimate "
+                f"(cosine {min(cosines):.6f} < -dot_threshold), where the seed drew a random direction"
+            )
+        # The log map of u_i at b is theta_i / sin(theta_i) * (u_i - cos_i * b), or zero.
+        factors = torch.tensor(
+            [
+                w_i * _theta_over_sin(_angle(c)) if c <= dot_threshold else 0.0
+                for w_i, c in zip(w, cosines, strict=True)
+            ],
+            dtype=torch.float64,
+        )
+        step = factors - float(factors @ torch.tensor(cosines, dtype=torch.float64)) * estimate
+        length = math.sqrt(max(0.0, float(step @ unit_gram @ step)))
+        if length == 0.0:
+            break
+        moved = math.cos(length) * estimate + (math.sin(length) / length) * step
+        estimate = moved / math.sqrt(float(moved @ unit_gram @ moved))  # unit, up to rounding
+        if length < threshold:
+            break
+    for slot, i in enumerate(points):
+        coefficients[i] = scale * float(estimate[slot]) / norms[i]
     return coefficients, steps
 
 

@@ -29,7 +29,7 @@ from m3sb.checkpoints import (
 from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, count_layers, resolve_value
 from m3sb.devices import resolve_device
 from m3sb.errors import CheckpointError, ConfigError, MergeError
-from m3sb.methods import MergeMethod, apply_method, get_method
+from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
 from m3sb.methods.registry import ParamValue, check_weights
 
 Progress = Callable[[str, int], None]
@@ -94,9 +94,21 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, DTYPE_ALIASES[name])
 
 
+def _canonical_names(method: MergeMethod, config: MergeConfig) -> MergeConfig:
+    """``config`` with every parameter alias (``iterations``) written as its name (``max_iter``)."""
+    models = [
+        entry.model_copy(
+            update={"parameters": canonical_params(method, entry.parameters, f"model '{entry.model}'")}
+        )
+        for entry in config.models
+    ]
+    parameters = canonical_params(method, config.parameters, "parameters")
+    return config.model_copy(update={"parameters": parameters, "models": models})
+
+
 def _check_param_names(method: MergeMethod, config: MergeConfig) -> None:
     """Every parameter in the config must be declared by the method, at a level it allows."""
-    allowed = ", ".join(p.name for p in method.all_params)
+    allowed = ", ".join(p.label for p in method.all_params)
     for key in config.parameters:
         if method.param(key) is None:
             raise ConfigError(
@@ -279,8 +291,9 @@ def _tensor_job(
 def build_plan(config: MergeConfig) -> MergePlan:
     """Check a merge config against its method and its inputs, reading no tensor data."""
     method = get_method(config.merge_method)
-    _check_param_names(method, config)
-    locations, specs, base_location = _select_inputs(method, config)
+    named = _canonical_names(method, config)  # the plan keeps the recipe as written, for the card
+    _check_param_names(method, named)
+    locations, specs, base_location = _select_inputs(method, named)
     opened: dict[str, Checkpoint] = {}
     for location in [*locations, *([base_location] if base_location else [])]:
         opened[location] = open_checkpoint(location)
@@ -290,7 +303,7 @@ def build_plan(config: MergeConfig) -> MergePlan:
     names = _check_alignment(every)
     num_layers = _num_layers(inputs[0])
     jobs = tuple(
-        _tensor_job(name, _promoted(name, info, every), method, config, specs, locations, num_layers)
+        _tensor_job(name, _promoted(name, info, every), method, named, specs, locations, num_layers)
         for name, info in names.items()
     )
     compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32

@@ -7,8 +7,25 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from m3sb.errors import ConfigError, MergeError
-from m3sb.methods import barycenter, breadcrumbs, dare, linear, model_stock, slerp, task_arithmetic, ties
-from m3sb.methods.registry import MergeMethod, Param, ParamValue, apply_method, check_weights
+from m3sb.methods import (
+    barycenter,
+    barycenter_seed,
+    breadcrumbs,
+    dare,
+    linear,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+)
+from m3sb.methods.registry import (
+    MergeMethod,
+    Param,
+    ParamValue,
+    apply_method,
+    canonical_params,
+    check_weights,
+)
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -26,6 +43,7 @@ METHODS: dict[str, MergeMethod] = {
         barycenter.PAIRWISE_SLERP,
         barycenter.BARYCENTER,
         barycenter.KARCHER,
+        barycenter_seed.METHOD,
     )
 }
 
@@ -49,7 +67,8 @@ def merge_group(
     """Merge one group of aligned tensors in memory, with the method's defaults and checks.
 
     Per-model parameters take one value for all models or a sequence of N values;
-    ``lambda`` may be written ``lambda_``. For methods where the base is an input
+    ``lambda`` may be written ``lambda_``, and a parameter under any of its aliases
+    (``iterations`` for ``max_iter``). For methods where the base is an input
     (``karcher``, ``slerp``) a given ``base`` becomes the first input, with weight 1.
     Half-precision inputs are merged in float32 (and the result is float32); a result
     that is not finite is an error naming ``tensor_name``. The inputs are left unchanged.
@@ -68,6 +87,7 @@ def merge_group(
     method.check_input_count(count)
     if "lambda_" in params:
         params["lambda"] = params.pop("lambda_")
+    params = canonical_params(method, params, method_name)
     resolved: dict[str, ParamValue | list[ParamValue]] = {}
     for param in method.all_params:
         if param.name == "weight":
@@ -120,4 +140,13 @@ def merge_backbones(
     return merged
 
 
-__all__ = ["METHODS", "MergeMethod", "Param", "apply_method", "get_method", "merge_backbones", "merge_group"]
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "Param",
+    "apply_method",
+    "canonical_params",
+    "get_method",
+    "merge_backbones",
+    "merge_group",
+]

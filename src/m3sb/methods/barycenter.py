@@ -5,7 +5,8 @@ scaled by their weighted mean norm. ``karcher`` is the same under mergekit's nam
 conventions (equal weights unless given; a base model counts as one more point).
 ``pairwise_slerp`` folds the models in order with SLERP, giving model i the share
 ``w_i / (w_1 + ... + w_i)`` of each step: equal to the barycenter for two models, and
-dependent on the order for more.
+dependent on the order for more. The seed's published variant of the barycenter is
+``barycenter_seed`` (its own module).
 """
 
 from __future__ import annotations
@@ -15,9 +16,19 @@ import torch
 from m3sb import geometry
 from m3sb.methods.registry import MergeMethod, Param
 
+# The M3SB seed wrote these as ``threshold`` and ``iterations``. Its loop stopped when the
+# angle between successive estimates fell below ``threshold``; the steps here are unit
+# Riemannian gradient steps, so that angle is the gradient norm and the names map exactly.
 KARCHER_PARAMS = (
-    Param("tol", float, 1e-7, "stop when the Riemannian gradient norm (radians) is below this", minimum=0.0),
-    Param("max_iter", int, 100, "most gradient steps", minimum=1),
+    Param(
+        "tol",
+        float,
+        1e-7,
+        "stop when the Riemannian gradient norm, the angle of the step (radians), is below this",
+        minimum=0.0,
+        aliases=("threshold",),
+    ),
+    Param("max_iter", int, 100, "most gradient steps", minimum=1, aliases=("iterations",)),
 )
 
 

@@ -18,7 +18,7 @@ import keyword
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -41,7 +41,11 @@ ParamValue = float | int | bool | str
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a merge method, as a user writes it in the YAML."""
+    """One parameter of a merge method, as a user writes it in the YAML.
+
+    ``aliases`` are other names a user may write it under (the M3SB seed's ``iterations``
+    for ``max_iter``, say); :func:`canonical_params` turns them into ``name``.
+    """
 
     name: str
     kind: type
@@ -51,11 +55,19 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def argument(self) -> str:
         """The keyword the method function receives (``lambda`` becomes ``lambda_``)."""
         return self.name + "_" if keyword.iskeyword(self.name) else self.name
+
+    @property
+    def label(self) -> str:
+        """The name with its aliases, as the docs and error messages show it."""
+        if not self.aliases:
+            return self.name
+        return f"{self.name} (alias{'es' if len(self.aliases) > 1 else ''}: {', '.join(self.aliases)})"
 
     def check(self, value: Any, where: str) -> ParamValue:
         """Return ``value`` converted to this parameter's kind, or raise ConfigError."""
@@ -119,6 +131,7 @@ class MergeMethod:
     uses_weights: bool = True
     reference: str = ""
     all_params: tuple[Param, ...] = field(init=False)
+    aliases: dict[str, str] = field(init=False, compare=False)  # alias -> name, from the params
 
     def __post_init__(self) -> None:
         extra: list[Param] = [WEIGHT] if self.uses_weights else []
@@ -127,9 +140,14 @@ class MergeMethod:
         if self.space != "weights":
             extra.append(LAMBDA)
         object.__setattr__(self, "all_params", tuple(extra) + self.params)
+        names = {p.name for p in self.all_params}
+        aliases = {alias: p.name for p in self.all_params for alias in p.aliases}
+        clash = sorted(names & aliases.keys())
+        assert not clash, f"{self.name}: aliases {clash} are also parameter names"
+        object.__setattr__(self, "aliases", aliases)
 
     def param(self, name: str) -> Param | None:
-        """The declared parameter called ``name``, if any."""
+        """The declared parameter called ``name`` (not an alias: see :func:`canonical_params`)."""
         return next((p for p in self.all_params if p.name == name), None)
 
     def check_input_count(self, count: int) -> None:
@@ -168,16 +186,38 @@ def tensor_seed(random_seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+V = TypeVar("V")
+
+
+def canonical_params(method: MergeMethod, params: Mapping[str, V], where: str) -> dict[str, V]:
+    """``params`` with every alias written as the parameter it names (``iterations`` becomes
+    ``max_iter``), in the same order. The one place aliases are resolved: the merge engine,
+    :func:`check_param_values` and ``merge_group`` all call it first. A parameter given
+    twice (by its name and an alias, or two aliases) is a one-line ConfigError."""
+    resolved: dict[str, V] = {}
+    written: dict[str, str] = {}
+    for key, value in params.items():
+        name = method.aliases.get(key, key)
+        if name in written:
+            raise ConfigError(
+                f"{where}: '{written[name]}' and '{key}' are the same parameter '{name}' of "
+                f"'{method.name}'; give one of them"
+            )
+        written[name] = key
+        resolved[name] = value
+    return resolved
+
+
 def check_param_values(
     method: MergeMethod, params: Mapping[str, Any], where: str, count: int | None = None
 ) -> None:
-    """Every parameter in ``params`` is the method's, with a valid value (one value, or, for
-    per-model parameters, a list of one per model when ``count`` models are known); a
-    one-line ConfigError naming ``where`` otherwise."""
-    for key, value in params.items():
+    """Every parameter in ``params`` is the method's (by name or alias), with a valid value
+    (one value, or, for per-model parameters, a list of one per model when ``count`` models
+    are known); a one-line ConfigError naming ``where`` otherwise."""
+    for key, value in canonical_params(method, params, where).items():
         param = method.param(key)
         if param is None or key == "weight":
-            allowed = ", ".join(p.name for p in method.all_params if p.name != "weight")
+            allowed = ", ".join(p.label for p in method.all_params if p.name != "weight")
             raise ConfigError(
                 f"{where}: unknown parameter '{key}' for '{method.name}'; allowed: {allowed or 'none'}"
             )

@@ -1,17 +1,20 @@
-"""The figures, as PNG files: experiments (radar, grouped bars, heatmap, models on the sphere)
-and Pareto searches (the front with measured points and baselines, 2-task landscapes)."""
+"""The figures: PNG files for experiments (radar, grouped bars, heatmap, models on the sphere),
+comparisons of experiments and Pareto searches (the front with measured points and baselines,
+2-task landscapes), and interactive plotly figures for the HTML pages (grouped bars, the models
+on the 3-D unit sphere)."""
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from m3sb import geometry
+if TYPE_CHECKING:
+    import torch
 
 
 def _pyplot() -> Any:
@@ -23,16 +26,19 @@ def _pyplot() -> Any:
     return plt
 
 
-def _pivot(results: Any, value: str) -> Any:
-    """A method x dataset table of ``value``, in the order the rows came."""
-    table = results.pivot_table(index="merge_method", columns="dataset", values=value, sort=False)
-    return table.loc[list(dict.fromkeys(results["merge_method"])), list(dict.fromkeys(results["dataset"]))]
+def metric_table(results: Any, value: str, index: str = "merge_method") -> Any:
+    """An ``index`` x dataset table of ``value`` (mean of repeated rows, NaN where none), in the
+    order the rows came."""
+    table = results.pivot_table(index=index, columns="dataset", values=value, sort=False, dropna=False)
+    return table.reindex(
+        index=list(dict.fromkeys(results[index])), columns=list(dict.fromkeys(results["dataset"]))
+    )
 
 
 def radar_chart(results: Any, path: Path) -> Path:
     """Accuracy per dataset, one polygon per method."""
     plt = _pyplot()
-    table = _pivot(results, "accuracy")
+    table = metric_table(results, "accuracy")
     angles = [2 * math.pi * i / len(table.columns) for i in range(len(table.columns))]
     figure, axes = plt.subplots(figsize=(6.5, 6.5), subplot_kw={"projection": "polar"})
     for method, row in table.iterrows():
@@ -48,25 +54,41 @@ def radar_chart(results: Any, path: Path) -> Path:
 
 def bar_chart(results: Any, path: Path) -> Path:
     """Accuracy per dataset, one bar per method."""
+    return _grouped_bars(
+        metric_table(results, "accuracy"), "accuracy (%)", "accuracy per task and method", path
+    )
+
+
+def comparison_chart(results: Any, metric: str, series: str, path: Path) -> Path:
+    """``metric`` per dataset, one bar per value of the ``series`` column (e.g. experiment and method)."""
+    return _grouped_bars(
+        metric_table(results, metric, index=series), f"{metric} (%)", f"{metric} per task: comparison", path
+    )
+
+
+def _grouped_bars(table: Any, ylabel: str, title: str, path: Path) -> Path:
+    """One group of bars per column of ``table``, one bar (and legend entry) per row."""
     plt = _pyplot()
-    table = _pivot(results, "accuracy")
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.6 * len(table.columns)), 4.5))
-    width = 0.8 / len(table.index)
-    for i, (method, row) in enumerate(table.iterrows()):
-        positions = [j + i * width - 0.4 + width / 2 for j in range(len(table.columns))]
-        axes.bar(positions, row.tolist(), width=width, label=str(method))
-    axes.set_xticks(range(len(table.columns)), [str(c) for c in table.columns])
-    axes.set_ylabel("accuracy (%)")
-    axes.set_ylim(0, 100)
-    axes.legend(fontsize=8, ncols=2)
-    axes.set_title("accuracy per task and method")
+    columns, rows = len(table.columns), len(table.index)
+    height = 4.5 + 0.25 * math.ceil(rows / 3)  # room for the legend under the axes
+    figure, axes = plt.subplots(figsize=(max(6.0, columns * max(1.6, 0.3 * rows)), height))
+    width = 0.8 / rows
+    for i, (label, row) in enumerate(table.iterrows()):
+        positions = [j + i * width - 0.4 + width / 2 for j in range(columns)]
+        axes.bar(positions, row.tolist(), width=width, label=str(label))
+    axes.set_xticks(range(columns), [str(c) for c in table.columns])
+    axes.set_ylabel(ylabel)
+    highest = float(np.nanmax(table.to_numpy(dtype=float), initial=0.0))
+    axes.set_ylim(0, max(100.0, 1.05 * highest))
+    axes.legend(fontsize=8, ncols=min(3, rows), loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    axes.set_title(title)
     return _save(figure, path)
 
 
 def heatmap(results: Any, path: Path) -> Path:
     """Normalised accuracy (merged / fine-tuned, %) per method and dataset."""
     plt = _pyplot()
-    table = _pivot(results, "normalized_accuracy")
+    table = metric_table(results, "normalized_accuracy")
     figure, axes = plt.subplots(figsize=(1.3 * len(table.columns) + 3, 0.5 * len(table.index) + 1.5))
     image = axes.imshow(table.to_numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
     axes.set_xticks(range(len(table.columns)), [str(c) for c in table.columns])
@@ -82,18 +104,59 @@ def heatmap(results: Any, path: Path) -> Path:
     return _save(figure, path)
 
 
-def sphere_coordinates(points: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """2-D principal coordinates of the points' directions (each flattened, scaled to unit norm)."""
+def _principal_coordinates(
+    points: Mapping[str, torch.Tensor], dimensions: int, centred: bool
+) -> tuple[list[str], np.ndarray]:
+    """The points' directions (each flattened, scaled to unit norm) on their ``dimensions`` leading
+    principal axes: ``(names, count x dimensions)``, zero columns where the points span fewer.
+
+    ``centred`` takes the axes through the directions' mean (PCA); otherwise through the origin,
+    the sphere's centre, which keeps every angle when the points span at most ``dimensions``."""
+    import torch
+
+    from m3sb import geometry
+
     names = list(points)
     gram = geometry.gram_matrix([points[name] for name in names])
     norms = gram.diagonal().clamp_min(1e-30).sqrt()
-    unit = gram / torch.outer(norms, norms)
+    cosines = gram / torch.outer(norms, norms)
     count = len(names)
-    centering = torch.eye(count, dtype=torch.float64) - 1.0 / count
-    values, vectors = torch.linalg.eigh(centering @ unit @ centering)
-    top = values.flip(0)[:2].clamp_min(0).sqrt()
-    coordinates = vectors.flip(1)[:, :2] * top
-    return {name: (float(coordinates[i, 0]), float(coordinates[i, 1])) for i, name in enumerate(names)}
+    if centred:
+        centring = torch.eye(count, dtype=torch.float64) - 1.0 / count
+        cosines = centring @ cosines @ centring
+    values, vectors = torch.linalg.eigh(cosines)
+    kept = min(dimensions, count)
+    coordinates = np.zeros((count, dimensions))
+    coordinates[:, :kept] = (vectors.flip(1)[:, :kept] * values.flip(0)[:kept].clamp_min(0).sqrt()).numpy()
+    return names, coordinates
+
+
+def sphere_coordinates(points: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """2-D principal coordinates of the points' directions (each flattened, scaled to unit norm)."""
+    names, coordinates = _principal_coordinates(points, 2, centred=True)
+    return {name: (float(x), float(y)) for name, (x, y) in zip(names, coordinates.tolist(), strict=True)}
+
+
+def sphere_coordinates_3d(points: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float, float]]:
+    """The points' directions on the unit sphere of their three principal axes through the origin.
+
+    A direction orthogonal to all three axes has no place on that sphere and stays at the origin."""
+    names, coordinates = _principal_coordinates(points, 3, centred=False)
+    lengths = np.linalg.norm(coordinates, axis=1, keepdims=True)
+    on_sphere = np.divide(coordinates, lengths, out=np.zeros_like(coordinates), where=lengths > 1e-12)
+    return {
+        name: (float(x), float(y), float(z))
+        for name, (x, y, z) in zip(names, on_sphere.tolist(), strict=True)
+    }
+
+
+# Colour, matplotlib marker and plotly 3-D symbol of each kind of model.
+_KIND_STYLES = {
+    "base": ("#000000", "s", "square"),
+    "finetuned": ("#1f77b4", "o", "circle"),
+    "merge": ("#d62728", "^", "diamond"),
+}
+_OTHER_KIND_STYLE = ("#7f7f7f", "x", "cross")
 
 
 def sphere_plot(points: Mapping[str, torch.Tensor], kinds: Mapping[str, str], path: Path) -> Path:
@@ -101,8 +164,7 @@ def sphere_plot(points: Mapping[str, torch.Tensor], kinds: Mapping[str, str], pa
     plt = _pyplot()
     coordinates = sphere_coordinates(points)
     figure, axes = plt.subplots(figsize=(6.5, 5.5))
-    styles = {"base": ("black", "s"), "finetuned": ("tab:blue", "o"), "merge": ("tab:red", "^")}
-    for kind, (colour, marker) in styles.items():
+    for kind, (colour, marker, _) in _KIND_STYLES.items():
         chosen = [name for name in coordinates if kinds[name] == kind]
         if chosen:
             axes.scatter(
@@ -120,6 +182,120 @@ def sphere_plot(points: Mapping[str, torch.Tensor], kinds: Mapping[str, str], pa
     axes.set_title("models on the hypersphere (PCA of unit-norm backbones)")
     axes.legend(fontsize=8)
     return _save(figure, path)
+
+
+def interactive_bars(results: Any, value: str, series: str, title: str) -> Any:
+    """A plotly figure: ``value`` per dataset, one bar per value of the ``series`` column."""
+    import plotly.graph_objects as go
+
+    table = metric_table(results, value, index=series)
+    datasets = [html.escape(str(column)) for column in table.columns]
+    figure = go.Figure(
+        [
+            go.Bar(
+                x=datasets,
+                y=[None if math.isnan(v) else float(v) for v in row.tolist()],
+                name=html.escape(str(label)),
+                hovertemplate="%{x}: %{y:.2f}",
+            )
+            for label, row in table.iterrows()
+        ]
+    )
+    figure.update_layout(
+        title=html.escape(title), barmode="group", yaxis_title=f"{html.escape(value)} (%)", height=480
+    )
+    return figure
+
+
+def interactive_sphere(points: Mapping[str, torch.Tensor], kinds: Mapping[str, str]) -> Any:
+    """A plotly figure: the unit sphere (translucent, wireframe) and one labelled marker per model at
+    its :func:`sphere_coordinates_3d`, coloured by its kind (base, finetuned, merge)."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure(_unit_sphere_traces())
+    titled: set[str] = set()
+    for name, (x, y, z) in sphere_coordinates_3d(points).items():
+        kind = kinds.get(name, "other")
+        colour, _, symbol = _KIND_STYLES.get(kind, _OTHER_KIND_STYLE)
+        label = html.escape(name)
+        figure.add_trace(
+            go.Scatter3d(
+                x=[x],
+                y=[y],
+                z=[z],
+                mode="markers+text",
+                name=label,
+                text=[label],
+                hovertext=[f"{label} ({html.escape(kind)})"],
+                hoverinfo="text",
+                textposition="top center",
+                marker={"size": 5, "color": colour, "symbol": symbol},
+                legendgroup=kind,
+                legendgrouptitle_text=None if kind in titled else html.escape(kind),
+            )
+        )
+        titled.add(kind)
+    axis = {"range": [-1.15, 1.15], "zeroline": False}
+    figure.update_layout(
+        title="models on the unit sphere (three principal axes of the unit-norm backbones)",
+        height=640,
+        margin={"l": 0, "r": 0, "t": 50, "b": 0},
+        scene={
+            "aspectmode": "cube",
+            "xaxis": axis | {"title": "axis 1"},
+            "yaxis": axis | {"title": "axis 2"},
+            "zaxis": axis | {"title": "axis 3"},
+        },
+    )
+    return figure
+
+
+def _unit_sphere_traces(steps: int = 25) -> list[Any]:
+    """The unit sphere as a translucent surface and a wireframe of parallels and meridians."""
+    import plotly.graph_objects as go
+
+    polar, azimuth = np.meshgrid(np.linspace(0, np.pi, steps), np.linspace(0, 2 * np.pi, steps))
+    surface = go.Surface(
+        x=np.sin(polar) * np.cos(azimuth),
+        y=np.sin(polar) * np.sin(azimuth),
+        z=np.cos(polar),
+        opacity=0.12,
+        colorscale=[[0, "#9ecae1"], [1, "#9ecae1"]],
+        showscale=False,
+        hoverinfo="skip",
+    )
+    circle = np.linspace(0, 2 * np.pi, 61)
+    lines: list[np.ndarray] = []
+    for latitude in np.radians([-60, -30, 0, 30, 60]):
+        lines.append(
+            np.stack(
+                [
+                    np.cos(latitude) * np.cos(circle),
+                    np.cos(latitude) * np.sin(circle),
+                    np.full_like(circle, np.sin(latitude)),
+                ],
+                axis=1,
+            )
+        )
+    for longitude in np.radians(range(0, 180, 30)):
+        lines.append(
+            np.stack(
+                [np.cos(circle) * np.cos(longitude), np.cos(circle) * np.sin(longitude), np.sin(circle)],
+                axis=1,
+            )
+        )
+    gap = np.full((1, 3), np.nan)
+    wire = np.concatenate([part for line in lines for part in (line, gap)])
+    wireframe = go.Scatter3d(
+        x=wire[:, 0],
+        y=wire[:, 1],
+        z=wire[:, 2],
+        mode="lines",
+        line={"color": "#bbbbbb", "width": 1},
+        hoverinfo="skip",
+        showlegend=False,
+    )
+    return [surface, wireframe]
 
 
 def _save(figure: Any, path: Path) -> Path:

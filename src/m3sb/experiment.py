@@ -22,8 +22,8 @@ from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError
 from m3sb.methods import get_method, merge_backbones
 from m3sb.methods.registry import check_param_values, check_weights
-from m3sb.tasks.image_classification import TaskModel
 from m3sb.tasks.metrics import check_autocast
+from m3sb.tasks.model import TaskModel
 from m3sb.tasks.registry import LoadSettings, Task, TaskSpec, load_tasks, parse_task_entry
 
 RESULT_COLUMNS = (

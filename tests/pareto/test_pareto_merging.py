@@ -23,8 +23,8 @@ from m3sb.pareto.merging import (
     merged_backbone,
 )
 from m3sb.tasks.data import DatasetSpec
-from m3sb.tasks.image_classification import TaskModel
 from m3sb.tasks.metrics import METRICS, classification_metrics
+from m3sb.tasks.model import TaskModel
 from m3sb.tasks.registry import Task, TaskSpec, load_tasks
 
 pytestmark = pytest.mark.slow

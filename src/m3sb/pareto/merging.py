@@ -25,8 +25,8 @@ import torch
 from m3sb.errors import ConfigError
 from m3sb.methods import get_method, merge_backbones
 from m3sb.methods.registry import check_param_values
-from m3sb.tasks.image_classification import TaskModel
 from m3sb.tasks.metrics import METRICS, check_autocast, check_metric
+from m3sb.tasks.model import TaskModel
 from m3sb.tasks.registry import Task
 
 
@@ -285,7 +285,7 @@ def without_backbone(task: TaskModel) -> TaskModel:
     }
     model = copy.deepcopy(task.model)
     model.load_state_dict({**heads, **stand_ins}, strict=True, assign=True)
-    return TaskModel(task.checkpoint, model, task.processor, heads, task.processor_source)
+    return TaskModel(task.checkpoint, model, task.processor, heads, task.own, task.processor_source)
 
 
 class MergeEvaluator:

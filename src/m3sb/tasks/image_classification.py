@@ -11,18 +11,19 @@ for every task when given) into the on-disk cache and streamed from there.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from m3sb.errors import CheckpointError, MergeError, first_line
+from m3sb.errors import CheckpointError, first_line
+from m3sb.memory import steady_heap
 from m3sb.tasks import cache
 from m3sb.tasks.data import DataError, DatasetSpec, load_task_data
 from m3sb.tasks.metrics import ClassificationTally, autocast
+from m3sb.tasks.model import TaskModel
 
 KIND = "image_classification"
 HEAD_MODULES = ("classifier", "head", "fc", "score", "distillation_classifier", "classifier_distill")
@@ -32,38 +33,6 @@ PREPROCESS_BATCH = 64
 def is_head(name: str) -> bool:
     """Whether a tensor belongs to the classification head."""
     return name.split(".", 1)[0] in HEAD_MODULES
-
-
-@dataclass
-class TaskModel:
-    """A loaded model, its preprocessor, and a copy of its own weights."""
-
-    checkpoint: str
-    model: Any
-    processor: Any
-    weights: dict[str, torch.Tensor]
-    processor_source: str | None = field(default=None)
-
-    @property
-    def backbone(self) -> dict[str, torch.Tensor]:
-        """The model's own backbone tensors, by name."""
-        return {name: tensor for name, tensor in self.weights.items() if not is_head(name)}
-
-    @property
-    def num_labels(self) -> int:
-        """How many classes the head predicts."""
-        return int(self.model.config.num_labels)
-
-    @property
-    def num_channels(self) -> int:
-        """Colour channels the model expects (1 for greyscale, 3 for RGB)."""
-        return int(getattr(self.model.config, "num_channels", 3))
-
-    def use_backbone(self, backbone: Mapping[str, torch.Tensor] | None) -> Any:
-        """The model with ``backbone`` (or its own, when None) and its own head; returned in eval mode."""
-        state = self.weights if backbone is None else {**self.weights, **backbone}
-        self.model.load_state_dict(state, strict=True)
-        return self.model.eval()
 
 
 def _quiet_transformers() -> None:
@@ -121,26 +90,8 @@ def load_task_model(
         else:
             processor, source = load_processor(checkpoint, fallback_processor)
     weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    return TaskModel(checkpoint, model.eval(), processor, weights, source)
-
-
-def check_shared_backbone(models: Sequence[TaskModel]) -> None:
-    """All models must have the same backbone tensor names and shapes; name the first difference."""
-    reference = models[0]
-    names = reference.backbone
-    for other in models[1:]:
-        theirs = other.backbone
-        for name in names.keys() ^ theirs.keys():
-            owner, missing = (reference, other) if name in names else (other, reference)
-            raise MergeError(
-                f"backbones differ: tensor '{name}' is in {owner.checkpoint} but not in {missing.checkpoint}"
-            )
-        for name, tensor in names.items():
-            if theirs[name].shape != tensor.shape:
-                raise MergeError(
-                    f"backbones differ: tensor '{name}' has shape {list(tensor.shape)} in "
-                    f"{reference.checkpoint} but {list(theirs[name].shape)} in {other.checkpoint}"
-                )
+    head = frozenset(name for name in weights if is_head(name))
+    return TaskModel(checkpoint, model.eval(), processor, weights, head, source)
 
 
 class _Images(torch.utils.data.Dataset[tuple[int, Any]]):
@@ -196,15 +147,16 @@ def prepare(
 
     A label the classifier cannot produce is an error before any image is decoded.
     """
+    steady_heap()
     dataset = load_task_data(spec)
     labels = np.asarray(dataset[spec.label_col], dtype=np.int64)
-    bad = labels[(labels < 0) | (labels >= task.num_labels)]
+    classes = int(task.model.config.num_labels)
+    bad = labels[(labels < 0) | (labels >= classes)]
     if bad.size:
         raise DataError(
-            f"{spec.dataset_name}: label {int(bad[0])} is outside the classifier's range "
-            f"0..{task.num_labels - 1}"
+            f"{spec.dataset_name}: label {int(bad[0])} is outside the classifier's range 0..{classes - 1}"
         )
-    mode = "L" if task.num_channels == 1 else "RGB"
+    mode = "L" if int(getattr(task.model.config, "num_channels", 3)) == 1 else "RGB"
     processor = task.processor
     describe = {
         "dataset": dataset_label(spec),
@@ -261,6 +213,15 @@ def _forward(model: Any, backbone: Mapping[str, torch.Tensor] | None, values: to
     return result.logits  # type: ignore[no-any-return]
 
 
+def as_parameters_of(model: Any, backbone: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``backbone``'s tensors on the device and in the dtype of ``model``'s own (as ``load_state_dict``
+    would copy them); tensors already there are used as they are."""
+    own = model.state_dict(keep_vars=True)
+    return {
+        name: tensor.to(device=own[name].device, dtype=own[name].dtype) for name, tensor in backbone.items()
+    }
+
+
 @torch.inference_mode()
 def evaluate(
     task: TaskModel,
@@ -271,7 +232,9 @@ def evaluate(
     autocast_dtype: str = "none",
 ) -> dict[str, float]:
     """Every metric of the task's classifier run on ``backbone`` (its own when None), streamed."""
+    steady_heap()
     model = task.model.to(device).eval()
+    backbone = None if backbone is None else as_parameters_of(model, backbone)
     tally = ClassificationTally()
     for values, labels in data.batches(batch_size):
         with autocast(device, autocast_dtype):
@@ -292,6 +255,7 @@ def evaluate_candidates(
 ) -> list[dict[str, float]]:
     """Every metric for each of B candidate backbones at once (``vmap`` over the rows of ``flats``,
     shape (B, P); ``views`` turns a row into the backbone's tensors)."""
+    steady_heap()
     model = task.model.to(device).eval()
 
     def logits(flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

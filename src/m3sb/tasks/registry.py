@@ -18,7 +18,7 @@ from m3sb.errors import ConfigError
 from m3sb.tasks import image_classification
 from m3sb.tasks.cache import CachedSplit
 from m3sb.tasks.data import DatasetSpec, parse_dataset_spec
-from m3sb.tasks.image_classification import TaskModel
+from m3sb.tasks.model import TaskModel, check_shared_backbone
 
 DEFAULT_KIND = "image_classification"
 
@@ -34,8 +34,6 @@ class Family(Protocol):
         processor_checkpoint: str | None = None,
         fallback_processor: str | None = None,
     ) -> TaskModel: ...
-
-    def check_shared_backbone(self, models: Sequence[TaskModel]) -> None: ...
 
     def prepare(
         self,
@@ -184,7 +182,7 @@ def load_tasks(
         base = specs[0].family.load_task_model(
             base_checkpoint, settings.trust_remote_code, with_processor=False
         )
-    specs[0].family.check_shared_backbone([*models, *([base] if base is not None else [])])
+    check_shared_backbone([*models, *([base] if base is not None else [])])
     tasks = [
         Task(spec, model, spec.family.prepare(spec.dataset, model, settings.cache_dir, settings.workers, log))
         for spec, model in zip(specs, models, strict=True)

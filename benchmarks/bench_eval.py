@@ -8,7 +8,8 @@ and a small ViT, then, each case in a fresh process:
 - ``streamed``: ``m3sb.tasks.image_classification.prepare`` (DataLoader workers, the
   on-disk cache; the first run builds it) then ``evaluate`` streaming from the cache.
 
-It also times evaluations on the digits zoo (5 tiny splits), old path vs new. Prints a
+It then runs the M3SB seed's shape, three tasks of 6,000 images each (``--seed-split``),
+streamed, and times evaluations on the digits zoo (5 tiny splits), old path vs new. Prints a
 table; ``--sizes`` and ``--skip-memory-over`` choose the cases (the in-memory path is not
 run where its projected memory exceeds the limit)::
 
@@ -48,14 +49,15 @@ def _jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def build_split(rows: int) -> Path:
-    """A saved ``datasets`` split of ``rows`` 224x224 JPEG images (500 distinct ones, cycled)."""
+def build_split(rows: int, variant: int = 0) -> Path:
+    """A saved ``datasets`` split of ``rows`` 224x224 JPEG images (500 distinct ones, cycled;
+    each ``variant`` draws other images)."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
-    folder = WORK / f"data-{rows}"
+    folder = WORK / f"data-{rows}-{variant}"
     if (folder / "dataset_dict.json").is_file():
         return folder
-    pool = [_jpeg(seed) for seed in range(500)]
+    pool = [_jpeg(1000 * variant + seed) for seed in range(500)]
 
     def rows_of() -> Any:
         for index in range(rows):
@@ -165,6 +167,33 @@ def run_streamed(data: str, model: str, evaluations: int, cache_dir: str) -> dic
     }
 
 
+def run_seed_sized(datas: list[str], model: str, evaluations: int, cache_dir: str) -> dict[str, Any]:
+    """The M3SB seed's shape: three tasks, each with its own split, preprocessed then evaluated in turn."""
+    import torch
+
+    from m3sb.tasks.data import DatasetSpec
+    from m3sb.tasks.image_classification import evaluate, load_task_model, prepare
+
+    task = load_task_model(model)
+    started = time.perf_counter()
+    splits = [prepare(DatasetSpec(dataset_name=data, split="test"), task, cache_dir) for data in datas]
+    prepared = time.perf_counter() - started
+    seconds = []
+    for _ in range(evaluations):
+        started = time.perf_counter()
+        for split in splits:
+            accuracy = evaluate(task, None, split, torch.device("cpu"), 256)["accuracy"]
+        seconds.append(time.perf_counter() - started)
+    own, children = _peak_mb()
+    return {
+        "prepare_s": prepared,
+        "eval_s": min(seconds),
+        "rss_mb": own,
+        "workers_mb": children,
+        "acc": accuracy,
+    }
+
+
 def run_zoo(path: str, evaluations: int, cache_dir: str) -> dict[str, Any]:
     """Seconds per evaluation of the 5 zoo tasks (validation splits): old in-memory path vs streamed."""
     import datasets
@@ -219,6 +248,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 6000, 25000])
     parser.add_argument("--evaluations", type=int, default=2)
     parser.add_argument(
+        "--seed-split", type=int, default=6000, help="images in each of the three seed-sized splits (0: skip)"
+    )
+    parser.add_argument(
         "--skip-memory-over", type=float, default=16.0, help="GB; in-memory runs projected over it"
     )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -229,6 +261,8 @@ def main() -> None:
             result = run_in_memory(rest[0], rest[1], int(rest[2]))
         elif case == "streamed":
             result = run_streamed(rest[0], rest[1], int(rest[2]), rest[3])
+        elif case == "seed-sized":
+            result = run_seed_sized(rest[:3], rest[3], int(rest[4]), rest[5])
         else:
             result = run_zoo(rest[0], int(rest[1]), rest[2])
         print(json.dumps(result))
@@ -248,6 +282,13 @@ def main() -> None:
             old = _child(["in-memory", str(data), str(model), str(arguments.evaluations)])
         new = _child(["streamed", str(data), str(model), str(arguments.evaluations), str(cache_dir)])
         rows.append((size, old, new))
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    seed_sized: dict[str, Any] = {}
+    if arguments.seed_split:
+        datas = [str(build_split(arguments.seed_split, variant)) for variant in (1, 2, 3)]
+        cache_dir = WORK / "cache-seed-sized"
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        seed_sized = _child(["seed-sized", *datas, str(model), str(arguments.evaluations), str(cache_dir)])
         shutil.rmtree(cache_dir, ignore_errors=True)
     from m3sb.zoo import build_zoo
 
@@ -273,6 +314,17 @@ def main() -> None:
                 f"| {size} | {label} | {cell(result, 'rss_mb', 1e-3)} | {cell(result, 'workers_mb', 1e-3)} "
                 f"| {cell(result, 'prepare_s', digits=1)} | {cell(result, 'reopen_s', digits=3)} "
                 f"| {cell(result, 'eval_s')} | {cell(result, 'acc', digits=1)} |"
+            )
+    if seed_sized:
+        size = arguments.seed_split
+        if "error" in seed_sized:
+            print(f"| 3 x {size} | streamed, three tasks | {seed_sized['error']} | | | | | |")
+        else:
+            print(
+                f"| 3 x {size} | streamed, three tasks (the seed's shape) "
+                f"| {cell(seed_sized, 'rss_mb', 1e-3)} | {cell(seed_sized, 'workers_mb', 1e-3)} "
+                f"| {cell(seed_sized, 'prepare_s', digits=1)} | - | {cell(seed_sized, 'eval_s')} "
+                f"| {cell(seed_sized, 'acc', digits=1)} |"
             )
     if "error" in zoo_times:
         print(f"zoo: {zoo_times['error']}")

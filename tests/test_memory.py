@@ -49,11 +49,11 @@ def test_steady_heap_is_set_once_per_process() -> None:
 
 @glibc
 def test_a_large_block_freed_and_asked_for_again_still_gets_its_own_mapping() -> None:
-    """glibc's default raises the threshold to a freed block's size, so the second 8 MiB
-    block would come from the heap (and stay resident); with the threshold fixed, it is mapped."""
+    """glibc's default raises the threshold to a freed block's size, so the second block of
+    17 MiB would come from the heap (and stay resident); with the threshold fixed, it is mapped."""
     libc = _libc()
     assert steady_heap() is True
-    size = 8 * MMAP_THRESHOLD
+    size = MMAP_THRESHOLD + (1 << 20)
     first = libc.malloc(size)
     libc.free(first)
     before = libc.mallinfo2()

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,22 +85,47 @@ class CachedSplit:
         return len(self.labels)
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(values, labels)`` batches in order; ``values`` views one reused buffer, valid until the next."""
+        """``(values, labels)`` batches in order; ``values`` views a reused buffer, valid until the next.
+
+        The next batch is read in a thread while the caller works on this one (two buffers
+        in turn), so reading overlaps the forward pass.
+        """
         dtype = np.dtype(self.dtype)
-        buffer = np.empty((min(batch_size, max(1, self.count)), *self.shape), dtype=dtype)
-        with open(self.folder / VALUES, "rb", buffering=0) as handle:
-            for start in range(0, self.count, batch_size):
-                rows = min(batch_size, self.count - start)
-                view = buffer[:rows]
-                if handle.readinto(view.data.cast("B")) != view.nbytes:
-                    raise OSError(f"{self.folder / VALUES}: shorter than its meta.json says")
-                yield torch.from_numpy(view), self.labels[start : start + rows]
+        rows = min(batch_size, max(1, self.count))
+        buffers = [np.empty((rows, *self.shape), dtype=dtype) for _ in range(2 if self.count > rows else 1)]
+        starts = list(range(0, self.count, batch_size))
+        path = self.folder / VALUES
+
+        def read(handle: Any, index: int) -> np.ndarray:
+            size = min(batch_size, self.count - starts[index])
+            view = buffers[index % len(buffers)][:size]
+            _read_exactly(handle, view.data.cast("B"), path)
+            return view
+
+        with open(path, "rb", buffering=0) as handle, ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(read, handle, 0) if starts else None
+            for index, start in enumerate(starts):
+                assert pending is not None
+                view = pending.result()
+                pending = reader.submit(read, handle, index + 1) if index + 1 < len(starts) else None
+                yield torch.from_numpy(view), self.labels[start : start + len(view)]
 
     def values(self) -> torch.Tensor:
         """Every example at once (for small splits and tests)."""
         return (
             torch.cat([values.clone() for values, _ in self.batches(4096)]) if self.count else torch.empty(0)
         )
+
+
+def _read_exactly(handle: Any, target: memoryview, path: Path) -> None:
+    """Fill ``target`` from ``handle``: a raw read may return less (at most 2 GiB per call on
+    Linux, or fewer bytes when interrupted), so read until it is full or the file ends."""
+    done = 0
+    while done < len(target):
+        count = handle.readinto(target[done:])
+        if not count:
+            raise OSError(f"{path}: shorter than its meta.json says")
+        done += count
 
 
 def open_entry(folder: Path, key: str) -> CachedSplit | None:

@@ -115,7 +115,7 @@ def test_a_backbone_is_supplied_without_touching_the_model(
     artefacts: dict[str, Path], tmp_path: Path
 ) -> None:
     task = load_task_model(str(artefacts["model"]))
-    other = load_task_model(str(artefacts["bare"]), fallback_processor=str(artefacts["model"]))
+    other = load_task_model(str(artefacts["bare"]), base_checkpoint=str(artefacts["model"]))
     data = prepare(_spec(artefacts["data"]), task, tmp_path)
     with_other = evaluate(task, other.backbone, data, CPU, 64)
     task.use_backbone(other.backbone)
@@ -201,9 +201,9 @@ def test_labels_outside_the_head_are_named_before_decoding(
 
 
 def test_processor_fallback_and_override(artefacts: dict[str, Path]) -> None:
-    bare = load_task_model(str(artefacts["bare"]), fallback_processor=str(artefacts["model"]))
+    bare = load_task_model(str(artefacts["bare"]), base_checkpoint=str(artefacts["model"]))
     assert bare.processor_source == str(artefacts["model"])
-    own = load_task_model(str(artefacts["model"]), fallback_processor=str(artefacts["bare"]))
+    own = load_task_model(str(artefacts["model"]), base_checkpoint=str(artefacts["bare"]))
     assert own.processor_source == str(artefacts["model"])
     forced = load_task_model(str(artefacts["model"]), processor_checkpoint=str(artefacts["model"]))
     assert forced.processor_source == str(artefacts["model"])
@@ -211,3 +211,25 @@ def test_processor_fallback_and_override(artefacts: dict[str, Path]) -> None:
         load_task_model(str(artefacts["bare"]))
     with pytest.raises(CheckpointError, match="set processor_checkpoint"):
         load_task_model(str(artefacts["model"]), processor_checkpoint=str(artefacts["bare"]))
+
+
+class _ShortReads:
+    """A raw file that returns at most ``most`` bytes per read, as Linux does past 2 GiB."""
+
+    def __init__(self, data: bytes, most: int) -> None:
+        self.data, self.most, self.at = data, most, 0
+
+    def readinto(self, target: memoryview) -> int:
+        count = min(len(target), self.most, len(self.data) - self.at)
+        target[:count] = self.data[self.at : self.at + count]
+        self.at += count
+        return count
+
+
+def test_short_raw_reads_are_read_until_the_batch_is_full(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 4
+    target = bytearray(1000)
+    cache._read_exactly(_ShortReads(data, 7), memoryview(target), tmp_path / "values.bin")
+    assert bytes(target) == data[:1000]
+    with pytest.raises(OSError, match=r"shorter than its meta\.json says"):
+        cache._read_exactly(_ShortReads(data[:999], 7), memoryview(bytearray(1000)), tmp_path / "values.bin")

@@ -285,7 +285,7 @@ def without_backbone(task: TaskModel) -> TaskModel:
     }
     model = copy.deepcopy(task.model)
     model.load_state_dict({**heads, **stand_ins}, strict=True, assign=True)
-    return TaskModel(task.checkpoint, model, task.processor, heads, task.own, task.processor_source)
+    return dataclasses.replace(task, model=model, weights=heads)
 
 
 class MergeEvaluator:

@@ -90,18 +90,15 @@ def check_run(
 def task_specs(config: ParetoConfig) -> list[Any]:
     """The search's tasks as the task layer describes them (kinds and datasets checked)."""
     from m3sb.tasks.data import parse_dataset_spec
-    from m3sb.tasks.registry import TaskSpec, check_kind
+    from m3sb.tasks.registry import TaskSpec, check_kind, check_kind_keys
 
-    return [
-        TaskSpec(
-            task.name,
-            task.model,
-            parse_dataset_spec(_with_default_split(task.dataset), f"tasks[{index}].dataset"),
-            check_kind(task.kind, f"tasks[{index}]"),
-            task.control,
-        )
-        for index, task in enumerate(config.tasks)
-    ]
+    specs = []
+    for index, task in enumerate(config.tasks):
+        where = f"tasks[{index}]"
+        dataset = parse_dataset_spec(_with_default_split(task.dataset), f"{where}.dataset")
+        kind = check_kind_keys(check_kind(task.kind, where), dataset, f"{where}.dataset")
+        specs.append(TaskSpec(task.name, task.model, dataset, kind, task.control))
+    return specs
 
 
 def _with_default_split(dataset: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from m3sb.errors import ConfigError, M3SBError, first_line
+from m3sb.tasks.clip_templates import TEMPLATES, check_template
 
 
 class DataError(M3SBError):
@@ -79,14 +80,38 @@ class CarveSpec(BaseModel):
 
 
 class DatasetSpec(BaseModel):
-    """Where a task's evaluation data is and which columns hold images and labels."""
+    """Where a task's evaluation data is and which columns hold images and labels.
+
+    ``subset`` is the hub dataset's configuration (``cropped_digits`` for SVHN).
+    ``class_names`` and ``templates`` are for zero-shot heads (kind ``clip_zero_shot``):
+    the names of the labels 0..C-1 when the label column has none, and the prompts (each
+    with one ``{}``) or the name of a built-in set (``sun397``, ``cars``, ``generic``...).
+    """
 
     model_config = ConfigDict(extra="forbid")
     dataset_name: str = Field(min_length=1)
+    subset: str | None = Field(default=None, min_length=1)
     split: str | CarveSpec = "test"
     image_col: str = "image"
     label_col: str = "label"
     max_samples: int | None = Field(default=None, gt=0)
+    class_names: list[str] | None = Field(default=None, min_length=1)
+    templates: list[str] | str | None = None
+
+    @model_validator(mode="after")
+    def _prompts(self) -> DatasetSpec:
+        if isinstance(self.templates, list):
+            if not self.templates:
+                raise ValueError("templates: give at least one template")
+            for template in self.templates:
+                check_template(template)
+        elif isinstance(self.templates, str) and self.templates not in TEMPLATES:
+            raise ValueError(
+                f"templates: no built-in set '{self.templates}'; choose one of: {', '.join(TEMPLATES)}"
+            )
+        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names: a class name appears twice")
+        return self
 
     @property
     def split_name(self) -> str:
@@ -97,7 +122,7 @@ class DatasetSpec(BaseModel):
 _SPLIT = re.compile(r"^\s*([^\[\]\s]+)\s*(\[.*\])?\s*$")
 
 
-def _named_split(dataset_name: str, name: str) -> Any:
+def _named_split(dataset_name: str, name: str, subset: str | None = None) -> Any:
     """A whole named split as a ``datasets.Dataset``."""
     import datasets
 
@@ -112,10 +137,10 @@ def _named_split(dataset_name: str, name: str) -> Any:
         return loaded
     if path.is_dir():
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=name)
-    return datasets.load_dataset(dataset_name, split=name)
+    return datasets.load_dataset(dataset_name, subset, split=name)
 
 
-def _split(dataset_name: str, split: str) -> Any:
+def _split(dataset_name: str, split: str, subset: str | None = None) -> Any:
     """A split written as a name or a slice (``train[10%:20%]``, ``train[:500]``)."""
     from datasets import ReadInstruction
 
@@ -123,7 +148,7 @@ def _split(dataset_name: str, split: str) -> Any:
     if not match:
         raise DataError(f"{dataset_name}: split '{split}' is neither a name nor a slice such as train[:10%]")
     name, bounds = match.group(1), match.group(2)
-    whole = _named_split(dataset_name, name)
+    whole = _named_split(dataset_name, name, subset)
     if bounds is None:
         return whole
     try:
@@ -138,7 +163,7 @@ def load_task_data(spec: DatasetSpec) -> Any:
     carve = spec.split if isinstance(spec.split, CarveSpec) else None
     source = carve.carve if carve is not None else str(spec.split)
     try:
-        dataset = _split(spec.dataset_name, source)
+        dataset = _split(spec.dataset_name, source, spec.subset)
         if carve is not None:
             try:
                 dataset = dataset.select(carve.indices(len(dataset)))

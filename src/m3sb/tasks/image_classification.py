@@ -23,7 +23,7 @@ from m3sb.memory import steady_heap
 from m3sb.tasks import cache
 from m3sb.tasks.data import DataError, DatasetSpec, load_task_data
 from m3sb.tasks.metrics import ClassificationTally, autocast
-from m3sb.tasks.model import TaskModel
+from m3sb.tasks.model import TaskModel, as_parameters_of, quiet_transformers
 
 KIND = "image_classification"
 HEAD_MODULES = ("classifier", "head", "fc", "score", "distillation_classifier", "classifier_distill")
@@ -35,19 +35,12 @@ def is_head(name: str) -> bool:
     return name.split(".", 1)[0] in HEAD_MODULES
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
-
 def load_processor(checkpoint: str, fallback: str | None = None) -> tuple[Any, str]:
     """The image processor of ``checkpoint``, else of ``fallback`` (the base, as the seed did),
     and where it came from."""
     from transformers import AutoImageProcessor
 
-    _quiet_transformers()
+    quiet_transformers()
     failures = []
     for source in dict.fromkeys(s for s in (checkpoint, fallback) if s is not None):
         try:
@@ -65,16 +58,16 @@ def load_task_model(
     trust_remote_code: bool = False,
     with_processor: bool = True,
     processor_checkpoint: str | None = None,
-    fallback_processor: str | None = None,
+    base_checkpoint: str | None = None,
 ) -> TaskModel:
     """Load an image classifier and its image processor from a folder or a hub id.
 
     The processor is ``processor_checkpoint``'s when given, else the model's own, else
-    ``fallback_processor``'s (the base model's).
+    ``base_checkpoint``'s (the base model's).
     """
     from transformers import AutoModelForImageClassification
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         model = AutoModelForImageClassification.from_pretrained(
             checkpoint, trust_remote_code=trust_remote_code
@@ -88,7 +81,7 @@ def load_task_model(
         if processor_checkpoint is not None:
             processor, source = load_processor(processor_checkpoint)
         else:
-            processor, source = load_processor(checkpoint, fallback_processor)
+            processor, source = load_processor(checkpoint, base_checkpoint)
     weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     head = frozenset(name for name in weights if is_head(name))
     return TaskModel(checkpoint, model.eval(), processor, weights, head, source)
@@ -147,17 +140,33 @@ def prepare(
 
     A label the classifier cannot produce is an error before any image is decoded.
     """
-    steady_heap()
-    dataset = load_task_data(spec)
-    labels = np.asarray(dataset[spec.label_col], dtype=np.int64)
+    mode = "L" if int(getattr(task.model.config, "num_channels", 3)) == 1 else "RGB"
     classes = int(task.model.config.num_labels)
+    return prepare_images(spec, task.processor, mode, classes, KIND, cache_dir, workers, log)
+
+
+def prepare_images(
+    spec: DatasetSpec,
+    processor: Any,
+    mode: str,
+    classes: int,
+    kind: str,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    log: Callable[[str], None] | None = None,
+    dataset: Any = None,
+) -> cache.CachedSplit:
+    """A split of images decoded in ``mode`` and run through ``processor``: from the cache, or
+    built into it once in DataLoader workers. Labels must lie in ``0..classes-1``; ``dataset``
+    is the loaded split when the caller has it already."""
+    steady_heap()
+    dataset = load_task_data(spec) if dataset is None else dataset
+    labels = np.asarray(dataset[spec.label_col], dtype=np.int64)
     bad = labels[(labels < 0) | (labels >= classes)]
     if bad.size:
         raise DataError(
             f"{spec.dataset_name}: label {int(bad[0])} is outside the classifier's range 0..{classes - 1}"
         )
-    mode = "L" if int(getattr(task.model.config, "num_channels", 3)) == 1 else "RGB"
-    processor = task.processor
     describe = {
         "dataset": dataset_label(spec),
         "split": spec.split_name,
@@ -165,7 +174,7 @@ def prepare(
         "mode": mode,
         "processor": {"class": type(processor).__name__, "config": processor.to_dict()},
     }
-    key = cache.cache_key({"kind": KIND, "data": cache.dataset_identity(dataset), **describe})
+    key = cache.cache_key({"kind": kind, "data": cache.dataset_identity(dataset), **describe})
     root = cache.cache_root(cache_dir)
     entry = cache.open_entry(root / key, key)
     if entry is not None:
@@ -211,15 +220,6 @@ def _forward(model: Any, backbone: Mapping[str, torch.Tensor] | None, values: to
         return model(pixel_values=values).logits  # type: ignore[no-any-return]
     result = torch.func.functional_call(model, dict(backbone), args=(), kwargs={"pixel_values": values})
     return result.logits  # type: ignore[no-any-return]
-
-
-def as_parameters_of(model: Any, backbone: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``backbone``'s tensors on the device and in the dtype of ``model``'s own (as ``load_state_dict``
-    would copy them); tensors already there are used as they are."""
-    own = model.state_dict(keep_vars=True)
-    return {
-        name: tensor.to(device=own[name].device, dtype=own[name].dtype) for name, tensor in backbone.items()
-    }
 
 
 @torch.inference_mode()

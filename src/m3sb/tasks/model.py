@@ -18,7 +18,8 @@ class TaskModel:
 
     ``own`` names the tensors that are the task's own (a classification head, say);
     every other tensor is the backbone that merges. The family that loads the model
-    decides which are which.
+    decides which are which. ``extra`` holds what the family keeps beside the weights
+    (for CLIP: where the text tower comes from, and the zero-shot head built from it).
     """
 
     checkpoint: str
@@ -27,6 +28,7 @@ class TaskModel:
     weights: dict[str, torch.Tensor]
     own: frozenset[str] = field(default_factory=frozenset)
     processor_source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def backbone(self) -> dict[str, torch.Tensor]:
@@ -38,6 +40,23 @@ class TaskModel:
         state = self.weights if backbone is None else {**self.weights, **backbone}
         self.model.load_state_dict(state, strict=True)
         return self.model.eval()
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' loading chatter (warnings and progress bars)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def as_parameters_of(model: Any, backbone: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``backbone``'s tensors on the device and in the dtype of ``model``'s own (as ``load_state_dict``
+    would copy them); tensors already there are used as they are."""
+    own = model.state_dict(keep_vars=True)
+    return {
+        name: tensor.to(device=own[name].device, dtype=own[name].dtype) for name, tensor in backbone.items()
+    }
 
 
 def check_shared_backbone(models: Sequence[TaskModel]) -> None:

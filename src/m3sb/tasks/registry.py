@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from m3sb.errors import ConfigError
-from m3sb.tasks import image_classification
+from m3sb.tasks import clip_zero_shot, image_classification
 from m3sb.tasks.cache import CachedSplit
 from m3sb.tasks.data import DatasetSpec, parse_dataset_spec
 from m3sb.tasks.model import TaskModel, check_shared_backbone
@@ -32,7 +32,7 @@ class Family(Protocol):
         trust_remote_code: bool = False,
         with_processor: bool = True,
         processor_checkpoint: str | None = None,
-        fallback_processor: str | None = None,
+        base_checkpoint: str | None = None,
     ) -> TaskModel: ...
 
     def prepare(
@@ -68,7 +68,11 @@ class Family(Protocol):
     def dataset_label(self, spec: DatasetSpec) -> str: ...
 
 
-FAMILIES: dict[str, Family] = {image_classification.KIND: image_classification}
+FAMILIES: dict[str, Family] = {
+    image_classification.KIND: image_classification,
+    clip_zero_shot.KIND: clip_zero_shot,
+}
+ZERO_SHOT_KEYS = ("class_names", "templates")
 
 
 def check_kind(kind: str, where: str) -> str:
@@ -105,7 +109,17 @@ def parse_task_entry(entry: Mapping[str, Any], where: str) -> tuple[str, bool, D
         raise ConfigError(f"{where}: kind: expected a name, got {kind!r}")
     if not isinstance(control, bool):
         raise ConfigError(f"{where}: control: expected true or false, got {control!r}")
-    return check_kind(kind, where), control, parse_dataset_spec(fields, where)
+    dataset = parse_dataset_spec(fields, where)
+    return check_kind_keys(check_kind(kind, where), dataset, where), control, dataset
+
+
+def check_kind_keys(kind: str, dataset: DatasetSpec, where: str) -> str:
+    """``kind`` if ``dataset`` uses only keys that kind reads; a one-line error otherwise."""
+    if kind != clip_zero_shot.KIND:
+        for key in ZERO_SHOT_KEYS:
+            if getattr(dataset, key) is not None:
+                raise ConfigError(f"{where}: {key}: only kind {clip_zero_shot.KIND} uses {key}")
+    return kind
 
 
 @dataclass
@@ -173,7 +187,7 @@ def load_tasks(
             spec.checkpoint,
             settings.trust_remote_code,
             processor_checkpoint=settings.processor_checkpoint,
-            fallback_processor=base_checkpoint,
+            base_checkpoint=base_checkpoint,
         )
         for spec in specs
     ]

@@ -126,66 +126,38 @@ def run_in_memory(data: str, model: str, evaluations: int) -> dict[str, Any]:
             )
         accuracy = classification_metrics(predictions, labels)["accuracy"]
         seconds.append(time.perf_counter() - started)
-    own, children = _peak_mb()
-    return {
-        "prepare_s": prepared,
-        "eval_s": min(seconds),
-        "rss_mb": own,
-        "workers_mb": children,
-        "acc": accuracy,
-    }
+    return _result(prepared, seconds, accuracy)
 
 
-def run_streamed(data: str, model: str, evaluations: int, cache_dir: str) -> dict[str, Any]:
-    """The task layer: preprocessed once into the cache (in workers), evaluated streaming from it."""
+def run_streamed(datas: list[str], model: str, evaluations: int, cache_dir: str) -> dict[str, Any]:
+    """The task layer: each split preprocessed once into the cache (in workers), then all of
+    them evaluated in turn streaming from it (three splits: the M3SB seed's shape)."""
     import torch
 
     from m3sb.tasks.data import DatasetSpec
     from m3sb.tasks.image_classification import evaluate, load_task_model, prepare
 
     task = load_task_model(model)
-    spec = DatasetSpec(dataset_name=data, split="test")
+    specs = [DatasetSpec(dataset_name=data, split="test") for data in datas]
     started = time.perf_counter()
-    split = prepare(spec, task, cache_dir)
+    splits = [prepare(spec, task, cache_dir) for spec in specs]
     prepared = time.perf_counter() - started
     started = time.perf_counter()
-    prepare(spec, task, cache_dir)
+    for spec in specs:
+        prepare(spec, task, cache_dir)
     reopened = time.perf_counter() - started
     os.sync()  # time evaluations of a cache already on disk, not against its write-back
-    seconds = []
-    for _ in range(evaluations):
-        started = time.perf_counter()
-        accuracy = evaluate(task, None, split, torch.device("cpu"), 256)["accuracy"]
-        seconds.append(time.perf_counter() - started)
-    own, children = _peak_mb()
-    return {
-        "prepare_s": prepared,
-        "reopen_s": reopened,
-        "eval_s": min(seconds),
-        "rss_mb": own,
-        "workers_mb": children,
-        "acc": accuracy,
-    }
-
-
-def run_seed_sized(datas: list[str], model: str, evaluations: int, cache_dir: str) -> dict[str, Any]:
-    """The M3SB seed's shape: three tasks, each with its own split, preprocessed then evaluated in turn."""
-    import torch
-
-    from m3sb.tasks.data import DatasetSpec
-    from m3sb.tasks.image_classification import evaluate, load_task_model, prepare
-
-    task = load_task_model(model)
-    started = time.perf_counter()
-    splits = [prepare(DatasetSpec(dataset_name=data, split="test"), task, cache_dir) for data in datas]
-    prepared = time.perf_counter() - started
-    os.sync()
     seconds = []
     for _ in range(evaluations):
         started = time.perf_counter()
         for split in splits:
             accuracy = evaluate(task, None, split, torch.device("cpu"), 256)["accuracy"]
         seconds.append(time.perf_counter() - started)
+    return _result(prepared, seconds, accuracy, reopen_s=reopened)
+
+
+def _result(prepared: float, seconds: list[float], accuracy: float, **more: float) -> dict[str, Any]:
+    """One case's figures: preprocessing, the best evaluation, peak memory of the process and its workers."""
     own, children = _peak_mb()
     return {
         "prepare_s": prepared,
@@ -193,6 +165,7 @@ def run_seed_sized(datas: list[str], model: str, evaluations: int, cache_dir: st
         "rss_mb": own,
         "workers_mb": children,
         "acc": accuracy,
+        **more,
     }
 
 
@@ -262,9 +235,7 @@ def main() -> None:
         if case == "in-memory":
             result = run_in_memory(rest[0], rest[1], int(rest[2]))
         elif case == "streamed":
-            result = run_streamed(rest[0], rest[1], int(rest[2]), rest[3])
-        elif case == "seed-sized":
-            result = run_seed_sized(rest[:3], rest[3], int(rest[4]), rest[5])
+            result = run_streamed(rest[3:], rest[0], int(rest[1]), rest[2])
         else:
             result = run_zoo(rest[0], int(rest[1]), rest[2])
         print(json.dumps(result))
@@ -282,7 +253,7 @@ def main() -> None:
             old: dict[str, Any] = {"error": f"not run: projected {projected:.0f} GB"}
         else:
             old = _child(["in-memory", str(data), str(model), str(arguments.evaluations)])
-        new = _child(["streamed", str(data), str(model), str(arguments.evaluations), str(cache_dir)])
+        new = _child(["streamed", str(model), str(arguments.evaluations), str(cache_dir), str(data)])
         rows.append((size, old, new))
         shutil.rmtree(cache_dir, ignore_errors=True)
     seed_sized: dict[str, Any] = {}
@@ -290,7 +261,7 @@ def main() -> None:
         datas = [str(build_split(arguments.seed_split, variant)) for variant in (1, 2, 3)]
         cache_dir = WORK / "cache-seed-sized"
         shutil.rmtree(cache_dir, ignore_errors=True)
-        seed_sized = _child(["seed-sized", *datas, str(model), str(arguments.evaluations), str(cache_dir)])
+        seed_sized = _child(["streamed", str(model), str(arguments.evaluations), str(cache_dir), *datas])
         shutil.rmtree(cache_dir, ignore_errors=True)
     from m3sb.zoo import build_zoo
 
@@ -325,7 +296,8 @@ def main() -> None:
             print(
                 f"| 3 x {size} | streamed, three tasks (the seed's shape) "
                 f"| {cell(seed_sized, 'rss_mb', 1e-3)} | {cell(seed_sized, 'workers_mb', 1e-3)} "
-                f"| {cell(seed_sized, 'prepare_s', digits=1)} | - | {cell(seed_sized, 'eval_s')} "
+                f"| {cell(seed_sized, 'prepare_s', digits=1)} | {cell(seed_sized, 'reopen_s', digits=3)} "
+                f"| {cell(seed_sized, 'eval_s')} "
                 f"| {cell(seed_sized, 'acc', digits=1)} |"
             )
     if "error" in zoo_times:

@@ -31,12 +31,11 @@ import numpy as np
 import torch
 
 from m3sb.errors import CheckpointError, first_line
-from m3sb.memory import steady_heap
 from m3sb.tasks import cache
 from m3sb.tasks.clip_templates import TEMPLATES, templates_for
 from m3sb.tasks.data import DataError, DatasetSpec, load_task_data
 from m3sb.tasks.image_classification import dataset_label, load_processor, prepare_images
-from m3sb.tasks.metrics import ClassificationTally, autocast
+from m3sb.tasks.metrics import score_candidates, score_split
 from m3sb.tasks.model import TaskModel, as_parameters_of, quiet_transformers
 
 KIND = "clip_zero_shot"
@@ -314,7 +313,6 @@ def _head(task: TaskModel) -> torch.Tensor:
     return head  # type: ignore[no-any-return]
 
 
-@torch.inference_mode()
 def evaluate(
     task: TaskModel,
     backbone: Mapping[str, torch.Tensor] | None,
@@ -324,19 +322,18 @@ def evaluate(
     autocast_dtype: str = "none",
 ) -> dict[str, float]:
     """Every metric of the zero-shot head on the vision tower ``backbone`` (its own when None)."""
-    steady_heap()
     head = _head(task).to(device)
     model = task.model.to(device).eval()
     backbone = None if backbone is None else as_parameters_of(model, backbone)
-    tally = ClassificationTally()
-    for values, labels in data.batches(batch_size):
-        with autocast(device, autocast_dtype):
-            logits = _logits(_image_embeds(model, backbone, values.to(device)), head)
-        tally.add(logits, labels)
-    return tally.metrics()
+    return score_split(
+        lambda values: _logits(_image_embeds(model, backbone, values), head),
+        data,
+        device,
+        batch_size,
+        autocast_dtype,
+    )
 
 
-@torch.inference_mode()
 def evaluate_candidates(
     task: TaskModel,
     flats: torch.Tensor,
@@ -347,20 +344,10 @@ def evaluate_candidates(
     autocast_dtype: str = "none",
 ) -> list[dict[str, float]]:
     """Every metric for each of B candidate vision towers at once (``vmap`` over the rows of ``flats``)."""
-    steady_heap()
     head = _head(task).to(device)
     model = task.model.to(device).eval()
 
     def logits(flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return _logits(_image_embeds(model, views(flat), values), head)
 
-    every = torch.func.vmap(logits, in_dims=(0, None))
-    tallies = [ClassificationTally() for _ in range(len(flats))]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
-        for values, labels in data.batches(batch_size):
-            with autocast(device, autocast_dtype):
-                batch = every(flats, values.to(device))
-            for tally, candidate in zip(tallies, batch, strict=True):
-                tally.add(candidate, labels)
-    return [tally.metrics() for tally in tallies]
+    return score_candidates(logits, flats, data, device, batch_size, autocast_dtype)

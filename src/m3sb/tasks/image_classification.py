@@ -10,7 +10,6 @@ for every task when given) into the on-disk cache and streamed from there.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from m3sb.errors import CheckpointError, first_line
 from m3sb.memory import steady_heap
 from m3sb.tasks import cache
 from m3sb.tasks.data import DataError, DatasetSpec, load_task_data
-from m3sb.tasks.metrics import ClassificationTally, autocast
+from m3sb.tasks.metrics import score_candidates, score_split
 from m3sb.tasks.model import TaskModel, as_parameters_of, quiet_transformers
 
 KIND = "image_classification"
@@ -222,7 +221,6 @@ def _forward(model: Any, backbone: Mapping[str, torch.Tensor] | None, values: to
     return result.logits  # type: ignore[no-any-return]
 
 
-@torch.inference_mode()
 def evaluate(
     task: TaskModel,
     backbone: Mapping[str, torch.Tensor] | None,
@@ -232,18 +230,13 @@ def evaluate(
     autocast_dtype: str = "none",
 ) -> dict[str, float]:
     """Every metric of the task's classifier run on ``backbone`` (its own when None), streamed."""
-    steady_heap()
     model = task.model.to(device).eval()
     backbone = None if backbone is None else as_parameters_of(model, backbone)
-    tally = ClassificationTally()
-    for values, labels in data.batches(batch_size):
-        with autocast(device, autocast_dtype):
-            logits = _forward(model, backbone, values.to(device))
-        tally.add(logits, labels)
-    return tally.metrics()
+    return score_split(
+        lambda values: _forward(model, backbone, values), data, device, batch_size, autocast_dtype
+    )
 
 
-@torch.inference_mode()
 def evaluate_candidates(
     task: TaskModel,
     flats: torch.Tensor,
@@ -255,19 +248,9 @@ def evaluate_candidates(
 ) -> list[dict[str, float]]:
     """Every metric for each of B candidate backbones at once (``vmap`` over the rows of ``flats``,
     shape (B, P); ``views`` turns a row into the backbone's tensors)."""
-    steady_heap()
     model = task.model.to(device).eval()
 
     def logits(flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return _forward(model, views(flat), values)
 
-    every = torch.func.vmap(logits, in_dims=(0, None))
-    tallies = [ClassificationTally() for _ in range(len(flats))]
-    with warnings.catch_warnings():  # vmap falls back to a loop for CPU flash attention: correct, said here
-        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
-        for values, labels in data.batches(batch_size):
-            with autocast(device, autocast_dtype):
-                batch = every(flats, values.to(device))
-            for tally, candidate in zip(tallies, batch, strict=True):
-                tally.add(candidate, labels)
-    return [tally.metrics() for tally in tallies]
+    return score_candidates(logits, flats, data, device, batch_size, autocast_dtype)

@@ -4,11 +4,15 @@ batches of logits; and the autocast choices of forward passes."""
 from __future__ import annotations
 
 import contextlib
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from m3sb.errors import ConfigError
+from m3sb.memory import steady_heap
+from m3sb.tasks.cache import CachedSplit
 
 AUTOCAST_DTYPES = ("none", "float16", "bfloat16")
 SCORE_METRICS = ("accuracy", "precision", "recall", "f1_score")
@@ -75,3 +79,45 @@ class ClassificationTally:
             **classification_metrics(torch.cat(self.predictions), labels),
             "loss": self.loss_sum / max(1, len(labels)),
         }
+
+
+def score_split(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    data: CachedSplit,
+    device: torch.device,
+    batch_size: int,
+    autocast_dtype: str = "none",
+) -> dict[str, float]:
+    """Every metric of ``logits_of`` (a batch of inputs on ``device`` to logits) over ``data``, streamed."""
+    steady_heap()
+    tally = ClassificationTally()
+    with torch.inference_mode():
+        for values, labels in data.batches(batch_size):
+            with autocast(device, autocast_dtype):
+                logits = logits_of(values.to(device))
+            tally.add(logits, labels)
+    return tally.metrics()
+
+
+def score_candidates(
+    logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    flats: torch.Tensor,
+    data: CachedSplit,
+    device: torch.device,
+    batch_size: int,
+    autocast_dtype: str = "none",
+) -> list[dict[str, float]]:
+    """Every metric for each row of ``flats`` (B flat candidates) at once: ``vmap`` of
+    ``logits_of(row, inputs)`` over the rows, in shared streamed passes over ``data``."""
+    steady_heap()
+    every = torch.func.vmap(logits_of, in_dims=(0, None))
+    tallies = [ClassificationTally() for _ in range(len(flats))]
+    with torch.inference_mode(), warnings.catch_warnings():
+        # vmap falls back to a loop for CPU flash attention: correct, said here
+        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+        for values, labels in data.batches(batch_size):
+            with autocast(device, autocast_dtype):
+                batch = every(flats, values.to(device))
+            for tally, candidate in zip(tallies, batch, strict=True):
+                tally.add(candidate, labels)
+    return [tally.metrics() for tally in tallies]

@@ -332,6 +332,47 @@ def compare(
 
 
 @app.command()
+def convert(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE",
+            help="An open_clip checkpoint: a state dict (.pt, .bin, .safetensors) or a whole pickled "
+            "module as the task_vectors project saved its fine-tunes. No code in it is run.",
+        ),
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder for the Hugging Face checkpoint.")],
+    heads: Annotated[
+        int | None,
+        typer.Option(help="Attention heads, where a state dict cannot say. \\[default: width / 64]"),
+    ] = None,
+    activation: Annotated[
+        str | None,
+        typer.Option(
+            help="quick_gelu (OpenAI's CLIPs) or gelu, where a state dict cannot say. \\[default: quick_gelu]"
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Convert an open_clip vision tower to a Hugging Face CLIPVisionModelWithProjection folder."""
+
+    def run() -> None:
+        from m3sb.convert import convert_open_clip
+
+        tower = convert_open_clip(source, out, heads=heads, activation=activation, force=force)
+        console.print(
+            f"{out}: CLIP vision tower, {tower.layers} layers x {tower.hidden_size} wide, "
+            f"{tower.heads} heads, {tower.image_size}px in {tower.patch_size}px patches, "
+            f"projection {tower.projection_dim}, {tower.activation}",
+            highlight=False,
+            markup=False,
+        )
+
+    guarded(run, debug)
+
+
+@app.command()
 def zoo(
     folder: Annotated[
         Path, typer.Argument(metavar="DIR", help="Folder for the zoo (reused when already built).")

@@ -378,16 +378,33 @@ def zoo(
         Path, typer.Argument(metavar="DIR", help="Folder for the zoo (reused when already built).")
     ],
     seed: Annotated[int, typer.Option(help="Seed of the data splits and training.")] = 0,
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="digits (a ViT with its own heads) or clip (a CLIP and vision-only fine-tunes "
+            "scored zero-shot)."
+        ),
+    ] = "digits",
     debug: DebugOption = False,
 ) -> None:
-    """Build the digits zoo offline: a tiny ViT base, five fine-tunes and their datasets."""
+    """Build a zoo offline: a tiny base, five fine-tunes on digit tasks, and their datasets."""
 
     def run() -> None:
-        from m3sb.zoo import ZooRecipe, build_zoo
+        from m3sb.errors import ConfigError
 
-        manifest = build_zoo(
-            folder, ZooRecipe(seed=seed), log=lambda line: console.print(line, highlight=False)
-        )
+        def log(line: str) -> None:
+            console.print(line, highlight=False, markup=False)
+
+        if kind == "digits":
+            from m3sb.zoo import ZooRecipe, build_zoo
+
+            manifest = build_zoo(folder, ZooRecipe(seed=seed), log=log)
+        elif kind == "clip":
+            from m3sb.clip_zoo import ClipZooRecipe, build_clip_zoo
+
+            manifest = build_clip_zoo(folder, ClipZooRecipe(seed=seed), log=log)
+        else:
+            raise ConfigError(f"--kind {kind}: expected digits or clip")
         console.print(f"zoo ready: {manifest}", highlight=False)
 
     guarded(run, debug)

@@ -1,7 +1,8 @@
 """``m3sb demo``: everything offline. First the merge engine: a toy Llama family merged with
 every method. Then M3SB experiments on the digits zoo: full-weight and task-vector merges,
 each task's classifier rebuilt and scored, a results table, figures and a report. Last,
-MAP on the zoo: a two-task Pareto front and a nested search over all five tasks."""
+MAP on the zoo: a two-task Pareto front and a nested search over all five tasks. Last, the
+CLIP zoo: vision towers fine-tuned against zero-shot heads, merged by MAP over three tasks."""
 
 from __future__ import annotations
 
@@ -100,7 +101,46 @@ def run_demo(out: Path, console: Console | None = None, device: str = "auto") ->
     merge_engine_demo(out, console)
     results = experiments_demo(out, console, device)
     pareto_demo(out, console, device)
+    clip_demo(out, console, device)
     return results
+
+
+CLIP_DEMO_TASKS = ("rotated", "mirrored", "parity")
+
+
+def clip_demo(out: Path, console: Console | None = None, device: str = "auto") -> Any:
+    """MAP over three tasks of the CLIP zoo (zero-shot heads from the base's text tower)."""
+    import json
+
+    from m3sb.clip_zoo import build_clip_zoo
+    from m3sb.config import ParetoConfig
+    from m3sb.pareto.report import print_outcome
+    from m3sb.pareto.run import run_pareto
+
+    def say(line: str) -> None:
+        if console is not None:
+            console.print(line, highlight=False, markup=False)
+
+    say("building (or reusing) the CLIP zoo: a tiny CLIP and vision-only fine-tunes ...")
+    zoo = json.loads(build_clip_zoo(out / "clip_zoo", log=say).read_text())
+    tasks = [
+        {
+            "name": task["name"],
+            "model": task["checkpoint"],
+            "kind": "clip_zero_shot",
+            "dataset": {**task["dataset"], "split": "validation", "max_samples": PARETO_SAMPLES},
+        }
+        for task in zoo["tasks"]
+        if task["name"] in CLIP_DEMO_TASKS
+    ]
+    say(f"MAP on the CLIP zoo over {', '.join(CLIP_DEMO_TASKS)}, every task weighing the same")
+    config = ParetoConfig.model_validate(
+        {"base_model": zoo["base_model_checkpoint"], "tasks": tasks, "cache_dir": str(out / "cache")}
+    )
+    outcome = run_pareto(config, out / "pareto" / "clip", preference=[1.0] * len(tasks), device=device)
+    if console is not None:
+        print_outcome(outcome, console)
+    return outcome
 
 
 PARETO_SAMPLES = 200  # validation images per task and evaluation in the demo's searches

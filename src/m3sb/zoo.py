@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,18 +62,18 @@ TASKS = (
 )
 
 
-def _to_uint8(images: np.ndarray) -> np.ndarray:
+def to_uint8(images: np.ndarray) -> np.ndarray:
     """Digits pixels (0-16) as 0-255 grey levels."""
     return np.ascontiguousarray(np.round(images * (255.0 / 16.0)).astype(np.uint8))
 
 
-def _pixel_values(images_uint8: np.ndarray) -> torch.Tensor:
+def pixel_values(images_uint8: np.ndarray) -> torch.Tensor:
     """What the zoo's image processor produces: rescale to [0, 1], normalise with mean 0.5, std 0.5."""
     values = torch.from_numpy(images_uint8.astype(np.float32) / 255.0)
     return ((values - 0.5) / 0.5).unsqueeze(1)
 
 
-def _splits(count: int, seed: int) -> dict[str, np.ndarray]:
+def splits_of(count: int, seed: int) -> dict[str, np.ndarray]:
     """Deterministic 60/20/20 train/validation/test indices."""
     order = np.random.default_rng(seed).permutation(count)
     train, validation = int(0.6 * count), int(0.8 * count)
@@ -125,13 +125,19 @@ def _accuracy(model: Any, pixels: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predictions == labels).float().mean()) * 100.0
 
 
-def _save_dataset(
-    folder: Path, images: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray]
+def save_dataset(
+    folder: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    splits: dict[str, np.ndarray],
+    names: Sequence[str] | None = None,
 ) -> None:
+    """Save grey images and their labels as a ``DatasetDict`` (one split per entry of ``splits``);
+    ``names`` name the classes, else they are numbered."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
-    num_classes = int(labels.max()) + 1
-    features = Features({IMAGE_COLUMN: Image(), LABEL_COLUMN: ClassLabel(num_classes=num_classes)})
+    label = ClassLabel(names=list(names)) if names else ClassLabel(num_classes=int(labels.max()) + 1)
+    features = Features({IMAGE_COLUMN: Image(), LABEL_COLUMN: label})
     parts = {}
     for split, index in splits.items():
         pictures = [image for image in images[index]]
@@ -185,10 +191,10 @@ def build_zoo(
     digits = load_digits()
     raw_images = digits.images.astype(np.float32)
     raw_labels = digits.target.astype(np.int64)
-    splits = _splits(len(raw_labels), recipe.seed)
+    splits = splits_of(len(raw_labels), recipe.seed)
 
     base = _vit(10, recipe)
-    pixels = _pixel_values(_to_uint8(raw_images))
+    pixels = pixel_values(to_uint8(raw_images))
     labels = torch.from_numpy(raw_labels)
     train = torch.from_numpy(splits["train"])
     _train(base, pixels[train], labels[train], recipe.pretrain_epochs, 3e-3, recipe.seed)
@@ -199,10 +205,10 @@ def build_zoo(
     entries = []
     for offset, task in enumerate(TASKS, start=1):
         rng = np.random.default_rng(recipe.seed + offset)
-        images = _to_uint8(task.transform(raw_images, rng))
+        images = to_uint8(task.transform(raw_images, rng))
         task_labels = task.relabel(raw_labels)
-        _save_dataset(folder / "datasets" / task.name, images, task_labels, splits)
-        task_pixels, task_targets = _pixel_values(images), torch.from_numpy(task_labels)
+        save_dataset(folder / "datasets" / task.name, images, task_labels, splits)
+        task_pixels, task_targets = pixel_values(images), torch.from_numpy(task_labels)
         model = _vit(task.num_classes, recipe)
         backbone = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
         model.load_state_dict(backbone, strict=False)

@@ -34,7 +34,7 @@ from m3sb.errors import CheckpointError, first_line
 from m3sb.tasks import cache
 from m3sb.tasks.clip_templates import TEMPLATES, templates_for
 from m3sb.tasks.data import DataError, DatasetSpec, load_task_data
-from m3sb.tasks.image_classification import dataset_label, load_processor, prepare_images
+from m3sb.tasks.image_classification import dataset_label, image_mode, load_processor, prepare_images
 from m3sb.tasks.metrics import score_candidates, score_split
 from m3sb.tasks.model import TaskModel, as_parameters_of, quiet_transformers
 
@@ -288,7 +288,15 @@ def prepare(
         )
     task.extra[HEAD] = head
     return prepare_images(
-        spec, task.processor, "RGB", len(names), KIND, cache_dir, workers, log, dataset=dataset
+        spec,
+        task.processor,
+        image_mode(task.model),
+        len(names),
+        KIND,
+        cache_dir,
+        workers,
+        log,
+        dataset=dataset,
     )
 
 

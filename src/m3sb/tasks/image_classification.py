@@ -139,9 +139,15 @@ def prepare(
 
     A label the classifier cannot produce is an error before any image is decoded.
     """
-    mode = "L" if int(getattr(task.model.config, "num_channels", 3)) == 1 else "RGB"
     classes = int(task.model.config.num_labels)
-    return prepare_images(spec, task.processor, mode, classes, KIND, cache_dir, workers, log)
+    return prepare_images(
+        spec, task.processor, image_mode(task.model), classes, KIND, cache_dir, workers, log
+    )
+
+
+def image_mode(model: Any) -> str:
+    """The PIL mode a vision model's inputs are decoded to: ``L`` for one channel, else ``RGB``."""
+    return "L" if int(getattr(model.config, "num_channels", 3)) == 1 else "RGB"
 
 
 def prepare_images(

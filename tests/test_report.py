@@ -269,3 +269,20 @@ def test_the_two_dimensional_view_is_the_centred_one() -> None:
     assert coordinates["a"][0] == pytest.approx(-coordinates["c"][0], abs=1e-9)
     assert abs(coordinates["b"][1]) == pytest.approx(2 * abs(coordinates["a"][1]), abs=1e-9)
     assert sphere_coordinates({"a": torch.ones(3)}) == {"a": (0.0, 0.0)}
+
+
+def test_the_grid_front_keeps_exactly_the_non_dominated_points() -> None:
+    import numpy as np
+
+    from m3sb.plots import non_dominated_2d
+
+    points = np.array([[1.0, 5.0], [2.0, 4.0], [2.0, 3.0], [0.5, 4.5], [3.0, 1.0], [1.0, 5.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(non_dominated_2d(points), [[1.0, 5.0], [2.0, 4.0], [3.0, 1.0]])
+    np.testing.assert_array_equal(non_dominated_2d(points, maximise=False), [[0.0, 0.0]])
+    rng = np.random.default_rng(0)
+    cloud = rng.random((200, 2))
+    front = non_dominated_2d(cloud)
+    for point in cloud:  # every point is matched or beaten by one on the front, and none beats another
+        assert ((front >= point).all(axis=1)).any()
+    for a in front:
+        assert not (((front >= a).all(axis=1)) & ((front > a).any(axis=1))).any()

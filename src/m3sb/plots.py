@@ -305,9 +305,22 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
+def non_dominated_2d(points: np.ndarray, maximise: bool = True) -> np.ndarray:
+    """The rows of a (n, 2) array that no other row beats on both columns, sorted by the first."""
+    values = points if maximise else -points
+    order = np.lexsort((-values[:, 1], -values[:, 0]))  # by the first column, best first
+    kept, best_second = [], -np.inf
+    for index in order:
+        if values[index, 1] > best_second:
+            kept.append(index)
+            best_second = values[index, 1]
+    return points[np.array(kept, dtype=int)][::-1] if kept else points[:0]
+
+
 def pareto_front_plot(outcome: Any, evaluations: Sequence[Any], path: Path) -> Path:
     """The amortized front (predicted), the measured points (design, grid, re-evaluated front
-    points, selected) and the baselines; one panel per pair of tasks."""
+    points, selected), the grid's own front, the baselines and each task's fine-tuned model
+    (dashed lines); one panel per pair of tasks."""
     plt = _pyplot()
     names, metric = outcome.task_names, outcome.metric
     pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
@@ -326,6 +339,7 @@ def pareto_front_plot(outcome: Any, evaluations: Sequence[Any], path: Path) -> P
         "front check": {"color": "tab:green", "marker": "D", "s": 34},
         "selected": {"color": "tab:red", "marker": "*", "s": 220},
     }
+    finetuned = getattr(outcome, "finetuned", None)
     for axes, (i, j) in zip(axes_grid.flat, pairs, strict=False):
         predicted = outcome.front.predicted
         order = np.argsort(predicted[:, i])
@@ -336,8 +350,14 @@ def pareto_front_plot(outcome: Any, evaluations: Sequence[Any], path: Path) -> P
             if kind in by_phase:
                 values = np.asarray(by_phase[kind])
                 axes.scatter(values[:, i], values[:, j], label=f"{kind} (measured)", zorder=3, **styles[kind])
-        for marker, (label, values) in zip("sP^vX", outcome.baselines.items(), strict=False):
+        if "grid" in by_phase:
+            grid_front = non_dominated_2d(np.asarray(by_phase["grid"])[:, [i, j]], metric != "loss")
+            axes.plot(grid_front[:, 0], grid_front[:, 1], "-", color="0.45", lw=1, label="grid front")
+        for marker, (label, values) in zip("sP^vXdh", outcome.baselines.items(), strict=False):
             axes.scatter(values[i], values[j], marker=marker, s=70, color="black", label=label, zorder=4)
+        if finetuned is not None:
+            axes.axvline(finetuned[i], color="tab:purple", ls="--", lw=1, label="fine-tuned")
+            axes.axhline(finetuned[j], color="tab:purple", ls="--", lw=1)
         axes.set_xlabel(f"{metric}: {names[i]}")
         axes.set_ylabel(f"{metric}: {names[j]}")
         axes.grid(alpha=0.3)

@@ -65,8 +65,21 @@ def test_run_writes_every_file_and_a_rerun_evaluates_nothing(zoo_manifest: Path,
         "grid",
         "front check",
         "baseline: ties",
+        "baseline: dare_ties",
+        "baseline: dare_linear",
         "baseline: barycenter",
+        "baseline: 0.3 spread by the preference",
+        *(f"reference: fine-tuned {n}" for n in names),
     }
+    spread = evaluations[evaluations["phase"] == "baseline: 0.3 spread by the preference"].iloc[0]
+    assert [spread[f"c_{n}"] for n in names] == pytest.approx([0.15, 0.45])  # 0.3 x 2 tasks x [1, 3] / 4
+    design = evaluations[evaluations["phase"] == "design"]
+    for index, name in enumerate(names):  # the fine-tuned model is task arithmetic's one-hot vertex
+        vertex = design[np.isclose(design[f"c_{name}"], 1.0) & (design.filter(like="c_").sum(axis=1) == 1.0)]
+        reference = evaluations[evaluations["phase"] == f"reference: fine-tuned {name}"].iloc[0]
+        assert first.finetuned is not None
+        assert first.finetuned[index] == pytest.approx(vertex.iloc[0][f"accuracy_{name}"], abs=1e-9)
+        assert reference[f"loss_{name}"] == pytest.approx(vertex.iloc[0][f"loss_{name}"], rel=1e-5)
     front = pd.read_csv(folder / "front.csv")
     assert len(front) == len(first.front.coefficients) >= 20
     selected = json.loads((folder / "selected.json").read_text())

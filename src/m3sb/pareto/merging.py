@@ -204,10 +204,12 @@ def metrics_table(per_task: Sequence[Mapping[str, float]]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MethodMerge:
-    """An item for a worker: score the merge of every task model with ``method`` (a baseline)."""
+    """An item for a worker: score the merge of every task model with ``method`` (a baseline),
+    each model at its ``weights`` entry (1 when there are none)."""
 
     method: str
     params: dict[str, Any]
+    weights: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -329,7 +331,8 @@ class MergeEvaluator:
         or of the merge a :class:`MethodMerge` names (every model at weight 1)."""
         if isinstance(item, MethodMerge):
             base, models = self.space.backbones()
-            merged = merged_backbone(item.method, item.params, [1.0] * len(models), models, base)
+            weights = list(item.weights) if item.weights is not None else [1.0] * len(models)
+            merged = merged_backbone(item.method, item.params, weights, models, base)
             return self.score({name: tensor.to(self.device) for name, tensor in merged.items()})
         return list(self.tables(item))
 

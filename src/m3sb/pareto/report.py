@@ -27,6 +27,8 @@ def print_outcome(outcome: ParetoOutcome, console: Console) -> None:
             table.add_row(f"selected: {key}", *(f"{values[n]:.3f}" for n in names))
     for label, values in outcome.baselines.items():
         table.add_row(f"baseline: {label}", *(f"{v:.3f}" for v in values))
+    if outcome.finetuned is not None:
+        table.add_row("reference: fine-tuned", *(f"{v:.3f}" for v in outcome.finetuned))
     console.print(table)
     for label, path in outcome.files.items():
         console.print(f"{label}: {path}", highlight=False)

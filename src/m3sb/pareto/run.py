@@ -42,8 +42,11 @@ TASK_ARITHMETIC_SCALE = 0.3  # the task-arithmetic baseline: every coefficient a
 # Baselines that are not points of the coefficient space: label -> (method, parameters).
 OTHER_BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
     "ties": ("ties", {"density": 0.2}),
+    "dare_ties": ("dare_ties", {"density": 0.3}),
+    "dare_linear": ("dare_linear", {"density": 0.3, "lambda": TASK_ARITHMETIC_SCALE}),
     "barycenter": ("barycenter", {"space": "weights"}),
 }
+FINETUNED_PHASE = "reference: fine-tuned "  # + the task's name
 
 
 @dataclass
@@ -59,6 +62,7 @@ class ParetoOutcome:
     new_evaluations: int = 0
     reused_evaluations: int = 0
     baselines: dict[str, np.ndarray] = field(default_factory=dict)
+    finetuned: np.ndarray | None = None  # each task's own fine-tuned model on it (reference lines)
 
 
 def warp_for(metric: str) -> Warp:
@@ -206,11 +210,15 @@ class PoolEvaluator:
         """The whole metrics table of a point this evaluator has evaluated."""
         return self.tables.pop(point_key(point))
 
-    def merge_of(self, method: str, params: dict[str, Any]) -> np.ndarray:
-        """The metrics table of the merge of every task model by ``method`` (a baseline)."""
+    def merge_of(
+        self, method: str, params: dict[str, Any], weights: Sequence[float] | None = None
+    ) -> np.ndarray:
+        """The metrics table of the merge of every task model by ``method`` (a baseline), each
+        model at its ``weights`` entry (every one at 1 by default)."""
         from m3sb.pareto.merging import MethodMerge
 
-        return np.asarray(next(iter(self.pool.map([MethodMerge(method, params)]))))
+        item = MethodMerge(method, params, None if weights is None else tuple(map(float, weights)))
+        return np.asarray(next(iter(self.pool.map([item]))))
 
 
 def _search_and_write(
@@ -274,7 +282,10 @@ def _search_and_write(
         extra(grid(grid_points, len(names), config.bounds), "grid")
     extra(front.coefficients[check_indices(front)], "front check")
     if baselines:
-        outcome.baselines = _baselines(problem, evaluator, extra, labelled, record, config.bounds, say)
+        outcome.baselines = _baselines(
+            problem, evaluator, extra, labelled, record, config.bounds, preference, say
+        )
+        outcome.finetuned = _finetuned(problem, evaluator, labelled, record, names, say)
     chosen = preference if preference is not None else ([1.0] * len(names) if save_model else None)
     if chosen is not None:
         outcome.selected = _select(front, chosen, rule, extra, names)
@@ -340,14 +351,20 @@ def _baselines(
     labelled: dict[str, np.ndarray],
     record: EvaluationRecord,
     bounds: tuple[float, float],
+    preference: Sequence[float] | None,
     say: Callable[[str], None],
 ) -> dict[str, np.ndarray]:
-    """Every coefficient at 0.3 (task arithmetic with the default method), TIES and the barycenter."""
+    """Every coefficient at 0.3 (task arithmetic with the default method), the same total spread
+    by the preference when it is not uniform, then TIES, DARE (TIES and linear) and the barycenter."""
     results = {}
     count = len(problem.merged)
     scale = float(np.clip(TASK_ARITHMETIC_SCALE, *bounds))
     label = "task arithmetic" if problem.fast and problem.scale == 1.0 else problem.method_name
     results[f"{label} ({scale:g})"] = extra(np.full(count, scale), "baseline: every coefficient at 0.3")[0]
+    if preference is not None and len(set(preference)) > 1:
+        weights = np.asarray(preference, dtype=float)
+        spread = np.clip(TASK_ARITHMETIC_SCALE * count * weights / weights.sum(), *bounds)
+        results[f"{label} (0.3 x preference)"] = extra(spread, "baseline: 0.3 spread by the preference")[0]
     for label, (method, params) in OTHER_BASELINES.items():
         phase = f"baseline: {label}"
         if phase not in labelled:
@@ -356,6 +373,26 @@ def _baselines(
             record.append(phase, None, labelled[phase])
         results[label] = problem.objective(labelled[phase])
     return results
+
+
+def _finetuned(
+    problem: MergeProblem,
+    evaluator: PoolEvaluator,
+    labelled: dict[str, np.ndarray],
+    record: EvaluationRecord,
+    names: list[str],
+    say: Callable[[str], None],
+) -> np.ndarray:
+    """Each merged task's metric with its own fine-tuned model (a one-hot linear merge)."""
+    values = []
+    for index, name in enumerate(names):
+        phase = FINETUNED_PHASE + name
+        if phase not in labelled:
+            say(f"  [{phase}]")
+            labelled[phase] = evaluator.merge_of("linear", {}, np.eye(len(names))[index])
+            record.append(phase, None, labelled[phase])
+        values.append(problem.objective(labelled[phase])[index])
+    return np.asarray(values)
 
 
 def _plots(outcome: ParetoOutcome, evaluations: list[Evaluation], config: ParetoConfig) -> dict[str, Path]:

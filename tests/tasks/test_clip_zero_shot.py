@@ -11,7 +11,7 @@ import torch
 
 from m3sb.errors import CheckpointError, ConfigError
 from m3sb.tasks import clip_zero_shot
-from m3sb.tasks.clip_templates import TEMPLATES, templates_for
+from m3sb.tasks.clip_templates import TEMPLATES, class_name_sets, class_names_for, templates_for
 from m3sb.tasks.data import DataError, DatasetSpec, parse_dataset_spec
 from m3sb.tasks.metrics import METRICS
 from m3sb.tasks.registry import load_tasks, parse_task_entry
@@ -245,7 +245,8 @@ def test_load_tasks_shares_the_vision_backbone_and_loads_the_base(
     zero_shot = tasks[0].evaluate(base.backbone, torch.device("cpu"), 4)
     assert set(zero_shot) == set(METRICS)
     base.extra[clip_zero_shot.HEAD] = tasks[0].model.extra[clip_zero_shot.HEAD]
-    assert clip_zero_shot.evaluate(base, None, tasks[0].data, torch.device("cpu")) == zero_shot
+    own = clip_zero_shot.evaluate(base, None, tasks[0].data, torch.device("cpu"))
+    assert own == pytest.approx(zero_shot, rel=1e-6)  # two modules, one set of weights
 
 
 def test_class_names_come_from_the_config_when_given(artefacts: dict[str, Path], tmp_path: Path) -> None:
@@ -254,8 +255,34 @@ def test_class_names_come_from_the_config_when_given(artefacts: dict[str, Path],
     swapped = task.extra[clip_zero_shot.HEAD].clone()
     clip_zero_shot.prepare(spec_of(artefacts), task, tmp_path)
     torch.testing.assert_close(swapped, task.extra[clip_zero_shot.HEAD].flip(0))
-    with pytest.raises(DataError, match=r"outside the classifier's range 0\.\.1"):
+    with pytest.raises(DataError, match=r"class_names \(list\) has 2 names but label column 'label' has 3"):
         clip_zero_shot.prepare(spec_of(artefacts, class_names=["zero", "one"]), task, tmp_path)
+    with pytest.raises(DataError, match=r"class_names \(built-in set 'mnist'\) has 10 names but label"):
+        clip_zero_shot.prepare(spec_of(artefacts, class_names="mnist"), task, tmp_path)
+
+
+def test_builtin_class_names_are_the_standard_tasks_in_label_order() -> None:
+    sizes = {name: len(class_names_for(name)) for name in class_name_sets()}
+    assert sizes == {
+        "sun397": 397,
+        "cars": 196,
+        "resisc45": 45,
+        "eurosat": 10,
+        "svhn": 10,
+        "gtsrb": 43,
+        "mnist": 10,
+        "dtd": 47,
+    }
+    assert set(sizes) == set(TEMPLATES) - {"generic"}
+    for name in sizes:
+        assert len(set(class_names_for(name))) == sizes[name]
+    assert class_names_for("mnist") == tuple(str(digit) for digit in range(10))
+    assert class_names_for("stanford_cars") == class_names_for("cars")
+    assert class_names_for("eurosat")[:2] == ("annual crop land", "forest")
+    assert class_names_for("dtd")[0] == "banded" and class_names_for("sun397")[0] == "abbey"
+    assert parse_dataset_spec({"dataset_name": "d", "class_names": "EuroSAT"}, "d").class_names == "EuroSAT"
+    with pytest.raises(ConfigError, match=r"d: class_names: no built-in class names .cifar.; choose one of"):
+        parse_dataset_spec({"dataset_name": "d", "class_names": "cifar"}, "d")
 
 
 def test_bad_clip_inputs_are_named(artefacts: dict[str, Path], tmp_path: Path) -> None:

@@ -82,9 +82,14 @@ def test_a_carve_is_seeded_reproducible_and_disjoint_from_its_rest(numbered: Pat
     carved = _ids(numbered, carve)
     assert len(carved) == 20 and carved == sorted(carved)
     assert carved == _ids(numbered, carve)  # the same examples on every run
-    expected = np.sort(np.random.default_rng(0).permutation(200)[:20]).tolist()
-    assert carved == expected
+    import torch
+
+    rest_part, validation = torch.utils.data.random_split(
+        range(200), [180, 20], generator=torch.Generator().manual_seed(0)
+    )
+    assert carved == sorted(validation.indices)  # MAP's and FusionBench's validation sets
     rest = _ids(numbered, carve | {"part": "rest"})
+    assert rest == sorted(rest_part.indices)
     assert (
         len(rest) == 180
         and not set(rest) & set(carved)

@@ -1,12 +1,17 @@
-"""Prompt templates for CLIP zero-shot heads: the eight standard tasks of MAP and FusionBench
-(the sets the task-vectors project published, from CLIP's prompt engineering) and a generic one.
+"""Prompts for CLIP zero-shot heads: the templates and class names of the eight standard
+tasks of MAP and FusionBench (the sets the task-vectors project published, from CLIP's
+prompt engineering), and a generic template.
 
-A template is a string with one ``{}`` where the class name goes.
+A template is a string with one ``{}`` where the class name goes. The class names of a
+built-in set are in label order of the tasks' hub datasets (``tanganke/<task>``,
+``ufldl-stanford/svhn``, ``ylecun/mnist``); they live in ``clip_class_names.json``.
 """
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+import json
+from functools import cache
+from pathlib import Path, PurePosixPath
 
 GENERIC = ("a photo of a {}.",)
 
@@ -68,3 +73,28 @@ def check_template(template: str) -> str:
     if template.count("{}") != 1:
         raise ValueError(f"template {template!r} must have exactly one {{}} for the class name")
     return template
+
+
+CLASS_NAMES_FILE = Path(__file__).with_name("clip_class_names.json")
+
+
+@cache
+def _class_name_sets() -> dict[str, tuple[str, ...]]:
+    """Every built-in set of class names, read once."""
+    data = json.loads(CLASS_NAMES_FILE.read_text(encoding="utf-8"))
+    return {name: tuple(names) for name, names in data.items()}
+
+
+def class_name_sets() -> tuple[str, ...]:
+    """The names of the built-in class-name sets (the eight standard tasks)."""
+    return tuple(_class_name_sets())
+
+
+def class_names_for(set_name: str) -> tuple[str, ...]:
+    """The class names of a built-in set (``eurosat``, ``cars``, ...; aliases such as
+    ``stanford_cars`` work); a ValueError naming the sets otherwise."""
+    sets = _class_name_sets()
+    name = ALIASES.get(set_name.lower(), set_name.lower())
+    if name not in sets:
+        raise ValueError(f"no built-in class names '{set_name}'; choose one of: {', '.join(sets)}")
+    return sets[name]

@@ -32,7 +32,7 @@ import torch
 
 from m3sb.errors import CheckpointError, first_line
 from m3sb.tasks import cache
-from m3sb.tasks.clip_templates import TEMPLATES, templates_for
+from m3sb.tasks.clip_templates import TEMPLATES, class_names_for, templates_for
 from m3sb.tasks.data import DataError, DatasetSpec, load_task_data
 from m3sb.tasks.image_classification import dataset_label, image_mode, load_processor, prepare_images
 from m3sb.tasks.metrics import score_candidates, score_split
@@ -165,11 +165,20 @@ def load_task_model(
 
 
 def class_names_of(spec: DatasetSpec, dataset: Any) -> list[str]:
-    """The task's class names: ``class_names`` from the config, else the label feature's names."""
-    if spec.class_names is not None:
-        return list(spec.class_names)
+    """The task's class names: ``class_names`` from the config (a list or a built-in set),
+    else the label feature's names."""
     feature = dataset.features.get(spec.label_col)
     names = getattr(feature, "names", None)
+    if spec.class_names is not None:
+        given = spec.class_names
+        chosen = list(class_names_for(given) if isinstance(given, str) else given)
+        if names and len(names) != len(chosen):
+            what = f"built-in set '{given}'" if isinstance(given, str) else "list"
+            raise DataError(
+                f"{spec.dataset_name}: class_names ({what}) has {len(chosen)} names but label "
+                f"column '{spec.label_col}' has {len(names)} classes"
+            )
+        return chosen
     if not names:
         raise DataError(
             f"{spec.dataset_name}: label column '{spec.label_col}' has no class names; "

@@ -3,7 +3,7 @@
 A split is a name (``test``), a slice in the ``datasets`` syntax (``train[90%:]``,
 ``train[:500]``) or a seeded random *carve* of another split: a fraction of it, capped at
 a number of examples, or the rest of it (MAP's validation sets are 10% of train, at most
-5,000 examples, seed 0)::
+5,000 examples, seed 0, drawn as ``torch.utils.data.random_split`` draws them)::
 
     split: {carve: train, fraction: 0.1, max_examples: 5000, seed: 0}
     split: {carve: train, fraction: 0.1, max_examples: 5000, seed: 0, part: rest}
@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from m3sb.errors import ConfigError, M3SBError, first_line
-from m3sb.tasks.clip_templates import TEMPLATES, check_template
+from m3sb.tasks.clip_templates import TEMPLATES, check_template, class_names_for
 
 
 class DataError(M3SBError):
@@ -61,14 +61,18 @@ class CarveSpec(BaseModel):
         return max(1, count) if available else 0
 
     def indices(self, available: int) -> np.ndarray:
-        """The rows of the source split that this carve (or its rest) holds, in ascending order."""
-        order = np.random.default_rng(self.seed).permutation(available)
-        carved = order[: self.size(available)]
-        if self.part == "carved":
-            return np.sort(carved)
-        mask = np.ones(available, dtype=bool)
-        mask[carved] = False
-        return np.flatnonzero(mask)
+        """The rows of the source split that this carve (or its rest) holds, in ascending order.
+
+        They are the rows ``torch.utils.data.random_split(split, [rest, carved],
+        generator=torch.Generator().manual_seed(seed))`` puts in its second part: the
+        validation sets of the task-vectors project (MAP) and of FusionBench's
+        ``train_validation_split``, given the same source split.
+        """
+        import torch
+
+        order = torch.randperm(available, generator=torch.Generator().manual_seed(self.seed)).numpy()
+        kept = available - self.size(available)
+        return np.sort(order[kept:] if self.part == "carved" else order[:kept])
 
     def describe(self) -> str:
         """The carve as one short phrase for messages."""
@@ -84,8 +88,9 @@ class DatasetSpec(BaseModel):
 
     ``subset`` is the hub dataset's configuration (``cropped_digits`` for SVHN).
     ``class_names`` and ``templates`` are for zero-shot heads (kind ``clip_zero_shot``):
-    the names of the labels 0..C-1 when the label column has none, and the prompts (each
-    with one ``{}``) or the name of a built-in set (``sun397``, ``cars``, ``generic``...).
+    the names of the labels 0..C-1 (instead of the label column's own) or the name of a
+    built-in set (the eight standard tasks: ``eurosat``, ``cars``...), and the prompts
+    (each with one ``{}``) or the name of a built-in set (``sun397``, ``generic``...).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -95,7 +100,7 @@ class DatasetSpec(BaseModel):
     image_col: str = "image"
     label_col: str = "label"
     max_samples: int | None = Field(default=None, gt=0)
-    class_names: list[str] | None = Field(default=None, min_length=1)
+    class_names: list[str] | str | None = Field(default=None, min_length=1)
     templates: list[str] | str | None = None
 
     @model_validator(mode="after")
@@ -109,7 +114,12 @@ class DatasetSpec(BaseModel):
             raise ValueError(
                 f"templates: no built-in set '{self.templates}'; choose one of: {', '.join(TEMPLATES)}"
             )
-        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+        if isinstance(self.class_names, str):
+            try:
+                class_names_for(self.class_names)
+            except ValueError as error:
+                raise ValueError(f"class_names: {error}") from None
+        elif self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names: a class name appears twice")
         return self
 
@@ -198,4 +208,4 @@ def parse_dataset_spec(data: Any, where: str) -> DatasetSpec:
         )  # the carve's, for a mapping
         location = ".".join(str(p) for p in first["loc"] if str(p) != "str" and "CarveSpec" not in str(p))
         message = str(first["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {location}: {message}") from None
+        raise ConfigError(f"{where}: {location}: {message}" if location else f"{where}: {message}") from None

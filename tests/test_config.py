@@ -58,7 +58,9 @@ def test_a_mergekit_yaml_parses(tmp_path: Path) -> None:
         ("model.layers.0.mlp.up_proj.weight", 4, 0.0),
         ("model.layers.2.self_attn.q_proj.weight", 5, 0.5),
         ("model.layers.3.mlp.up_proj.weight", 4, 1.0),
-        ("lm_head.weight", 4, 1.0),
+        ("lm_head.weight", 4, 0.0),  # mergekit reads gradients at t = 0 outside the layers
+        ("model.norm.weight", 4, 0.0),
+        ("model.layers.0.mlp.up_proj.weight", 1, 1.0),  # one layer: t = 1, as mergekit's
         ("h.0.attn.c_attn.weight", 12, 0.0),  # gpt2's keys have no prefix
         ("transformer.h.11.mlp.c_fc.weight", 12, 1.0),
     ],

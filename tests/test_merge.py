@@ -190,3 +190,31 @@ def test_output_config_keeps_the_dtype_key_convention_of_the_copied_config(
     keys = [key for key in ("dtype", "torch_dtype") if key in source] or ["dtype"]
     assert all(written[key] == "bfloat16" for key in keys)
     assert {k for k in ("dtype", "torch_dtype") if k in written} == set(keys)
+
+
+def test_mergekit_parameters_that_change_nothing_are_accepted(family: Family, tmp_path: Path) -> None:
+    from m3sb.errors import ConfigError
+
+    models = [str(path) for path in family.models]
+    stock = {
+        "merge_method": "model_stock",
+        "base_model": str(family.base),
+        "models": [{"model": m, "parameters": {"weight": 0.5}} for m in models],
+    }
+    plan = build_plan(parse_merge_config(stock))
+    assert plan.method.name == "model_stock"
+    slerp = {
+        "merge_method": "slerp",
+        "base_model": str(family.base),
+        "models": [{"model": models[0]}],
+        "parameters": {"t": 0.3, "normalize": True},
+    }
+    assert build_plan(parse_merge_config(slerp)).jobs[0].params["t"] == 0.3
+    ties = {
+        "merge_method": "ties",
+        "base_model": str(family.base),
+        "models": [{"model": m, "parameters": {"density": 0.5}} for m in models],
+        "parameters": {"int8_mask": "yes"},
+    }
+    with pytest.raises(ConfigError, match="parameter 'int8_mask' must be true or false"):
+        build_plan(parse_merge_config(ties))

@@ -46,6 +46,127 @@ def _recipes(family: Family) -> dict[str, dict[str, Any]]:
         },
         "karcher": {"merge_method": "karcher", "base_model": base, "models": [{"model": m} for m in models]},
         "karcher_without_base": {"merge_method": "karcher", "models": [{"model": m} for m in models]},
+        "ties_with_gradients_and_int8_mask": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [
+                {"model": models[0], "parameters": {"weight": [0.2, 1.0], "density": [0.2, 0.9]}},
+                {"model": models[1], "parameters": {"weight": 0.5, "density": 0.5}},
+            ],
+            "parameters": {"int8_mask": True, "normalize": False},
+        },
+        "task_arithmetic_with_filtered_gradient": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [
+                {
+                    "model": m,
+                    "parameters": {
+                        "weight": [{"filter": "self_attn", "value": [0.1, 0.9]}, {"value": [1.0, 0.3, 0.5]}]
+                    },
+                }
+                for m in models[:2]
+            ],
+        },
+        "breadcrumbs_ties": {
+            "merge_method": "breadcrumbs_ties",
+            "base_model": base,
+            "models": [
+                {"model": m, "parameters": {"weight": w, "density": 0.6, "gamma": 0.05}}
+                for m, w in zip(models, [1.0, 0.6, 0.3], strict=True)
+            ],
+        },
+        "breadcrumbs": {
+            "merge_method": "breadcrumbs",
+            "base_model": base,
+            "models": [
+                {"model": m, "parameters": {"weight": 0.4, "density": 0.7, "gamma": 0.02}} for m in models
+            ],
+        },
+        "sce": {"merge_method": "sce", "base_model": base, "models": [{"model": m} for m in models]},
+        "sce_select_topk": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": m} for m in models],
+            "parameters": {"select_topk": 0.3},
+        },
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "models": [
+                {"model": models[0], "parameters": {"weight": 0.3}},
+                {"model": models[1], "parameters": {"weight": 0.7}},
+            ],
+        },
+        "nuslerp_task_vectors_row_wise": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": [
+                {"model": models[0], "parameters": {"weight": 1.0}},
+                {"model": models[2], "parameters": {"weight": 2.0}},
+            ],
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        },
+        "nuslerp_task_vectors_per_row": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": [
+                {"model": models[0], "parameters": {"weight": 1.0}},
+                {"model": models[1], "parameters": {"weight": 1.0}},
+            ],
+            "parameters": {"nuslerp_flatten": False},
+        },
+        "multislerp": {
+            "merge_method": "multislerp",
+            "models": [
+                {"model": m, "parameters": {"weight": w}}
+                for m, w in zip(models, [0.2, 0.3, 0.5], strict=True)
+            ],
+        },
+        "multislerp_task_vectors": {
+            "merge_method": "multislerp",
+            "base_model": base,
+            "models": [
+                {"model": m, "parameters": {"weight": w}} for m, w in zip(models[:2], [1.0, 3.0], strict=True)
+            ],
+        },
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": [{"model": models[0]}],
+            "parameters": {"t": 0.01},
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": models[1]}],
+        },
+        "ram": {"merge_method": "ram", "base_model": base, "models": [{"model": m} for m in models]},
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": [{"model": m} for m in models],
+            "parameters": {"r": 0.5, "alpha": 0.4, "epsilon": 0.002},
+        },
+        "passthrough": {
+            "merge_method": "passthrough",
+            "models": [
+                {
+                    "model": models[2],
+                    "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]},
+                }
+            ],
+        },
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": base,
+            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models],
+        },
+        "model_stock_filter_wise": {
+            "merge_method": "model_stock",
+            "base_model": base,
+            "models": [{"model": m} for m in models],
+            "parameters": {"filter_wise": True},
+        },
     }
 
 
@@ -66,6 +187,24 @@ TOLERANCE = {
     "ties": 1e-6,
     "karcher": 1e-4,
     "karcher_without_base": 1e-4,
+    "ties_with_gradients_and_int8_mask": 1e-6,
+    "task_arithmetic_with_filtered_gradient": 1e-6,
+    "breadcrumbs_ties": 1e-6,
+    "breadcrumbs": 1e-6,
+    "sce": 1e-6,
+    "sce_select_topk": 1e-6,
+    "nuslerp": 1e-6,
+    "nuslerp_task_vectors_row_wise": 1e-6,
+    "nuslerp_task_vectors_per_row": 1e-6,
+    "multislerp": 1e-6,
+    "multislerp_task_vectors": 1e-6,
+    "nearswap": 1e-6,
+    "arcee_fusion": 1e-6,
+    "ram": 1e-6,
+    "ramplus_tl": 1e-6,
+    "passthrough": 1e-6,
+    "model_stock": 1e-6,
+    "model_stock_filter_wise": 1e-6,
 }
 
 

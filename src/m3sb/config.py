@@ -161,11 +161,15 @@ def count_layers(tensor_names: Iterable[str]) -> int:
 
 
 def layer_fraction(tensor_name: str, num_layers: int) -> float:
-    """Where a tensor sits in the depth of the network, from 0 (embeddings) to 1 (last layer, head)."""
+    """Where a gradient is read for a tensor, as mergekit reads it: layer i of N at i / (N - 1)
+    (1 for a one-layer model), and every tensor outside the numbered layers (embeddings,
+    the final norm, ``lm_head``) at 0, the gradient's first value."""
     match = _LAYER_INDEX.search(tensor_name)
-    if match:
-        return min(1.0, int(match.group(1)) / max(1, num_layers - 1))
-    return 0.0 if "embed" in tensor_name or "wte" in tensor_name or "wpe" in tensor_name else 1.0
+    if not match:
+        return 0.0
+    if num_layers <= 1:
+        return 1.0
+    return min(1.0, int(match.group(1)) / (num_layers - 1))
 
 
 def _interpolate(gradient: list[float], fraction: float) -> float:

@@ -22,11 +22,16 @@ def method_rows() -> list[tuple[str, str, str, str]]:
         params = ", ".join(
             f"{p.label}{' (per model)' if p.per_model else ''}={_format_default(p.default)}"
             for p in method.all_params
+            if not p.inert
         )
-        params = params or "-"
-        base = {"weights": "-", "task_vectors": "required", "either": "with space: task_vectors"}[
-            method.space
-        ]
+        inert = [p.name for p in method.all_params if p.inert]
+        params = (params or "-") + (f"; accepted, no effect: {', '.join(inert)}" if inert else "")
+        base = {
+            "weights": "-",
+            "task_vectors": "required",
+            "either": "with space: task_vectors",
+            "if_base": "optional (task vectors when given)",
+        }[method.space]
         if method.base_is_input:
             base = "optional (one more input)"
         rows.append((method.name, base, params, method.summary))

@@ -296,12 +296,15 @@ class ExperimentProblem:
         if method.space == "either":
             params.setdefault("space", self.space)
         merged = self.merged
+        base = self.base.backbone if self.base is not None else None
+        if method.space == "if_base" and self.space == "weights":
+            base = None  # the base would make these methods merge task vectors
         return merge_backbones(
             method.name,
             merged[0].model.backbone,
             [task.model.weights for task in merged],
             weights,
-            self.base.backbone if self.base is not None else None,
+            base,
             **params,
         )
 

@@ -127,7 +127,7 @@ def _check_param_names(method: MergeMethod, config: MergeConfig) -> None:
                     f"model '{entry.model}': parameter '{key}' of '{method.name}' applies to the whole "
                     "merge; put it under the top-level 'parameters'"
                 )
-    if "lambda" in config.parameters and not method.merges_task_vectors(config.parameters.get("space")):
+    if "lambda" in config.parameters and not _merges_task_vectors(method, config):
         raise ConfigError(
             f"parameter 'lambda' of '{method.name}' scales task vectors; it needs space: task_vectors"
         )
@@ -136,8 +136,12 @@ def _check_param_names(method: MergeMethod, config: MergeConfig) -> None:
             raise ConfigError(f"merge_method '{method.name}' needs parameter '{param.name}' ({param.help})")
 
 
+def _merges_task_vectors(method: MergeMethod, config: MergeConfig) -> bool:
+    return method.merges_task_vectors(config.parameters.get("space"), config.base_model is not None)
+
+
 def _uses_base(method: MergeMethod, config: MergeConfig) -> bool:
-    return method.base_is_input or method.merges_task_vectors(config.parameters.get("space"))
+    return method.base_is_input or _merges_task_vectors(method, config)
 
 
 def _identity(location: str) -> str:
@@ -164,7 +168,7 @@ def _select_inputs(
         base = next(
             (loc for loc, ident in zip(locations, identities, strict=True) if ident == base_identity), base
         )
-    if base is None and method.merges_task_vectors(config.parameters.get("space")):
+    if base is None and _merges_task_vectors(method, config):
         with_space = " with space: task_vectors" if method.space == "either" else ""
         raise ConfigError(f"merge_method '{method.name}'{with_space} needs a base_model")
     if base is not None:
@@ -285,6 +289,8 @@ def _tensor_job(
     assert isinstance(declared_weights, list)
     weights = tuple(float(w) for w in declared_weights)
     check_weights(method, weights, params.get("normalize"), f"for tensor '{name}'")
+    if method.validate is not None:
+        method.validate(params, f"tensor '{name}'")
     return TensorJob(name, info.shape, out_dtype, weights, params, mergeable=True)
 
 

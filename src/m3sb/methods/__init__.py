@@ -8,12 +8,20 @@ import torch
 
 from m3sb.errors import ConfigError, MergeError
 from m3sb.methods import (
+    arcee_fusion,
     barycenter,
     barycenter_seed,
     breadcrumbs,
     dare,
+    della,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -38,11 +46,22 @@ METHODS: dict[str, MergeMethod] = {
         dare.DARE_LINEAR,
         dare.DARE_TIES,
         breadcrumbs.METHOD,
+        breadcrumbs.TIES,
+        della.DELLA,
+        della.DELLA_LINEAR,
+        sce.METHOD,
+        ram.RAM,
+        ram.RAMPLUS_TL,
         model_stock.METHOD,
         slerp.METHOD,
+        nuslerp.METHOD,
+        nearswap.METHOD,
+        arcee_fusion.METHOD,
+        passthrough.METHOD,
         barycenter.PAIRWISE_SLERP,
         barycenter.BARYCENTER,
         barycenter.KARCHER,
+        multislerp.METHOD,
         barycenter_seed.METHOD,
     )
 }
@@ -110,6 +129,8 @@ def merge_group(
     if params:
         raise ConfigError(f"unknown parameter '{next(iter(params))}' for merge_method '{method_name}'")
     check_weights(method, weight_list, resolved.get("normalize"), f"for tensor '{tensor_name}'")
+    if method.validate is not None:
+        method.validate(resolved, f"tensor '{tensor_name}'")
     merged = apply_method(method, tensors, weight_list, base, resolved, tensor_name)
     if not bool(torch.isfinite(merged).all()):
         raise MergeError(f"tensor '{tensor_name}': the merge produced NaN or Inf")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from m3sb.methods.registry import MergeMethod, Param
+from m3sb.methods.registry import INT8_MASK, MergeMethod, Param
 from m3sb.methods.sparsify import disjoint_merge, random_mask, weighted_sum
 from m3sb.methods.ties import DENSITY
 
@@ -18,6 +18,7 @@ PARAMS = (
     Param("rescale", bool, True, "divide kept entries by density"),
     Param("random_seed", int, 0, "seed of the random drop masks", minimum=0),
     Param("normalize", bool, False, "divide by the (agreeing) weights' sum"),
+    INT8_MASK,
 )
 
 

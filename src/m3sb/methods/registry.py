@@ -56,6 +56,7 @@ class Param:
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
     aliases: tuple[str, ...] = ()
+    inert: bool = False  # accepted (mergekit recipes write it) and checked, but not passed on
 
     @property
     def argument(self) -> str:
@@ -106,7 +107,7 @@ class Param:
         return value
 
 
-Space = Literal["weights", "task_vectors", "either"]
+Space = Literal["weights", "task_vectors", "either", "if_base"]
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,12 @@ class MergeMethod:
     """A registered merge method: its function and everything the engine must know about it.
 
     ``space`` says what the function merges: the models' weights, their task vectors
-    (model - base; the engine adds ``lambda`` times the result to the base), or either,
-    as the user's ``space`` parameter chooses. With ``base_is_input``, a ``base_model``
-    is one more input rather than the origin of task vectors.
+    (model - base; the engine adds ``lambda`` times the result to the base), either, as
+    the user's ``space`` parameter chooses, or (``if_base``) task vectors exactly when a
+    ``base_model`` is given, as mergekit's nuslerp and multislerp do. With
+    ``base_is_input``, a ``base_model`` is one more input rather than the origin of task
+    vectors. ``validate`` checks one tensor's resolved parameters together (a
+    ConfigError naming ``where``), before any tensor is read.
     """
 
     name: str
@@ -130,6 +134,7 @@ class MergeMethod:
     nonnegative_weights: bool = False
     uses_weights: bool = True
     reference: str = ""
+    validate: Callable[[Mapping[str, Any], str], None] | None = None
     all_params: tuple[Param, ...] = field(init=False)
     aliases: dict[str, str] = field(init=False, compare=False)  # alias -> name, from the params
 
@@ -164,8 +169,11 @@ class MergeMethod:
             f"got {count}"
         )
 
-    def merges_task_vectors(self, space: object) -> bool:
-        """Whether the function receives task vectors, given the user's ``space`` parameter."""
+    def merges_task_vectors(self, space: object, has_base: bool = False) -> bool:
+        """Whether the function receives task vectors, given the user's ``space`` parameter
+        and whether a base model is given."""
+        if self.space == "if_base":
+            return has_base
         return self.space == "task_vectors" or (self.space == "either" and space == "task_vectors")
 
 
@@ -178,6 +186,21 @@ SPACE = Param(
     choices=("weights", "task_vectors"),
 )
 LAMBDA = Param("lambda", float, 1.0, "scale of the merged task vector added to the base")
+IGNORED_WEIGHT = Param(
+    "weight",
+    float,
+    1.0,
+    "accepted for mergekit recipes, which may give it; this method has no per-model weights",
+    per_model=True,
+    inert=True,
+)
+INT8_MASK = Param(
+    "int8_mask",
+    bool,
+    False,
+    "accepted for mergekit recipes (a memory option there); m3sb's masks are boolean already",
+    inert=True,
+)
 
 
 def tensor_seed(random_seed: int, tensor_name: str) -> int:
@@ -262,12 +285,12 @@ def apply_method(
     dropped from the list as soon as its task vector exists, so that at most one extra
     tensor is alive while task vectors are formed.
     """
-    kwargs = {p.argument: params[p.name] for p in method.params}
+    kwargs = {p.argument: params[p.name] for p in method.params if not p.inert}
     if "random_seed" in kwargs:
         seed = kwargs["random_seed"]
         assert isinstance(seed, int)
         kwargs["random_seed"] = tensor_seed(seed, tensor_name)
-    if not method.merges_task_vectors(params.get("space")):
+    if not method.merges_task_vectors(params.get("space"), base is not None):
         return method.function(list(tensors), list(weights), **kwargs)
     if base is None:
         raise MergeError(f"method '{method.name}' merges task vectors and needs a base_model")

@@ -22,7 +22,10 @@ METHOD = MergeMethod(
     name="slerp",
     function=slerp,
     summary="great-circle interpolation of two models (t=0: first or base, t=1: second); norm linear",
-    params=(Param("t", float, None, "position along the arc", minimum=0.0, maximum=1.0),),
+    params=(
+        Param("t", float, None, "position along the arc", minimum=0.0, maximum=1.0),
+        Param("normalize", bool, False, "accepted for mergekit recipes, which may give it", inert=True),
+    ),
     base_is_input=True,
     uses_weights=False,
     min_models=2,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from m3sb.methods.registry import MergeMethod, Param
+from m3sb.methods.registry import INT8_MASK, MergeMethod, Param
 from m3sb.methods.sparsify import weighted_sum
 
 
@@ -19,7 +19,10 @@ METHOD = MergeMethod(
     name="task_arithmetic",
     function=task_arithmetic,
     summary="base + lambda * sum_i w_i * tau_i",
-    params=(Param("normalize", bool, False, "divide the sum of task vectors by the sum of weights"),),
+    params=(
+        Param("normalize", bool, False, "divide the sum of task vectors by the sum of weights"),
+        INT8_MASK,
+    ),
     space="task_vectors",
     reference="https://arxiv.org/abs/2212.04089",
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from m3sb.methods.registry import MergeMethod, Param
+from m3sb.methods.registry import INT8_MASK, MergeMethod, Param
 from m3sb.methods.sparsify import disjoint_merge, magnitude_mask
 
 DENSITY = Param(
@@ -35,7 +35,7 @@ METHOD = MergeMethod(
     name="ties",
     function=ties,
     summary="keep the top density fraction of each task vector by magnitude, elect signs, disjoint mean",
-    params=(DENSITY, Param("normalize", bool, True, "divide by the sum of the agreeing weights")),
+    params=(DENSITY, Param("normalize", bool, True, "divide by the sum of the agreeing weights"), INT8_MASK),
     space="task_vectors",
     reference="https://arxiv.org/abs/2306.01708",
 )

@@ -218,10 +218,47 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
         r"model '.*finetune-1' is listed twice",
     ),
     (
-        "slices",
-        lambda f, d: {"merge_method": "linear", "slices": [], "models": _models(f)},
+        "slice past the depth",
+        lambda f, d: {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": str(f.models[0]), "layer_range": [0, 5]}]}],
+        },
         [],
-        r"unknown key 'slices'",
+        r"slices\[0\]\.sources\[0\]: layer_range \[0, 5\] is past the 2 layers of .*finetune-0",
+    ),
+    (
+        "slice base not among its sources",
+        lambda f, d: {
+            "merge_method": "slerp",
+            "base_model": str(f.base),
+            "parameters": {"t": 0.5},
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(f.models[0]), "layer_range": [0, 2]},
+                        {"model": str(f.models[1]), "layer_range": [0, 2]},
+                    ]
+                }
+            ],
+        },
+        [],
+        r"slices\[0\]: base_model '.*base' is not among the slice's sources",
+    ),
+    (
+        "slice sources of unequal lengths",
+        lambda f, d: {
+            "merge_method": "linear",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(f.models[0]), "layer_range": [0, 2]},
+                        {"model": str(f.models[1]), "layer_range": [0, 1]},
+                    ]
+                }
+            ],
+        },
+        [],
+        r"slices\[0\]: its sources give 1 and 2 layers",
     ),
     (
         "malformed YAML",

@@ -96,8 +96,25 @@ def test_gradients_interpolate_over_layers_and_filters_pick_the_first_match() ->
     ("document", "message"),
     [
         (
-            {"models": [{"model": "a"}], "merge_method": "linear", "slices": []},
-            "unknown key 'slices'.*slices are not",
+            {
+                "models": [{"model": "a"}],
+                "merge_method": "linear",
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}],
+            },
+            r"\(top level\): give exactly one of 'models' and 'slices'",
+        ),
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},
+            r"slices\.0\.sources\.0\.layer_range: expected \[start, end\) with 0 <= start < end, "
+            r"got \[3, 1\]",
+        ),
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layers": [0, 1]}]}]},
+            "unknown key 'layers'.*allowed: model, layer_range, parameters",
+        ),
+        (
+            {"merge_method": "linear", "modules": {"text": {}}},
+            "unknown key 'modules'.*per-module recipes",
         ),
         (
             {"models": [{"model": "a"}], "merge_method": "linear", "weird": 1},
@@ -107,7 +124,7 @@ def test_gradients_interpolate_over_layers_and_filters_pick_the_first_match() ->
             {"models": [{"model": "a", "params": {}}], "merge_method": "linear"},
             "unknown key 'params'.*allowed: model",
         ),
-        ({"merge_method": "linear"}, "missing required key 'models'"),
+        ({"merge_method": "linear"}, "give exactly one of 'models' and 'slices'"),
         ({"models": [], "merge_method": "linear"}, "models"),
         ({"models": [{"model": "a"}], "merge_method": "linear", "dtype": "float8"}, "unknown dtype 'float8'"),
         (["not", "a", "mapping"], "expected a mapping"),

@@ -220,3 +220,103 @@ def test_output_matches_mergekit(name: str, family: Family, tmp_path: Path) -> N
     )
     ours = merge_to_folder(parse_merge_config(recipe), tmp_path / "m3sb").out_dir
     assert _max_relative_error(ours, theirs) <= TOLERANCE[name]
+
+
+@pytest.fixture(scope="module")
+def deep_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """A four-layer toy family, deep enough for slices that start and end inside the model."""
+    from m3sb.toy import make_family
+
+    return make_family(tmp_path_factory.mktemp("deep"), n_models=3, seed=1, layers=4)
+
+
+def _sliced_recipes(family: Family) -> dict[str, dict[str, Any]]:
+    a, b, c = (str(path) for path in family.models)
+    base = str(family.base)
+    return {
+        "passthrough_frankenmerge": {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": a, "layer_range": [0, 3]}]},
+                {"sources": [{"model": b, "layer_range": [1, 4]}]},
+                {"sources": [{"model": a, "layer_range": [3, 4]}]},
+            ],
+        },
+        "linear_slices_with_gradients": {
+            "merge_method": "linear",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": a, "layer_range": [0, 2], "parameters": {"weight": [1.0, 0.2]}},
+                        {"model": b, "layer_range": [2, 4], "parameters": {"weight": 0.5}},
+                    ]
+                },
+                {
+                    "sources": [
+                        {"model": a, "layer_range": [2, 4]},
+                        {"model": c, "layer_range": [0, 2]},
+                    ],
+                    "parameters": {"weight": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.5}]},
+                },
+            ],
+        },
+        "ties_slices_with_a_base": {
+            "merge_method": "ties",
+            "base_model": base,
+            "parameters": {"density": 0.5},
+            "slices": [
+                {
+                    "sources": [
+                        {"model": base, "layer_range": [0, 4]},
+                        {"model": a, "layer_range": [0, 4], "parameters": {"weight": 0.7}},
+                        {
+                            "model": c,
+                            "layer_range": [0, 4],
+                            "parameters": {"weight": 1.0, "density": [0.2, 0.8]},
+                        },
+                    ]
+                }
+            ],
+        },
+        "task_arithmetic_slice_bases": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "parameters": {"weight": 0.8},
+            "slices": [
+                {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]},
+                {
+                    "sources": [{"model": a, "layer_range": [1, 3]}, {"model": c, "layer_range": [1, 3]}],
+                    "base_model": a,
+                    "parameters": {"weight": 0.5},
+                },
+            ],
+        },
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "passthrough_frankenmerge",
+        "linear_slices_with_gradients",
+        "ties_slices_with_a_base",
+        "task_arithmetic_slice_bases",
+    ],
+)
+def test_sliced_output_matches_mergekit(name: str, deep_family: Family, tmp_path: Path) -> None:
+    import json
+
+    recipe = _sliced_recipes(deep_family)[name] | {"dtype": "float32"}
+    theirs = tmp_path / "mergekit"
+    mergekit_merge.run_merge(
+        mergekit_config.MergeConfiguration.model_validate(recipe),
+        str(theirs),
+        options=mergekit_merge.MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
+    )
+    ours = merge_to_folder(parse_merge_config(recipe), tmp_path / "m3sb").out_dir
+    assert _max_relative_error(ours, theirs) <= 1e-6
+    layers = [
+        json.loads((folder / "config.json").read_text())["num_hidden_layers"] for folder in (ours, theirs)
+    ]
+    assert layers[0] == layers[1]

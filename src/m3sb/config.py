@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from m3sb.errors import ConfigError
 
@@ -75,11 +75,47 @@ class ModelEntry(BaseModel):
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
 
 
-class MergeConfig(BaseModel):
-    """A merge: which models, which method, which parameters, which dtypes."""
+class SliceSource(BaseModel):
+    """One model's layers ``[start, end)`` feeding an output slice, with its own parameters."""
 
     model_config = ConfigDict(extra="forbid")
-    models: list[ModelEntry] = Field(min_length=1)
+    model: str = Field(min_length=1)
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, layer_range: tuple[int, int]) -> tuple[int, int]:
+        start, end = layer_range
+        if not 0 <= start < end:
+            raise ValueError(f"expected [start, end) with 0 <= start < end, got {list(layer_range)}")
+        return layer_range
+
+
+class SliceEntry(BaseModel):
+    """An output slice (mergekit's ``slices``): the same number of layers from each source,
+    merged layer by layer; slices are stacked in order to make the output's layers."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+    residual_weight: float | None = None  # in mergekit's schema, unused there too
+
+    @field_validator("residual_weight")
+    @classmethod
+    def _unused(cls, value: float | None) -> float | None:
+        if value is not None:
+            raise ValueError("residual_weight is not used by mergekit or m3sb; remove it")
+        return value
+
+
+class MergeConfig(BaseModel):
+    """A merge: which models (or layer slices of them), which method, which parameters, which dtypes."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelEntry] | None = Field(default=None, min_length=1)
+    slices: list[SliceEntry] | None = Field(default=None, min_length=1)
     merge_method: str
     base_model: str | None = None
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
@@ -90,29 +126,57 @@ class MergeConfig(BaseModel):
 
     _dtypes = field_validator("dtype", "out_dtype")(_dtype_name)
 
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' and 'slices'")
+        return self
+
+    @property
+    def model_locations(self) -> list[str]:
+        """Every model the recipe names, in order of first mention (base model last)."""
+        named = [entry.model for entry in self.models or []]
+        named += [source.model for entry in self.slices or [] for source in entry.sources]
+        named += [entry.base_model for entry in self.slices or [] if entry.base_model]
+        named += [self.base_model] if self.base_model else []
+        return list(dict.fromkeys(named))
+
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
-    """The first pydantic complaint as one line: where it is and what is allowed."""
-    first = error.errors()[0]
+    """The first pydantic complaint as one line: where it is and what is allowed (an unknown
+    key first: a misspelt key also makes the key it meant missing)."""
+    problems = error.errors()
+    first = next((e for e in problems if e["type"] == "extra_forbidden"), problems[0])
     location = ".".join(str(part) for part in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])
         allowed = _allowed_keys(first["loc"][:-1])
-        hint = "; slices are not supported: list whole models under 'models'" if key == "slices" else ""
+        hint = f"; {UNSUPPORTED[key]}" if key in UNSUPPORTED else ""
         return f"{source}: unknown key '{key}' at {location}; allowed: {allowed}{hint}"
     if first["type"] == "missing":
         return f"{source}: missing required key '{location}'"
-    return f"{source}: {location}: {first['msg']}"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{source}: {location}: {message}"
+
+
+UNSUPPORTED = {  # keys of mergekit's schema that m3sb does not read yet
+    "modules": "mergekit's per-module recipes (multi-tower models) are not supported; use 'slices'",
+}
 
 
 def _allowed_keys(location: tuple[int | str, ...]) -> str:
     """The keys allowed at a location of the merge config."""
+    fields: dict[str, Any]
     if not location:
-        fields = MergeConfig.model_fields
+        fields = dict(MergeConfig.model_fields)
     elif location[0] == "models" and len(location) == 2:
-        fields = ModelEntry.model_fields
+        fields = dict(ModelEntry.model_fields)
+    elif location[0] == "slices" and len(location) == 2:
+        fields = dict(SliceEntry.model_fields)
+    elif location[0] == "slices" and len(location) == 4 and location[2] == "sources":
+        fields = dict(SliceSource.model_fields)
     else:
-        fields = FilteredValue.model_fields
+        fields = dict(FilteredValue.model_fields)
     return ", ".join(fields)
 
 
@@ -151,12 +215,12 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     return parse_merge_config(load_yaml(path), source=str(path))
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 def count_layers(tensor_names: Iterable[str]) -> int:
     """The number of numbered layers (``...layers.N...``) among tensor names; at least 1."""
-    indices = [int(match.group(1)) for name in tensor_names if (match := _LAYER_INDEX.search(name))]
+    indices = [int(match.group(1)) for name in tensor_names if (match := LAYER_INDEX.search(name))]
     return max(indices, default=0) + 1
 
 
@@ -164,7 +228,7 @@ def layer_fraction(tensor_name: str, num_layers: int) -> float:
     """Where a gradient is read for a tensor, as mergekit reads it: layer i of N at i / (N - 1)
     (1 for a one-layer model), and every tensor outside the numbered layers (embeddings,
     the final norm, ``lm_head``) at 0, the gradient's first value."""
-    match = _LAYER_INDEX.search(tensor_name)
+    match = LAYER_INDEX.search(tensor_name)
     if not match:
         return 0.0
     if num_layers <= 1:
@@ -183,20 +247,24 @@ def _interpolate(gradient: list[float], fraction: float) -> float:
 
 
 def resolve_value(spec: ParamSpec, tensor_name: str, num_layers: int) -> Scalar | None:
-    """The value a parameter takes for one tensor; None when no filter entry matches it."""
+    """The value a parameter takes for one tensor of a model with ``num_layers`` layers;
+    None when no filter entry matches it."""
+    return resolve_at(spec, tensor_name, layer_fraction(tensor_name, num_layers))
+
+
+def resolve_at(spec: ParamSpec, tensor_name: str, position: float) -> Scalar | None:
+    """The value a parameter takes for one tensor whose gradients are read at ``position``
+    (0 to 1); None when no filter entry matches it."""
     if not isinstance(spec, list):
         return spec
     if not spec or not isinstance(spec[0], FilteredValue):
-        return _interpolate(
-            [float(v) for v in spec if not isinstance(v, FilteredValue)],
-            layer_fraction(tensor_name, num_layers),
-        )
+        return _interpolate([float(v) for v in spec if not isinstance(v, FilteredValue)], position)
     for entry in spec:
         assert isinstance(entry, FilteredValue)
         if entry.filter in (None, "*") or entry.filter in tensor_name:
             value = entry.value
             if isinstance(value, list):
-                return _interpolate(value, layer_fraction(tensor_name, num_layers))
+                return _interpolate(value, position)
             return value
     return None
 

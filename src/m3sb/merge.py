@@ -9,9 +9,10 @@ tensor per input; ``merge_to_folder`` writes them as a Hugging Face checkpoint.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -26,18 +27,27 @@ from m3sb.checkpoints import (
     model_folder,
     open_checkpoint,
 )
-from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, count_layers, resolve_value
+from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, count_layers, layer_fraction, resolve_at
 from m3sb.devices import resolve_device
 from m3sb.errors import CheckpointError, ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
 from m3sb.methods.registry import ParamValue, check_weights
+from m3sb.slices import LAYER_COUNT_KEYS, sliced_layer_types, sliced_tensors
 
 Progress = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)
+class TensorSource:
+    """One input of an output tensor: a checkpoint and the tensor's name in it."""
+
+    checkpoint: Checkpoint
+    name: str
+
+
+@dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: how to compute it and what it will look like."""
+    """One output tensor: its inputs, how to compute it and what it will look like."""
 
     name: str
     shape: tuple[int, ...]
@@ -45,6 +55,13 @@ class TensorJob:
     weights: tuple[float, ...]
     params: dict[str, ParamValue | list[ParamValue]]
     mergeable: bool
+    sources: tuple[TensorSource, ...]
+    base: TensorSource | None = None
+
+    @property
+    def copied_from(self) -> TensorSource:
+        """Where a tensor that is not merged (integers, say) is copied from."""
+        return self.base or self.sources[0]
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,7 @@ class MergePlan:
     compute_dtype: torch.dtype
     config: MergeConfig
     tokenizer_folder: Path | None = None
+    config_overrides: dict[str, object] = field(default_factory=dict)
 
     @property
     def config_source(self) -> Checkpoint:
@@ -67,7 +85,7 @@ class MergePlan:
     @property
     def sources(self) -> tuple[Checkpoint, ...]:
         """Every checkpoint the merge reads."""
-        return (*self.inputs, *([self.base] if self.base else []))
+        return (*self.inputs, *([self.base] if self.base and self.base not in self.inputs else []))
 
     @property
     def layout(self) -> dict[str, TensorInfo]:
@@ -96,43 +114,63 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
 
 def _canonical_names(method: MergeMethod, config: MergeConfig) -> MergeConfig:
     """``config`` with every parameter alias (``iterations``) written as its name (``max_iter``)."""
-    models = [
-        entry.model_copy(
-            update={"parameters": canonical_params(method, entry.parameters, f"model '{entry.model}'")}
-        )
-        for entry in config.models
-    ]
-    parameters = canonical_params(method, config.parameters, "parameters")
-    return config.model_copy(update={"parameters": parameters, "models": models})
+
+    def named(entry: Any, where: str) -> Any:
+        return entry.model_copy(update={"parameters": canonical_params(method, entry.parameters, where)})
+
+    update: dict[str, Any] = {"parameters": canonical_params(method, config.parameters, "parameters")}
+    if config.models is not None:
+        update["models"] = [named(entry, f"model '{entry.model}'") for entry in config.models]
+    if config.slices is not None:
+        update["slices"] = [
+            named(entry, f"slices[{k}]").model_copy(
+                update={
+                    "sources": [
+                        named(source, f"slices[{k}].sources[{j}]") for j, source in enumerate(entry.sources)
+                    ]
+                }
+            )
+            for k, entry in enumerate(config.slices)
+        ]
+    return config.model_copy(update=update)
+
+
+def _check_level(method: MergeMethod, params: Mapping[str, Any], where: str, per_model_only: bool) -> None:
+    """Every key of ``params`` is a parameter of the method, allowed at this level."""
+    allowed = ", ".join(p.label for p in method.all_params)
+    for key in params:
+        param = method.param(key)
+        if param is None:
+            raise ConfigError(
+                f"{where}unknown parameter '{key}' for merge_method '{method.name}'; allowed: {allowed}"
+            )
+        if per_model_only and not param.per_model:
+            raise ConfigError(
+                f"{where}parameter '{key}' of '{method.name}' applies to the whole "
+                "merge; put it under the top-level 'parameters'"
+            )
 
 
 def _check_param_names(method: MergeMethod, config: MergeConfig) -> None:
     """Every parameter in the config must be declared by the method, at a level it allows."""
-    allowed = ", ".join(p.label for p in method.all_params)
-    for key in config.parameters:
-        if method.param(key) is None:
-            raise ConfigError(
-                f"unknown parameter '{key}' for merge_method '{method.name}'; allowed: {allowed}"
-            )
-    for entry in config.models:
-        for key in entry.parameters:
-            param = method.param(key)
-            if param is None:
-                raise ConfigError(
-                    f"model '{entry.model}': unknown parameter '{key}' for merge_method "
-                    f"'{method.name}'; allowed: {allowed}"
-                )
-            if not param.per_model:
-                raise ConfigError(
-                    f"model '{entry.model}': parameter '{key}' of '{method.name}' applies to the whole "
-                    "merge; put it under the top-level 'parameters'"
-                )
-    if "lambda" in config.parameters and not _merges_task_vectors(method, config):
+    _check_level(method, config.parameters, "", per_model_only=False)
+    for entry in config.models or []:
+        _check_level(method, entry.parameters, f"model '{entry.model}': ", per_model_only=True)
+    for k, piece in enumerate(config.slices or []):
+        _check_level(method, piece.parameters, f"slices[{k}]: ", per_model_only=False)
+        for j, source in enumerate(piece.sources):
+            _check_level(method, source.parameters, f"slices[{k}].sources[{j}]: ", per_model_only=True)
+    scales = "lambda" in config.parameters or any(
+        "lambda" in piece.parameters for piece in config.slices or []
+    )
+    if scales and not _merges_task_vectors(method, config):
         raise ConfigError(
             f"parameter 'lambda' of '{method.name}' scales task vectors; it needs space: task_vectors"
         )
+    slice_params = [piece.parameters for piece in config.slices or []]
     for param in method.all_params:
-        if param.default is None and param.name not in config.parameters:
+        in_every_slice = bool(slice_params) and all(param.name in params for params in slice_params)
+        if param.default is None and not (param.name in config.parameters or in_every_slice):
             raise ConfigError(f"merge_method '{method.name}' needs parameter '{param.name}' ({param.help})")
 
 
@@ -154,6 +192,7 @@ def _select_inputs(
     method: MergeMethod, config: MergeConfig
 ) -> tuple[list[str], list[dict[str, ParamSpec]], str | None]:
     """The method's input locations with their per-model parameters, and the base location."""
+    assert config.models is not None
     locations = [entry.model for entry in config.models]
     identities = [_identity(location) for location in locations]
     for i, location in enumerate(locations):
@@ -224,7 +263,7 @@ def _resolve(
     param_name: str,
     method: MergeMethod,
     tensor: str,
-    num_layers: int,
+    position: float,
     where: str,
 ) -> ParamValue:
     """The first of ``specs`` (most specific first) that has a value for ``tensor``, checked."""
@@ -235,7 +274,7 @@ def _resolve(
             continue
         if isinstance(spec, list) and not spec:
             raise ConfigError(f"{where}: parameter '{param_name}' is an empty list")
-        value = resolve_value(spec, tensor, num_layers)
+        value = resolve_at(spec, tensor, position)
         if value is not None:
             context = where if not isinstance(spec, list) else f"{where} (tensor '{tensor}')"
             return param.check(value, context)
@@ -244,54 +283,68 @@ def _resolve(
     return param.default
 
 
-def _promoted(name: str, info: TensorInfo, checkpoints: Sequence[Checkpoint]) -> TensorInfo:
+def _promoted(info: TensorInfo, sources: Sequence[TensorSource]) -> TensorInfo:
     """``info`` with the dtype that holds every input's (float16 and bfloat16 give float32), so
     that a merge of mixed dtypes does not depend on the order of the models."""
     dtype = info.dtype
-    for checkpoint in checkpoints:
-        other = checkpoint.tensors[name].dtype
+    for source in sources:
+        other = source.checkpoint.tensors[source.name].dtype
         if other != dtype and other.is_floating_point and dtype.is_floating_point:
             dtype = torch.promote_types(dtype, other)
     return info if dtype == info.dtype else TensorInfo(info.shape, dtype)
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """Where one output tensor's parameters come from, most specific first: per input (its model's
+    or slice source's, with the tensor's name in that input) and shared (slice, then top level)."""
+
+    model_specs: tuple[tuple[Mapping[str, ParamSpec], ...], ...]
+    shared_specs: tuple[Mapping[str, ParamSpec], ...]
+    labels: tuple[str, ...]
+    position: float
+
+
 def _tensor_job(
     name: str,
-    info: TensorInfo,
     method: MergeMethod,
     config: MergeConfig,
-    specs: list[dict[str, ParamSpec]],
-    locations: list[str],
-    num_layers: int,
+    sources: tuple[TensorSource, ...],
+    base: TensorSource | None,
+    settings: _Settings,
 ) -> TensorJob:
     """Resolve every parameter for one tensor and check the weights make sense for the method."""
+    first = sources[0] if sources else base
+    assert first is not None
+    every = (*sources, *([base] if base else []))
+    info = _promoted(first.checkpoint.tensors[first.name], every)
     out_dtype = _torch_dtype(config.out_dtype) or _torch_dtype(config.dtype) or info.dtype
     if not info.dtype.is_floating_point:
-        return TensorJob(name, info.shape, info.dtype, (), {}, mergeable=False)
+        return TensorJob(name, info.shape, info.dtype, (), {}, False, sources, base)
     params: dict[str, ParamValue | list[ParamValue]] = {}
     for param in method.all_params:
-        top_level = config.parameters.get(param.name)
+        shared = [specs.get(param.name) for specs in settings.shared_specs]
         if param.per_model:
             params[param.name] = [
                 _resolve(
-                    [model_specs.get(param.name), top_level],
+                    [*(specs.get(param.name) for specs in own), *shared],
                     param.name,
                     method,
-                    name,
-                    num_layers,
-                    f"model '{location}'",
+                    source.name,
+                    settings.position,
+                    label,
                 )
-                for location, model_specs in zip(locations, specs, strict=True)
+                for source, own, label in zip(sources, settings.model_specs, settings.labels, strict=True)
             ]
         else:
-            params[param.name] = _resolve([top_level], param.name, method, name, num_layers, "parameters")
-    declared_weights = params.pop("weight", [1.0] * len(locations))
+            params[param.name] = _resolve(shared, param.name, method, name, settings.position, "parameters")
+    declared_weights = params.pop("weight", [1.0] * len(sources))
     assert isinstance(declared_weights, list)
     weights = tuple(float(w) for w in declared_weights)
     check_weights(method, weights, params.get("normalize"), f"for tensor '{name}'")
     if method.validate is not None:
         method.validate(params, f"tensor '{name}'")
-    return TensorJob(name, info.shape, out_dtype, weights, params, mergeable=True)
+    return TensorJob(name, info.shape, out_dtype, weights, params, True, sources, base)
 
 
 def build_plan(config: MergeConfig) -> MergePlan:
@@ -299,22 +352,174 @@ def build_plan(config: MergeConfig) -> MergePlan:
     method = get_method(config.merge_method)
     named = _canonical_names(method, config)  # the plan keeps the recipe as written, for the card
     _check_param_names(method, named)
+    compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    tokenizer_folder = _tokenizer_folder(config)
+    if named.slices is not None:
+        inputs, base, jobs, overrides = plan_slices(method, named)
+        return MergePlan(method, inputs, base, jobs, compute_dtype, config, tokenizer_folder, overrides)
     locations, specs, base_location = _select_inputs(method, named)
     opened: dict[str, Checkpoint] = {}
     for location in [*locations, *([base_location] if base_location else [])]:
         opened[location] = open_checkpoint(location)
     inputs = tuple(opened[location] for location in locations)
     base = opened[base_location] if base_location else None
-    every = [*inputs, *([base] if base else [])]
-    names = _check_alignment(every)
+    names = _check_alignment([*inputs, *([base] if base else [])])
     num_layers = _num_layers(inputs[0])
+    labels = tuple(f"model '{location}'" for location in locations)
+    model_specs = tuple((spec,) for spec in specs)
     jobs = tuple(
-        _tensor_job(name, _promoted(name, info, every), method, named, specs, locations, num_layers)
-        for name, info in names.items()
+        _tensor_job(
+            name,
+            method,
+            named,
+            tuple(TensorSource(checkpoint, name) for checkpoint in inputs),
+            TensorSource(base, name) if base else None,
+            _Settings(model_specs, (named.parameters,), labels, layer_fraction(name, num_layers)),
+        )
+        for name in names
     )
-    compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    tokenizer_folder = _tokenizer_folder(config)
     return MergePlan(method, inputs, base, jobs, compute_dtype, config, tokenizer_folder)
+
+
+def plan_slices(
+    method: MergeMethod, config: MergeConfig
+) -> tuple[tuple[Checkpoint, ...], Checkpoint | None, tuple[TensorJob, ...], dict[str, object]]:
+    """The inputs, base, jobs and config.json changes of a recipe with ``slices``."""
+    assert config.slices is not None
+    opened: dict[str, Checkpoint] = {}
+
+    def checkpoint(location: str) -> Checkpoint:
+        key = _identity(location)
+        if key not in opened:
+            opened[key] = open_checkpoint(location)
+        return opened[key]
+
+    pieces = [_slice_inputs(method, config, k, checkpoint) for k in range(len(config.slices))]
+    planned = sliced_tensors(
+        [list(piece.ordered[0][0].tensors) for piece in pieces],
+        [[layer_range for _, layer_range, _, _ in piece.ordered] for piece in pieces],
+    )
+    jobs = []
+    for tensor in planned:
+        piece = pieces[tensor.slice_index]
+        sources = []
+        for entry, source_name in zip(piece.ordered, tensor.source_names, strict=True):
+            source = TensorSource(entry[0], source_name)
+            if source.name not in source.checkpoint.tensors:
+                raise MergeError(f"tensor '{source.name}' is missing from {source.checkpoint.label}")
+            sources.append(source)
+        _check_shapes(tensor.name, sources)
+        base = sources.pop(piece.base_index) if piece.base_index is not None else None
+        kept = [entry for i, entry in enumerate(piece.ordered) if i != piece.base_index]
+        settings = _Settings(
+            tuple((entry[2],) for entry in kept),
+            (piece.parameters, config.parameters),
+            tuple(entry[3] for entry in kept),
+            tensor.position,
+        )
+        jobs.append(_tensor_job(tensor.name, method, config, tuple(sources), base, settings))
+    base_location = config.base_model if _uses_base(method, config) and config.base_model else None
+    config_from = checkpoint(base_location) if base_location else pieces[0].ordered[0][0]
+    inputs = tuple(dict.fromkeys(entry[0] for piece in pieces for entry in piece.ordered))
+    ordered_inputs = (config_from, *(c for c in inputs if c is not config_from))
+    return ordered_inputs, None, tuple(jobs), _sliced_config(config_from, pieces)
+
+
+@dataclass(frozen=True)
+class _SliceInputs:
+    """One slice's sources in the method's input order (checkpoint, layer range, parameters,
+    label), the index of its base among them (None when the method takes no base), and the
+    slice's own parameters."""
+
+    ordered: tuple[tuple[Checkpoint, tuple[int, int], Mapping[str, ParamSpec], str], ...]
+    base_index: int | None
+    parameters: Mapping[str, ParamSpec]
+
+
+def _slice_inputs(
+    method: MergeMethod, config: MergeConfig, k: int, checkpoint: Callable[[str], Checkpoint]
+) -> _SliceInputs:
+    """Slice ``k``'s sources, checked (depths, equal lengths, no model twice) and ordered."""
+    assert config.slices is not None
+    piece = config.slices[k]
+    entries = []
+    seen: dict[str, int] = {}
+    for j, source in enumerate(piece.sources):
+        where = f"slices[{k}].sources[{j}]"
+        identity = _identity(source.model)
+        if identity in seen:
+            raise ConfigError(
+                f"{where}: model '{source.model}' is already source {seen[identity]} of this slice"
+            )
+        seen[identity] = j
+        opened = checkpoint(source.model)
+        depth = _num_layers(opened)
+        start, end = source.layer_range
+        if end > depth:
+            raise ConfigError(
+                f"{where}: layer_range [{start}, {end}] is past the {depth} layers of {opened.label}"
+            )
+        entries.append((opened, (start, end), dict(source.parameters), f"{where} ('{source.model}')"))
+    lengths = {end - start for _, (start, end), _, _ in entries}
+    if len(lengths) > 1:
+        raise ConfigError(
+            f"slices[{k}]: its sources give {' and '.join(map(str, sorted(lengths)))} layers; "
+            "every source of a slice must give the same number"
+        )
+    base_location = piece.base_model or config.base_model
+    base_index = None
+    if base_location is not None and _uses_base(
+        method, config.model_copy(update={"base_model": base_location})
+    ):
+        base_identity = _identity(base_location)
+        if base_identity not in seen:
+            raise ConfigError(
+                f"slices[{k}]: base_model '{base_location}' is not among the slice's sources; "
+                "give it a layer_range there"
+            )
+        base_index = seen[base_identity]
+        if method.base_is_input:
+            entries.insert(0, entries.pop(base_index))
+            base_index = None
+    merged = len(entries) - (base_index is not None)
+    try:
+        method.check_input_count(merged)
+    except ConfigError as error:
+        raise ConfigError(f"slices[{k}]: {error}") from None
+    if base_index is None and _merges_task_vectors(
+        method, config.model_copy(update={"base_model": base_location})
+    ):
+        raise ConfigError(f"slices[{k}]: merge_method '{method.name}' needs a base_model")
+    return _SliceInputs(tuple(entries), base_index, dict(piece.parameters))
+
+
+def _check_shapes(name: str, sources: Sequence[TensorSource]) -> None:
+    """Every input of an output tensor has the same shape (and kind of dtype)."""
+    first = sources[0]
+    info = first.checkpoint.tensors[first.name]
+    for other in sources[1:]:
+        theirs = other.checkpoint.tensors[other.name]
+        if theirs.shape != info.shape:
+            raise MergeError(
+                f"tensor '{name}': '{first.name}' has shape {list(info.shape)} in {first.checkpoint.label} "
+                f"but '{other.name}' has {list(theirs.shape)} in {other.checkpoint.label}"
+            )
+
+
+def _sliced_config(config_from: Checkpoint, pieces: Sequence[_SliceInputs]) -> dict[str, object]:
+    """config.json keys that follow the output's layers: the layer count and per-layer lists."""
+    existing = config_from.read_config()
+    total = sum(end - start for piece in pieces for _, (start, end), _, _ in piece.ordered[:1])
+    overrides: dict[str, object] = {
+        key: total for key in LAYER_COUNT_KEYS if isinstance(existing.get(key), int)
+    }
+    first_config = pieces[0].ordered[0][0].read_config()
+    layer_types = first_config.get("layer_types")
+    if isinstance(layer_types, list):
+        ranges = [piece.ordered[0][1] for piece in pieces]
+        if all(end <= len(layer_types) for _, end in ranges):
+            overrides["layer_types"] = sliced_layer_types(layer_types, ranges)
+    return overrides
 
 
 def _tokenizer_folder(config: MergeConfig) -> Path | None:
@@ -360,10 +565,10 @@ def _load(checkpoint: Checkpoint, name: str, dtype: torch.dtype, device: torch.d
 def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
     """Compute one merged tensor (on the CPU, in its output dtype)."""
     if not job.mergeable:
-        source = plan.base or plan.inputs[0]
-        return source.load(job.name).clone()
-    tensors = [_load(checkpoint, job.name, plan.compute_dtype, device) for checkpoint in plan.inputs]
-    base = _load(plan.base, job.name, plan.compute_dtype, device) if plan.base else None
+        source = job.copied_from
+        return source.checkpoint.load(source.name).clone()
+    tensors = [_load(s.checkpoint, s.name, plan.compute_dtype, device) for s in job.sources]
+    base = _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device) if job.base else None
     try:
         merged = apply_method(
             plan.method,
@@ -414,9 +619,7 @@ def _dtype_overrides(plan: MergePlan) -> dict[str, object]:
 def model_card(plan: MergePlan) -> str:
     """A short README naming the method, the inputs and the parameters."""
     config = plan.config
-    sources = [entry.model for entry in config.models]
-    if config.base_model and config.base_model not in sources:
-        sources.append(config.base_model)
+    sources = config.model_locations
     front = yaml.safe_dump({"library_name": "transformers", "tags": ["merge", "m3sb"], "base_model": sources})
     inputs = "\n".join(f"- `{source}`" for source in sources)
     recipe = yaml.safe_dump(config.model_dump(exclude_none=True), sort_keys=False)
@@ -454,7 +657,9 @@ def merge_to_folder(
                 written += tensor.numel() * tensor.element_size()
                 del tensor
             writer.close()
-            copy_support_files(plan.config_source.folder, staging, _dtype_overrides(plan))
+            copy_support_files(
+                plan.config_source.folder, staging, _dtype_overrides(plan) | plan.config_overrides
+            )
             if plan.tokenizer_folder is not None:
                 copy_support_files(plan.tokenizer_folder, staging, {}, TOKENIZER_FILES)
             (staging / "README.md").write_text(model_card(plan), encoding="utf-8")

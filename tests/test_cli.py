@@ -218,6 +218,43 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
         r"model '.*finetune-1' is listed twice",
     ),
     (
+        "stage names itself",
+        lambda f, d: (
+            f"name: a\nmerge_method: linear\nmodels: [{{model: a}}, {{model: {f.models[0]}}}]\n---\n"
+            "merge_method: linear\nmodels: [{model: a}]\n"
+        ),
+        [],
+        r"recipe\.yml: stage 'a' names itself as a model",
+    ),
+    (
+        "stages in a cycle",
+        lambda f, d: (
+            f"name: a\nmerge_method: linear\nmodels: [{{model: b}}, {{model: {f.models[0]}}}]\n---\n"
+            f"name: b\nmerge_method: linear\nmodels: [{{model: a}}, {{model: {f.models[1]}}}]\n---\n"
+            "merge_method: linear\nmodels: [{model: a}, {model: b}]\n"
+        ),
+        [],
+        r"recipe\.yml: stages 'a', 'b' name each other in a cycle",
+    ),
+    (
+        "two unnamed stages",
+        lambda f, d: (
+            f"merge_method: linear\nmodels: [{{model: {f.models[0]}}}]\n---\n"
+            f"merge_method: linear\nmodels: [{{model: {f.models[1]}}}]\n"
+        ),
+        [],
+        r"recipe\.yml: documents 1 and 2 have no name",
+    ),
+    (
+        "bad parameter in a later stage",
+        lambda f, d: (
+            f"name: a\nmerge_method: linear\nmodels: [{{model: {f.models[0]}}}, {{model: {f.models[1]}}}]"
+            "\n---\nmerge_method: ties\nbase_model: a\nmodels: [{model: a, parameters: {densty: 0.5}}]\n"
+        ),
+        [],
+        r"recipe\.yml \(document 2\): model 'a': unknown parameter 'densty'",
+    ),
+    (
         "slice past the depth",
         lambda f, d: {
             "merge_method": "passthrough",

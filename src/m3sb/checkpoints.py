@@ -488,6 +488,15 @@ def _unlock(handle: Any) -> None:
     handle.close()
 
 
+def check_output_folder(destination: Path, force: bool = False) -> None:
+    """Refuse an output path that is a file, or a non-empty folder unless ``force``."""
+    destination = destination.expanduser().absolute()
+    if destination.exists() and not destination.is_dir():
+        raise CheckpointError(f"{destination}: exists and is not a folder")
+    if destination.is_dir() and any(destination.iterdir()) and not force:
+        raise CheckpointError(f"{destination}: folder exists and is not empty (pass --force to replace it)")
+
+
 @contextmanager
 def atomic_output_folder(destination: Path, force: bool = False) -> Iterator[Path]:
     """Yield a hidden folder beside ``destination``; move it there only if the block succeeds.
@@ -497,10 +506,7 @@ def atomic_output_folder(destination: Path, force: bool = False) -> Iterator[Pat
     killed runs are removed first.
     """
     destination = destination.expanduser().absolute()
-    if destination.exists() and not destination.is_dir():
-        raise CheckpointError(f"{destination}: exists and is not a folder")
-    if destination.is_dir() and any(destination.iterdir()) and not force:
-        raise CheckpointError(f"{destination}: folder exists and is not empty (pass --force to replace it)")
+    check_output_folder(destination, force)
     created = next((p for p in reversed(destination.parents) if not p.exists()), None)
     token = uuid.uuid4().hex[:8]
     staging = destination.parent / f".{destination.name}.m3sb-partial-{token}"

@@ -106,37 +106,88 @@ def merge(
     device: DeviceOption = "cpu",
     out_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
+    stages: Annotated[
+        Path | None,
+        typer.Option(
+            "--stages",
+            help="Multi-stage recipes: folder for the named stages (default OUT_DIR.stages); "
+            "unchanged stages are reused.",
+        ),
+    ] = None,
+    clean_stages: Annotated[
+        bool, typer.Option("--clean-stages", help="Remove the stages folder once the final merge is done.")
+    ] = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Merge the models that CONFIG names into OUT_DIR, one tensor at a time."""
+    """Merge the models that CONFIG names into OUT_DIR, one tensor at a time.
+
+    CONFIG may hold several YAML documents (mergekit-multimerge's format): named stages,
+    which later ones name as models, and a final merge written to OUT_DIR.
+    """
 
     def run() -> None:
-        from m3sb.config import load_merge_config, parse_size
-        from m3sb.merge import merge_to_folder
+        import shutil
 
-        recipe = load_merge_config(config)
+        from m3sb.checkpoints import check_output_folder
+        from m3sb.config import MergeConfig, parse_size
+        from m3sb.errors import ConfigError
+        from m3sb.merge import check_recipe, merge_to_folder
+        from m3sb.stages import STAGE_RECORD, Stage, load_documents, plan_stages, run_stages, stage_record
+
+        recipes = load_documents(config)
         shard_bytes = parse_size(out_shard_size)
-        if quiet:
-            result = merge_to_folder(recipe, out_dir, device=device, out_shard_size=shard_bytes, force=force)
-        else:
+
+        def merge_one(recipe: MergeConfig, destination: Path, replace: bool, extra: dict[str, str]) -> None:
+            if quiet:
+                merge_to_folder(
+                    recipe,
+                    destination,
+                    device=device,
+                    out_shard_size=shard_bytes,
+                    force=replace,
+                    extra_files=extra,
+                )
+                return
             from m3sb.progress import merge_progress
 
             with merge_progress(console) as (on_plan, on_tensor):
                 result = merge_to_folder(
                     recipe,
-                    out_dir,
+                    destination,
                     device=device,
                     out_shard_size=shard_bytes,
-                    force=force,
+                    force=replace,
                     progress=on_tensor,
                     on_plan=on_plan,
+                    extra_files=extra,
                 )
             console.print(
                 f"merged {result.tensors} tensors ({result.bytes_written / 1e9:.2f} GB) "
                 f"with {recipe.merge_method} in {result.seconds:.1f} s -> {result.out_dir}",
                 highlight=False,
             )
+
+        if len(recipes) == 1:
+            merge_one(recipes[0], out_dir, force, {})
+            return
+        for index, recipe in enumerate(recipes):
+            try:
+                check_recipe(recipe)
+            except ConfigError as error:
+                raise ConfigError(f"{config} (document {index + 1}): {error}") from None
+        check_output_folder(out_dir, force)  # before any stage runs
+        folder = (stages or out_dir.with_name(out_dir.name + ".stages")).expanduser().resolve()
+        planned = plan_stages(recipes, str(config), out_dir.expanduser().resolve(), folder)
+
+        def merge_stage(stage: Stage, replace: bool) -> None:
+            extra = {} if stage.final else {STAGE_RECORD: stage_record(stage)}
+            merge_one(stage.config, stage.out_dir, replace or force, extra)
+
+        say = (lambda _: None) if quiet else (lambda line: console.print(line, highlight=False, markup=False))
+        run_stages(planned, merge_stage, say)
+        if clean_stages and folder.is_dir():
+            shutil.rmtree(folder)
 
     guarded(run, debug)
 

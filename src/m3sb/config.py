@@ -192,6 +192,14 @@ def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
 
 def load_yaml(path: str | Path) -> Any:
     """Load a YAML file safely (no Python objects), naming the file on any error."""
+    documents = load_yaml_documents(path)
+    if len(documents) > 1:
+        raise ConfigError(f"{path}: holds {len(documents)} YAML documents; expected one")
+    return documents[0] if documents else None
+
+
+def load_yaml_documents(path: str | Path) -> list[Any]:
+    """Every document of a YAML file (several are separated by ``---``), loaded safely."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -200,7 +208,7 @@ def load_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{file}: cannot read: {error}") from None
     try:
-        return yaml.safe_load(text)
+        return [document for document in yaml.safe_load_all(text) if document is not None] or [None]
     except RecursionError:
         raise ConfigError(f"{file}: nested too deeply to read") from None
     except yaml.YAMLError as error:

@@ -347,6 +347,12 @@ def _tensor_job(
     return TensorJob(name, info.shape, out_dtype, weights, params, True, sources, base)
 
 
+def check_recipe(config: MergeConfig) -> None:
+    """The checks that need no model: the method, its parameters and where they are given."""
+    method = get_method(config.merge_method)
+    _check_param_names(method, _canonical_names(method, config))
+
+
 def build_plan(config: MergeConfig) -> MergePlan:
     """Check a merge config against its method and its inputs, reading no tensor data."""
     method = get_method(config.merge_method)
@@ -639,8 +645,10 @@ def merge_to_folder(
     force: bool = False,
     progress: Progress | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> MergeResult:
-    """Merge as ``config`` says and write a Hugging Face model folder at ``out_dir``, atomically."""
+    """Merge as ``config`` says and write a Hugging Face model folder at ``out_dir``, atomically
+    (with ``extra_files``, name to text, written into it before it appears)."""
     started = time.perf_counter()
     torch_device = resolve_device(device)
     plan = build_plan(config)
@@ -663,6 +671,8 @@ def merge_to_folder(
             if plan.tokenizer_folder is not None:
                 copy_support_files(plan.tokenizer_folder, staging, {}, TOKENIZER_FILES)
             (staging / "README.md").write_text(model_card(plan), encoding="utf-8")
+            for name, text in (extra_files or {}).items():
+                (staging / name).write_text(text, encoding="utf-8")
         except OSError as error:  # a full disk, a file-size limit, a vanished folder
             writer.abort()
             reason = error.strerror or str(error)

@@ -257,7 +257,7 @@ CONFIG_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", *CONFIG_PATTERNS)
 
 
-def _download_from_hub(repo_id: str, patterns: Sequence[str]) -> Path:
+def download_from_hub(repo_id: str, patterns: Sequence[str]) -> Path:
     """Fetch the files of a hub repository that match ``patterns`` into the local cache."""
     try:
         from huggingface_hub import snapshot_download
@@ -271,27 +271,38 @@ def _download_from_hub(repo_id: str, patterns: Sequence[str]) -> Path:
 
 
 def model_folder(location: str) -> Path:
-    """The local folder of a model given as a folder, a file in one, or a hub id (config files only)."""
+    """The local folder of a model given as a folder, a file in one, or a hub id (config files only);
+    for ``MODEL+ADAPTER``, the model's."""
     path = Path(location).expanduser()
+    if not path.exists() and "+" in location:
+        location = location.rpartition("+")[0]
+        path = Path(location).expanduser()
     if path.is_dir():
         return path
     if path.is_file():
         return path.parent
     if HUB_ID.match(location):
-        return _download_from_hub(location, CONFIG_PATTERNS)
+        return download_from_hub(location, CONFIG_PATTERNS)
     raise CheckpointError(f"{location}: no such file or directory")
 
 
 def open_checkpoint(location: str | Path) -> Checkpoint:
-    """Open a model folder, a weights file, or a Hugging Face Hub id, without reading tensors."""
+    """Open a model folder, a weights file, or a Hugging Face Hub id, without reading tensors;
+    ``MODEL+ADAPTER`` opens the model with a LoRA adapter applied as tensors are read."""
     path = Path(location).expanduser()
     label = str(location)
+    if isinstance(location, str) and not path.exists() and "+" in location:
+        from m3sb.lora import open_with_adapter, split_reference
+
+        parts = split_reference(location)
+        if parts is not None:
+            return open_with_adapter(location, *parts)
     if path.is_dir():
         return _open_folder(label, path)
     if path.is_file():
         return _open_file(label, path)
     if isinstance(location, str) and HUB_ID.match(location) and not location.startswith((".", "/")):
-        return _open_folder(label, _download_from_hub(location, WEIGHT_PATTERNS))
+        return _open_folder(label, download_from_hub(location, WEIGHT_PATTERNS))
     raise CheckpointError(f"{location}: no such file or directory")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -358,10 +359,10 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
         r"tokenizer_source .*finetune-1: no tokenizer files in",
     ),
     (
-        "tokenizer union",
+        "tokenizer union without a base tokenizer",
         lambda f, d: {"merge_method": "linear", "models": _models(f), "tokenizer_source": "union"},
         [],
-        r"tokenizer_source: union is not supported",
+        r"finetune-\d: no tokenizer files; tokenizer_source union builds on the base model's",
     ),
     (
         "bad shard size",
@@ -466,16 +467,18 @@ def test_uncreatable_output_folder_is_one_line(family: Family, tmp_path: Path) -
 
 
 def test_tokenizer_files_come_from_tokenizer_source(family: Family, tmp_path: Path) -> None:
-    tokenizer = tmp_path / "tokenizer"
-    tokenizer.mkdir()
-    (tokenizer / "tokenizer.json").write_text('{"marker": 1}')
-    (tokenizer / "vocab.json").write_text('{"a": 0}')
+    from transformers import AutoTokenizer
+
+    from m3sb.toy import save_toy_tokenizer
+
+    tokenizer = save_toy_tokenizer(tmp_path / "tokenizer", [f"w{i}" for i in range(63)])
     recipe = {"merge_method": "linear", "models": _models(family), "tokenizer_source": str(tokenizer)}
     config = _write_config(tmp_path, recipe)
-    assert runner.invoke(app, ["merge", str(config), str(tmp_path / "out"), "--quiet"]).exit_code == 0
-    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"marker": 1}'
-    assert (tmp_path / "out" / "vocab.json").read_text() == '{"a": 0}'
-    assert (tmp_path / "out" / "config.json").is_file()
+    result = runner.invoke(app, ["merge", str(config), str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    written = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert written.get_vocab() == AutoTokenizer.from_pretrained(str(tokenizer)).get_vocab()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 64
 
 
 @pytest.mark.parametrize("command", ["experiment", "pareto"])

@@ -75,6 +75,46 @@ class ModelEntry(BaseModel):
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
 
 
+class ZeroToken(BaseModel):
+    """A token's embedding rows set to zero (``{kind: zero}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class ModelToken(BaseModel):
+    """A token's embedding rows taken from another token of one model (``{kind: model_token, ...}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str = Field(min_length=1)
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id and token")
+        return self
+
+
+class TokenSetting(BaseModel):
+    """Where one output token's embedding rows come from, and whether that overrides the models' own."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str | ZeroToken | ModelToken | None = None
+    force: bool = False
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's ``tokenizer:`` section: the output vocabulary and how new tokens are filled."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(default="union", min_length=1)  # union, base or a model
+    tokens: dict[str, TokenSetting] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+
 class SliceSource(BaseModel):
     """One model's layers ``[start, end)`` feeding an output slice, with its own parameters."""
 
@@ -122,6 +162,8 @@ class MergeConfig(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = Field(default=None, min_length=1)
     name: str | None = None
 
     _dtypes = field_validator("dtype", "out_dtype")(_dtype_name)
@@ -130,7 +172,16 @@ class MergeConfig(BaseModel):
     def _models_or_slices(self) -> MergeConfig:
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of 'models' and 'slices'")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give tokenizer_source or a tokenizer section, not both")
         return self
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The output vocabulary asked for: the ``tokenizer`` section, or ``tokenizer_source``."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return None if self.tokenizer_source is None else TokenizerSpec(source=self.tokenizer_source)
 
     @property
     def model_locations(self) -> list[str]:

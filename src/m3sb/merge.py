@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,13 @@ import torch
 import yaml
 
 from m3sb.checkpoints import (
+    SUPPORT_FILES,
     TOKENIZER_FILES,
     Checkpoint,
     SafetensorsWriter,
     TensorInfo,
     atomic_output_folder,
     copy_support_files,
-    model_folder,
     open_checkpoint,
 )
 from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, count_layers, layer_fraction, resolve_at
@@ -33,6 +33,15 @@ from m3sb.errors import CheckpointError, ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
 from m3sb.methods.registry import ParamValue, check_weights
 from m3sb.slices import LAYER_COUNT_KEYS, sliced_layer_types, sliced_tensors
+from m3sb.vocab import (
+    Vocabulary,
+    chat_template_text,
+    is_vocabulary_tensor,
+    load_tokenizer,
+    plan_vocabulary,
+    rows_of,
+    save_tokenizer,
+)
 
 Progress = Callable[[str, int], None]
 
@@ -57,6 +66,7 @@ class TensorJob:
     mergeable: bool
     sources: tuple[TensorSource, ...]
     base: TensorSource | None = None
+    vocabulary: bool = False  # re-indexed to the output vocabulary before merging
 
     @property
     def copied_from(self) -> TensorSource:
@@ -74,8 +84,9 @@ class MergePlan:
     jobs: tuple[TensorJob, ...]
     compute_dtype: torch.dtype
     config: MergeConfig
-    tokenizer_folder: Path | None = None
     config_overrides: dict[str, object] = field(default_factory=dict)
+    vocabulary: Vocabulary | None = None
+    chat_template: str | None = None
 
     @property
     def config_source(self) -> Checkpoint:
@@ -222,8 +233,9 @@ def _select_inputs(
     return locations, specs, base
 
 
-def _check_alignment(checkpoints: Sequence[Checkpoint]) -> dict[str, TensorInfo]:
-    """All checkpoints must hold the same tensor names with the same shapes; returns the first's."""
+def _check_alignment(checkpoints: Sequence[Checkpoint], realigned: bool = False) -> dict[str, TensorInfo]:
+    """All checkpoints must hold the same tensor names with the same shapes (vocabulary-indexed
+    tensors may differ in rows when ``realigned`` to an output vocabulary); returns the first's."""
     reference = checkpoints[0]
     names = reference.tensors
     if not names:
@@ -238,10 +250,7 @@ def _check_alignment(checkpoints: Sequence[Checkpoint]) -> dict[str, TensorInfo]
         for name, info in names.items():
             theirs = other.tensors[name]
             if theirs.shape != info.shape:
-                raise MergeError(
-                    f"tensor '{name}' has shape {list(info.shape)} in {reference.label} "
-                    f"but {list(theirs.shape)} in {other.label}"
-                )
+                _check_rows(name, reference, other, realigned)
             both_float = info.dtype.is_floating_point and theirs.dtype.is_floating_point
             if theirs.dtype != info.dtype and not both_float:
                 raise MergeError(
@@ -249,6 +258,27 @@ def _check_alignment(checkpoints: Sequence[Checkpoint]) -> dict[str, TensorInfo]
                     f"but {_dtype_name(theirs.dtype)} in {other.label}"
                 )
     return names
+
+
+def _check_rows(
+    name: str, first: Checkpoint, other: Checkpoint, realigned: bool, other_name: str = ""
+) -> None:
+    """Tensors of different shapes may only be vocabulary-indexed ones realigned by token."""
+    other_name = other_name or name
+    mine, theirs = first.tensors[name].shape, other.tensors[other_name].shape
+    vocabulary = is_vocabulary_tensor(name, mine, rows_of(first)) and is_vocabulary_tensor(
+        other_name, theirs, rows_of(other)
+    )
+    if vocabulary and realigned and tuple(mine[1:]) == tuple(theirs[1:]):
+        return
+    hint = (
+        "; the vocabularies differ: set tokenizer_source (union or base)"
+        if vocabulary and not realigned
+        else ""
+    )
+    raise MergeError(
+        f"tensor '{name}' has shape {list(mine)} in {first.label} but {list(theirs)} in {other.label}{hint}"
+    )
 
 
 def _num_layers(checkpoint: Checkpoint) -> int:
@@ -359,17 +389,50 @@ def build_plan(config: MergeConfig) -> MergePlan:
     named = _canonical_names(method, config)  # the plan keeps the recipe as written, for the card
     _check_param_names(method, named)
     compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    tokenizer_folder = _tokenizer_folder(config)
+    spec = named.tokenizer_spec
     if named.slices is not None:
-        inputs, base, jobs, overrides = plan_slices(method, named)
-        return MergePlan(method, inputs, base, jobs, compute_dtype, config, tokenizer_folder, overrides)
+        inputs, base, jobs, overrides = plan_slices(method, named, realigned=spec is not None)
+    else:
+        inputs, base, jobs = _plan_models(method, named, realigned=spec is not None)
+        overrides = {}
+    every = (*inputs, *([base] if base and base not in inputs else []))
+    vocabulary = None
+    if spec is not None:
+        vocabulary = plan_vocabulary(spec, named, every, open_checkpoint, _identity)
+        jobs = _realigned(jobs, vocabulary)
+        overrides["vocab_size"] = vocabulary.rows
+    template = None
+    if named.chat_template is not None:
+        template = chat_template_text(named.chat_template, [checkpoint.folder for checkpoint in every])
+        donor = base or inputs[0]
+        if vocabulary is None and load_tokenizer(donor.folder, donor.label) is None:
+            raise ConfigError(f"chat_template: {donor.label} has no tokenizer to put it in")
+    return MergePlan(method, inputs, base, jobs, compute_dtype, config, overrides, vocabulary, template)
+
+
+def _realigned(jobs: Sequence[TensorJob], vocabulary: Vocabulary) -> tuple[TensorJob, ...]:
+    """The jobs with every vocabulary-indexed tensor re-indexed to the output vocabulary's rows."""
+    result = []
+    for job in jobs:
+        first = job.sources[0] if job.sources else job.base
+        assert first is not None
+        if job.mergeable and is_vocabulary_tensor(first.name, job.shape, rows_of(first.checkpoint)):
+            job = replace(job, shape=(vocabulary.rows, *job.shape[1:]), vocabulary=True)
+        result.append(job)
+    return tuple(result)
+
+
+def _plan_models(
+    method: MergeMethod, named: MergeConfig, realigned: bool
+) -> tuple[tuple[Checkpoint, ...], Checkpoint | None, tuple[TensorJob, ...]]:
+    """The inputs, base and jobs of a recipe with ``models``."""
     locations, specs, base_location = _select_inputs(method, named)
     opened: dict[str, Checkpoint] = {}
     for location in [*locations, *([base_location] if base_location else [])]:
         opened[location] = open_checkpoint(location)
     inputs = tuple(opened[location] for location in locations)
     base = opened[base_location] if base_location else None
-    names = _check_alignment([*inputs, *([base] if base else [])])
+    names = _check_alignment([*inputs, *([base] if base else [])], realigned)
     num_layers = _num_layers(inputs[0])
     labels = tuple(f"model '{location}'" for location in locations)
     model_specs = tuple((spec,) for spec in specs)
@@ -384,11 +447,11 @@ def build_plan(config: MergeConfig) -> MergePlan:
         )
         for name in names
     )
-    return MergePlan(method, inputs, base, jobs, compute_dtype, config, tokenizer_folder)
+    return inputs, base, jobs
 
 
 def plan_slices(
-    method: MergeMethod, config: MergeConfig
+    method: MergeMethod, config: MergeConfig, realigned: bool = False
 ) -> tuple[tuple[Checkpoint, ...], Checkpoint | None, tuple[TensorJob, ...], dict[str, object]]:
     """The inputs, base, jobs and config.json changes of a recipe with ``slices``."""
     assert config.slices is not None
@@ -414,7 +477,7 @@ def plan_slices(
             if source.name not in source.checkpoint.tensors:
                 raise MergeError(f"tensor '{source.name}' is missing from {source.checkpoint.label}")
             sources.append(source)
-        _check_shapes(tensor.name, sources)
+        _check_shapes(sources, realigned)
         base = sources.pop(piece.base_index) if piece.base_index is not None else None
         kept = [entry for i, entry in enumerate(piece.ordered) if i != piece.base_index]
         settings = _Settings(
@@ -499,17 +562,13 @@ def _slice_inputs(
     return _SliceInputs(tuple(entries), base_index, dict(piece.parameters))
 
 
-def _check_shapes(name: str, sources: Sequence[TensorSource]) -> None:
-    """Every input of an output tensor has the same shape (and kind of dtype)."""
+def _check_shapes(sources: Sequence[TensorSource], realigned: bool) -> None:
+    """Every input of an output tensor has the same shape (vocabulary rows aside, when realigned)."""
     first = sources[0]
     info = first.checkpoint.tensors[first.name]
     for other in sources[1:]:
-        theirs = other.checkpoint.tensors[other.name]
-        if theirs.shape != info.shape:
-            raise MergeError(
-                f"tensor '{name}': '{first.name}' has shape {list(info.shape)} in {first.checkpoint.label} "
-                f"but '{other.name}' has {list(theirs.shape)} in {other.checkpoint.label}"
-            )
+        if other.checkpoint.tensors[other.name].shape != info.shape:
+            _check_rows(first.name, first.checkpoint, other.checkpoint, realigned, other.name)
 
 
 def _sliced_config(config_from: Checkpoint, pieces: Sequence[_SliceInputs]) -> dict[str, object]:
@@ -526,22 +585,6 @@ def _sliced_config(config_from: Checkpoint, pieces: Sequence[_SliceInputs]) -> d
         if all(end <= len(layer_types) for _, end in ranges):
             overrides["layer_types"] = sliced_layer_types(layer_types, ranges)
     return overrides
-
-
-def _tokenizer_folder(config: MergeConfig) -> Path | None:
-    """The folder named by ``tokenizer_source``, checked to hold tokenizer files."""
-    source = config.tokenizer_source
-    if source is None:
-        return None
-    if source == "union":
-        raise ConfigError("tokenizer_source: union is not supported; name 'base' or one model")
-    location = config.base_model if source == "base" else source
-    if location is None:
-        raise ConfigError("tokenizer_source: base needs a base_model")
-    folder = model_folder(location)
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(f"tokenizer_source {source}: no tokenizer files in {folder}")
-    return folder
 
 
 def _check_destination(plan: MergePlan, destination: Path) -> None:
@@ -575,6 +618,12 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
         return source.checkpoint.load(source.name).clone()
     tensors = [_load(s.checkpoint, s.name, plan.compute_dtype, device) for s in job.sources]
     base = _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device) if job.base else None
+    if job.vocabulary and plan.vocabulary is not None:
+        every = [*job.sources, *([job.base] if job.base else [])]
+        loaded = [*tensors, *([base] if base is not None else [])]
+        aligned = plan.vocabulary.align([(s.checkpoint, t) for s, t in zip(every, loaded, strict=True)])
+        tensors, base = aligned[: len(tensors)], (aligned[-1] if base is not None else None)
+        del loaded, aligned
     try:
         merged = apply_method(
             plan.method,
@@ -665,11 +714,12 @@ def merge_to_folder(
                 written += tensor.numel() * tensor.element_size()
                 del tensor
             writer.close()
-            copy_support_files(
-                plan.config_source.folder, staging, _dtype_overrides(plan) | plan.config_overrides
-            )
-            if plan.tokenizer_folder is not None:
-                copy_support_files(plan.tokenizer_folder, staging, {}, TOKENIZER_FILES)
+            overrides = _dtype_overrides(plan) | plan.config_overrides
+            retokenized = plan.vocabulary is not None or plan.chat_template is not None
+            names = [name for name in SUPPORT_FILES if not (retokenized and name in TOKENIZER_FILES)]
+            copy_support_files(plan.config_source.folder, staging, overrides, names)
+            if retokenized:
+                save_tokenizer(plan.vocabulary, plan.config_source, plan.chat_template, staging)
             (staging / "README.md").write_text(model_card(plan), encoding="utf-8")
             for name, text in (extra_files or {}).items():
                 (staging / name).write_text(text, encoding="utf-8")

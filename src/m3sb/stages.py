@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m3sb.config import MergeConfig, load_yaml_documents, parse_merge_config
+from m3sb.config import MergeConfig, ModelToken, load_yaml_documents, parse_merge_config
 from m3sb.errors import ConfigError
 
 STAGE_RECORD = "m3sb-stage.json"  # written into each finished stage's folder
@@ -74,6 +74,15 @@ def _references(config: MergeConfig) -> list[str]:
     named = list(config.model_locations)
     if config.tokenizer_source not in (None, "base", "union"):
         named.append(str(config.tokenizer_source))
+    if config.tokenizer is not None:
+        if config.tokenizer.source not in ("base", "union"):
+            named.append(config.tokenizer.source)
+        for setting in config.tokenizer.tokens.values():
+            source = setting.source
+            if isinstance(source, str):
+                named.append(source)
+            elif isinstance(source, ModelToken):
+                named.append(source.model)
     return named
 
 
@@ -93,6 +102,15 @@ def _replaced(config: MergeConfig, folders: dict[str, Path]) -> MergeConfig:
     data["base_model"] = swap(data["base_model"])
     if data.get("tokenizer_source") not in (None, "base", "union"):
         data["tokenizer_source"] = swap(data["tokenizer_source"])
+    tokenizer = data.get("tokenizer")
+    if tokenizer is not None:
+        if tokenizer["source"] not in ("base", "union"):
+            tokenizer["source"] = swap(tokenizer["source"])
+        for setting in tokenizer["tokens"].values():
+            if isinstance(setting["source"], str):
+                setting["source"] = swap(setting["source"])
+            elif isinstance(setting["source"], dict) and "model" in setting["source"]:
+                setting["source"]["model"] = swap(setting["source"]["model"])
     return MergeConfig.model_validate(data)
 
 

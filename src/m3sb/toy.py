@@ -83,3 +83,18 @@ def make_family(
         model.save_pretrained(path, safe_serialization=True)
     marker.write_text(json.dumps(recipe))
     return family
+
+
+def save_toy_tokenizer(folder: Path, tokens: list[str], special: tuple[str, ...] = ("<unk>",)) -> Path:
+    """A word-level Hugging Face tokenizer in ``folder``: ``special`` tokens first (as added
+    special tokens), then ``tokens``, ids in that order."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {token: index for index, token in enumerate([*special, *tokens])}
+    model = Tokenizer(models.WordLevel(vocabulary, unk_token=special[0]))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token=special[0])  # type: ignore[no-untyped-call]
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special[1:])})
+    tokenizer.save_pretrained(str(folder))
+    return folder

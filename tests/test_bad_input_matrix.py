@@ -321,7 +321,7 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
                 {"model": str(f.models[1]), "parameters": {"weight": 0.7}},
             ],
         },
-        [],
+        ["--strict"],
         r"model '.*finetune-1' is listed twice",
     ),
     (
@@ -561,13 +561,13 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
     (
         "unknown top-level key",
         lambda f, d: {"merge_method": "linear", "models": _others(f), "colour": "blue"},
-        [],
+        ["--strict"],
         r"recipe\.yml: unknown key 'colour' at colour",
     ),
     (
         "unknown key in a model entry",
         lambda f, d: {"merge_method": "linear", "models": [{"model": str(f.models[1]), "wieght": 1}]},
-        [],
+        ["--strict"],
         r"recipe\.yml: unknown key 'wieght' at models\.0\.wieght",
     ),
     (
@@ -577,13 +577,13 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
             + "".join(f"  - model: {json.dumps(str(p))}\n" for p in f.models[1:])
             + '"colour\\nred": 1\n'
         ),
-        [],
+        ["--strict"],
         r"unknown key 'colour",
     ),
     (
         "unknown top-level parameter",
         lambda f, d: {"merge_method": "linear", "models": _others(f), "parameters": {"temperature": 1}},
-        [],
+        ["--strict"],
         r"unknown parameter 'temperature' for merge_method 'linear'",
     ),
     # -- command-line values
@@ -1256,7 +1256,9 @@ def test_aliased_duplicate_model_is_refused(alias: str, family: Family, tmp_path
         "models": [{"model": first}, {"model": second}, {"model": str(family.models[2])}],
     }
     out = tmp_path / "out"
-    code, stderr, output = _invoke("merge", str(_write(tmp_path / "dup.yml", recipe)), str(out), "--quiet")
+    code, stderr, output = _invoke(
+        "merge", str(_write(tmp_path / "dup.yml", recipe)), str(out), "--quiet", "--strict"
+    )
     _assert_refused(code, stderr, output, r"listed twice \(as '", out)
 
 

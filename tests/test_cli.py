@@ -171,7 +171,7 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
     (
         "unknown parameter",
         lambda f, d: {"merge_method": "ties", "base_model": str(f.base), "models": _models(f, densty=0.5)},
-        [],
+        ["--strict"],
         r"unknown parameter 'densty' for merge_method 'ties'; allowed: weight, lambda, density",
     ),
     (
@@ -215,7 +215,7 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
     (
         "duplicate model",
         lambda f, d: {"merge_method": "linear", "models": _models(f, str(f.models[1]))},
-        [],
+        ["--strict"],
         r"model '.*finetune-1' is listed twice",
     ),
     (
@@ -252,7 +252,7 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
             f"name: a\nmerge_method: linear\nmodels: [{{model: {f.models[0]}}}, {{model: {f.models[1]}}}]"
             "\n---\nmerge_method: ties\nbase_model: a\nmodels: [{model: a, parameters: {densty: 0.5}}]\n"
         ),
-        [],
+        ["--strict"],
         r"recipe\.yml \(document 2\): model 'a': unknown parameter 'densty'",
     ),
     (
@@ -331,7 +331,7 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
     (
         "lambda without task vectors",
         lambda f, d: {"merge_method": "linear", "models": _models(f), "parameters": {"lambda": 0.5}},
-        [],
+        ["--strict"],
         r"parameter 'lambda' of 'linear' scales task vectors; it needs space: task_vectors",
     ),
     (
@@ -493,3 +493,53 @@ def test_help_shows_the_executor_and_autocast_defaults(command: str) -> None:
     for flag in ("--executor", "--ray-address", "--workers", "--autocast", "--device"):
         assert flag in text
     assert "[default: the config's, else local]" in text and "[default: the config's, else none]" in text
+
+
+def test_what_mergekit_ignores_is_ignored_with_a_note(family: Family, tmp_path: Path) -> None:
+    models = [str(path) for path in family.models]
+    clean = {
+        "merge_method": "ties",
+        "base_model": str(family.base),
+        "models": [{"model": models[0], "parameters": {"weight": 0.7, "density": 0.5}}],
+    }
+    messy = clean | {
+        "dype": "float16",  # a misspelt key: mergekit merges in the inputs' dtype
+        "models": [
+            {"model": models[0], "parameters": {"weight": 0.1}},
+            {"model": models[0], "parameters": {"weight": 0.7, "density": 0.5, "densty": 0.2}},
+        ],
+        "parameters": {"temperature": 1},
+    }
+    out_clean, out_messy = tmp_path / "clean", tmp_path / "messy"
+    assert (
+        runner.invoke(
+            app, ["merge", str(_write_config(tmp_path, clean)), str(out_clean), "--quiet"]
+        ).exit_code
+        == 0
+    )
+    (tmp_path / "messy.yml").write_text(yaml.safe_dump(messy))
+    result = runner.invoke(app, ["merge", str(tmp_path / "messy.yml"), str(out_messy), "--quiet"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert any(
+        "dype: not a key of mergekit's schema here; ignored, as mergekit does (did you mean 'dtype'?)" in n
+        for n in notes
+    ), notes
+    assert any(
+        "parameter 'densty' is not one of ties's; ignored, as mergekit does (did you mean 'density'?)" in n
+        for n in notes
+    ), notes
+    assert any("parameter 'temperature'" in n for n in notes) and any(
+        "is listed twice; merged once" in n for n in notes
+    )
+    assert (
+        load_file(out_clean / "model.safetensors").keys() == load_file(out_messy / "model.safetensors").keys()
+    )
+    for name, tensor in load_file(out_clean / "model.safetensors").items():
+        assert torch.equal(tensor, load_file(out_messy / "model.safetensors")[name]), name
+    strict = runner.invoke(app, ["merge", str(tmp_path / "messy.yml"), str(tmp_path / "strict"), "--strict"])
+    assert (
+        strict.exit_code == 1
+        and "unknown key 'dype'" in strict.stderr
+        and "did you mean 'dtype'" in strict.stderr
+    )

@@ -132,7 +132,7 @@ def test_gradients_interpolate_over_layers_and_filters_pick_the_first_match() ->
 )
 def test_schema_errors_are_one_line_and_name_the_key(document: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
-        parse_merge_config(document, source="recipe.yml")
+        parse_merge_config(document, source="recipe.yml", strict=True)
     assert "\n" not in str(caught.value)
     assert str(caught.value).startswith("recipe.yml")
 

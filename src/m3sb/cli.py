@@ -117,6 +117,13 @@ def merge(
     clean_stages: Annotated[
         bool, typer.Option("--clean-stages", help="Remove the stages folder once the final merge is done.")
     ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Refuse keys and parameters that mergekit ignores (by default: ignored, with a note).",
+        ),
+    ] = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -132,11 +139,15 @@ def merge(
         from m3sb.checkpoints import check_output_folder
         from m3sb.config import MergeConfig, parse_size
         from m3sb.errors import ConfigError
-        from m3sb.merge import check_recipe, merge_to_folder
+        from m3sb.merge import MergePlan, check_recipe, merge_to_folder
         from m3sb.stages import STAGE_RECORD, Stage, load_documents, plan_stages, run_stages, stage_record
 
-        recipes = load_documents(config)
+        recipes = load_documents(config, strict)
         shard_bytes = parse_size(out_shard_size)
+
+        def show_notes(plan: MergePlan) -> None:
+            for note in plan.notes:
+                typer.echo(f"note: {note}", err=True)
 
         def merge_one(recipe: MergeConfig, destination: Path, replace: bool, extra: dict[str, str]) -> None:
             if quiet:
@@ -146,12 +157,19 @@ def merge(
                     device=device,
                     out_shard_size=shard_bytes,
                     force=replace,
+                    on_plan=show_notes,
                     extra_files=extra,
+                    strict=strict,
                 )
                 return
             from m3sb.progress import merge_progress
 
             with merge_progress(console) as (on_plan, on_tensor):
+
+                def planned(plan: MergePlan) -> None:
+                    show_notes(plan)
+                    on_plan(plan)
+
                 result = merge_to_folder(
                     recipe,
                     destination,
@@ -159,8 +177,9 @@ def merge(
                     out_shard_size=shard_bytes,
                     force=replace,
                     progress=on_tensor,
-                    on_plan=on_plan,
+                    on_plan=planned,
                     extra_files=extra,
+                    strict=strict,
                 )
             console.print(
                 f"merged {result.tensors} tensors ({result.bytes_written / 1e9:.2f} GB) "
@@ -173,7 +192,7 @@ def merge(
             return
         for index, recipe in enumerate(recipes):
             try:
-                check_recipe(recipe)
+                check_recipe(recipe, strict)
             except ConfigError as error:
                 raise ConfigError(f"{config} (document {index + 1}): {error}") from None
         check_output_folder(out_dir, force)  # before any stage runs

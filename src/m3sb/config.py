@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from m3sb.errors import ConfigError
 
@@ -168,6 +176,13 @@ class MergeConfig(BaseModel):
 
     _dtypes = field_validator("dtype", "out_dtype")(_dtype_name)
 
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """What reading the recipe ignored (keys mergekit ignores too), for the user to see."""
+        return self._notes
+
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeConfig:
         if (self.models is None) == (self.slices is None):
@@ -193,6 +208,14 @@ class MergeConfig(BaseModel):
         return list(dict.fromkeys(named))
 
 
+_NESTED_SCHEMAS: dict[tuple[str, str], type[BaseModel]] = {
+    ("MergeConfig", "models"): ModelEntry,
+    ("MergeConfig", "slices"): SliceEntry,
+    ("SliceEntry", "sources"): SliceSource,
+    ("MergeConfig", "tokenizer"): TokenizerSpec,
+}
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     """The first pydantic complaint as one line: where it is and what is allowed (an unknown
     key first: a misspelt key also makes the key it meant missing)."""
@@ -203,6 +226,9 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         key = str(first["loc"][-1])
         allowed = _allowed_keys(first["loc"][:-1])
         hint = f"; {UNSUPPORTED[key]}" if key in UNSUPPORTED else ""
+        similar = close_match(key, allowed.split(", "))
+        if similar:
+            hint = f" (did you mean '{similar}'?)"
         return f"{source}: unknown key '{key}' at {location}; allowed: {allowed}{hint}"
     if first["type"] == "missing":
         return f"{source}: missing required key '{location}'"
@@ -231,14 +257,65 @@ def _allowed_keys(location: tuple[int | str, ...]) -> str:
     return ", ".join(fields)
 
 
-def parse_merge_config(data: Any, source: str = "config") -> MergeConfig:
-    """Validate a loaded YAML document as a merge config, or raise a one-line ConfigError."""
+def parse_merge_config(data: Any, source: str = "config", strict: bool = False) -> MergeConfig:
+    """Validate a loaded YAML document as a merge config, or raise a one-line ConfigError.
+
+    Keys that mergekit's schema does not know are ignored with a note (``config.notes``, with
+    the known key a misspelt one looks like), as mergekit ignores them, so that a published
+    recipe makes the model it made there; with ``strict`` they are errors.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    notes: list[str] = []
+    cleaned = _without_unknown_keys(data, MergeConfig, "", notes, strict)
     try:
-        return MergeConfig.model_validate(data)
+        config = MergeConfig.model_validate(cleaned)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, source)) from None
+    config.notes.extend(notes)
+    return config
+
+
+TYPO_SIMILARITY = 0.8  # an unknown key this close to a known one is taken for a misspelling
+
+
+def close_match(key: str, known: Iterable[str]) -> str | None:
+    """The known name that ``key`` looks like a misspelling of, if any."""
+    import difflib
+
+    matches = difflib.get_close_matches(key, list(known), n=1, cutoff=TYPO_SIMILARITY)
+    return matches[0] if matches else None
+
+
+def _without_unknown_keys(
+    data: Any, schema: type[BaseModel], where: str, notes: list[str], strict: bool
+) -> Any:
+    """``data`` without the keys ``schema`` does not know (noted), recursing into known parts."""
+    if not isinstance(data, dict):
+        return data
+    fields = schema.model_fields
+    result = {}
+    for key, value in data.items():
+        if key not in fields:
+            if strict or str(key) in UNSUPPORTED:
+                result[key] = value  # pydantic names it, with a suggestion
+            else:
+                similar = close_match(str(key), fields)
+                hint = f" (did you mean '{similar}'?)" if similar else ""
+                notes.append(
+                    f"{where}{key}: not a key of mergekit's schema here; ignored, as mergekit does{hint}"
+                )
+            continue
+        nested = _NESTED_SCHEMAS.get((schema.__name__, str(key)))
+        if nested is not None and isinstance(value, list):
+            value = [
+                _without_unknown_keys(item, nested, f"{where}{key}[{i}].", notes, strict)
+                for i, item in enumerate(value)
+            ]
+        elif nested is not None:
+            value = _without_unknown_keys(value, nested, f"{where}{key}.", notes, strict)
+        result[key] = value
+    return result
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -269,9 +346,9 @@ def load_yaml_documents(path: str | Path) -> list[Any]:
         raise ConfigError(f"{file}: malformed YAML{where}: {problem}") from None
 
 
-def load_merge_config(path: str | Path) -> MergeConfig:
+def load_merge_config(path: str | Path, strict: bool = False) -> MergeConfig:
     """Read and validate a merge config YAML file."""
-    return parse_merge_config(load_yaml(path), source=str(path))
+    return parse_merge_config(load_yaml(path), source=str(path), strict=strict)
 
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")

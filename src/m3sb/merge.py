@@ -27,7 +27,15 @@ from m3sb.checkpoints import (
     copy_support_files,
     open_checkpoint,
 )
-from m3sb.config import DTYPE_ALIASES, MergeConfig, ParamSpec, count_layers, layer_fraction, resolve_at
+from m3sb.config import (
+    DTYPE_ALIASES,
+    MergeConfig,
+    ParamSpec,
+    close_match,
+    count_layers,
+    layer_fraction,
+    resolve_at,
+)
 from m3sb.devices import resolve_device
 from m3sb.errors import CheckpointError, ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
@@ -87,6 +95,7 @@ class MergePlan:
     config_overrides: dict[str, object] = field(default_factory=dict)
     vocabulary: Vocabulary | None = None
     chat_template: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the recipe asked that was ignored
 
     @property
     def config_source(self) -> Checkpoint:
@@ -229,7 +238,8 @@ def _select_inputs(
             locations.insert(0, base)
             specs.insert(0, base_specs[0] if base_specs else {})
             base = None
-    method.check_input_count(len(locations))
+    if locations or base is None:  # the base alone: mergekit's merge of no task vector is the base
+        method.check_input_count(len(locations))
     return locations, specs, base
 
 
@@ -377,16 +387,80 @@ def _tensor_job(
     return TensorJob(name, info.shape, out_dtype, weights, params, True, sources, base)
 
 
-def check_recipe(config: MergeConfig) -> None:
+def check_recipe(config: MergeConfig, strict: bool = False) -> None:
     """The checks that need no model: the method, its parameters and where they are given."""
     method = get_method(config.merge_method)
-    _check_param_names(method, _canonical_names(method, config))
+    _check_param_names(method, _lenient(method, _canonical_names(method, config), strict, []))
 
 
-def build_plan(config: MergeConfig) -> MergePlan:
-    """Check a merge config against its method and its inputs, reading no tensor data."""
+def _lenient(method: MergeMethod, config: MergeConfig, strict: bool, notes: list[str]) -> MergeConfig:
+    """``config`` without what mergekit ignores (each noted), unless ``strict``: parameters the
+    method does not take, and a second entry of a model (the model is merged once, with its
+    last entry's parameters, as mergekit reads it)."""
+    if strict:
+        return config
+    names = [name for param in method.all_params for name in (param.name, *param.aliases)]
+    scaled = _merges_task_vectors(method, config)
+
+    def kept(params: Mapping[str, ParamSpec], where: str) -> dict[str, ParamSpec]:
+        result = {}
+        for key, value in params.items():
+            if method.param(key) is not None and (key != "lambda" or scaled):
+                result[key] = value
+                continue
+            similar = close_match(key, names)
+            hint = f" (did you mean '{similar}'?)" if similar else ""
+            notes.append(
+                f"{where}parameter '{key}' is not one of {method.name}'s; ignored, as mergekit does{hint}"
+            )
+        return result
+
+    update: dict[str, Any] = {"parameters": kept(config.parameters, "")}
+    if config.models is not None:
+        update["models"] = _last_entries(config, notes, kept)
+    if config.slices is not None:
+        update["slices"] = [
+            piece.model_copy(
+                update={
+                    "parameters": kept(piece.parameters, f"slices[{k}]: "),
+                    "sources": [
+                        source.model_copy(
+                            update={"parameters": kept(source.parameters, f"slices[{k}].sources[{j}]: ")}
+                        )
+                        for j, source in enumerate(piece.sources)
+                    ],
+                }
+            )
+            for k, piece in enumerate(config.slices)
+        ]
+    return config.model_copy(update=update)
+
+
+def _last_entries(
+    config: MergeConfig, notes: list[str], kept: Callable[..., dict[str, ParamSpec]]
+) -> list[Any]:
+    """The model entries, each model once, with the parameters of its last entry (mergekit's reading)."""
+    assert config.models is not None
+    last: dict[str, Any] = {}
+    for entry in config.models:
+        identity = _identity(entry.model)
+        if identity in last:
+            notes.append(
+                f"model '{entry.model}' is listed twice; merged once, with its last entry's parameters"
+            )
+        last[identity] = entry.model_copy(
+            update={"parameters": kept(entry.parameters, f"model '{entry.model}': ")}
+        )
+    order = list(dict.fromkeys(_identity(entry.model) for entry in config.models))
+    return [last[identity] for identity in order]
+
+
+def build_plan(config: MergeConfig, strict: bool = False) -> MergePlan:
+    """Check a merge config against its method and its inputs, reading no tensor data (``strict``:
+    refuse what mergekit would ignore)."""
     method = get_method(config.merge_method)
-    named = _canonical_names(method, config)  # the plan keeps the recipe as written, for the card
+    notes = list(config.notes)
+    named = _lenient(method, _canonical_names(method, config), strict, notes)  # the card keeps the recipe
     _check_param_names(method, named)
     compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
     spec = named.tokenizer_spec
@@ -407,7 +481,16 @@ def build_plan(config: MergeConfig) -> MergePlan:
         donor = base or inputs[0]
         if vocabulary is None and load_tokenizer(donor.folder, donor.label) is None:
             raise ConfigError(f"chat_template: {donor.label} has no tokenizer to put it in")
-    return MergePlan(method, inputs, base, jobs, compute_dtype, config, overrides, vocabulary, template)
+    if vocabulary is not None and vocabulary.unfilled:
+        shown = ", ".join(repr(token) for token in vocabulary.unfilled[:3])
+        more = f" and {len(vocabulary.unfilled) - 3} more" if len(vocabulary.unfilled) > 3 else ""
+        notes.append(
+            f"{len(vocabulary.unfilled)} tokens of the output vocabulary ({shown}{more}) are in no input "
+            "model; their rows are zero (give them a source under tokenizer.tokens)"
+        )
+    plan = MergePlan(method, inputs, base, jobs, compute_dtype, config, overrides, vocabulary, template)
+    plan.notes.extend(notes)
+    return plan
 
 
 def _realigned(jobs: Sequence[TensorJob], vocabulary: Vocabulary) -> tuple[TensorJob, ...]:
@@ -433,7 +516,7 @@ def _plan_models(
     inputs = tuple(opened[location] for location in locations)
     base = opened[base_location] if base_location else None
     names = _check_alignment([*inputs, *([base] if base else [])], realigned)
-    num_layers = _num_layers(inputs[0])
+    num_layers = _num_layers(inputs[0] if inputs else base)  # type: ignore[arg-type]
     labels = tuple(f"model '{location}'" for location in locations)
     model_specs = tuple((spec,) for spec in specs)
     jobs = tuple(
@@ -552,7 +635,8 @@ def _slice_inputs(
             base_index = None
     merged = len(entries) - (base_index is not None)
     try:
-        method.check_input_count(merged)
+        if merged or base_index is None:
+            method.check_input_count(merged)
     except ConfigError as error:
         raise ConfigError(f"slices[{k}]: {error}") from None
     if base_index is None and _merges_task_vectors(
@@ -616,6 +700,9 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     if not job.mergeable:
         source = job.copied_from
         return source.checkpoint.load(source.name).clone()
+    if not job.sources:  # no task vector to add: the base
+        assert job.base is not None
+        return _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device).to("cpu", job.out_dtype)
     tensors = [_load(s.checkpoint, s.name, plan.compute_dtype, device) for s in job.sources]
     base = _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device) if job.base else None
     if job.vocabulary and plan.vocabulary is not None:
@@ -695,12 +782,13 @@ def merge_to_folder(
     progress: Progress | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
     extra_files: Mapping[str, str] | None = None,
+    strict: bool = False,
 ) -> MergeResult:
     """Merge as ``config`` says and write a Hugging Face model folder at ``out_dir``, atomically
     (with ``extra_files``, name to text, written into it before it appears)."""
     started = time.perf_counter()
     torch_device = resolve_device(device)
-    plan = build_plan(config)
+    plan = build_plan(config, strict)
     destination = Path(out_dir).expanduser().resolve()
     _check_destination(plan, destination)
     if on_plan is not None:

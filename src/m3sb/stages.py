@@ -35,13 +35,13 @@ class Stage:
     final: bool
 
 
-def load_documents(path: str | Path) -> list[MergeConfig]:
+def load_documents(path: str | Path, strict: bool = False) -> list[MergeConfig]:
     """Every merge recipe of a YAML file, validated (documents named by position on errors)."""
     documents = load_yaml_documents(path)
     if len(documents) == 1:
-        return [parse_merge_config(documents[0], source=str(path))]
+        return [parse_merge_config(documents[0], source=str(path), strict=strict)]
     return [
-        parse_merge_config(document, source=f"{path} (document {index + 1})")
+        parse_merge_config(document, source=f"{path} (document {index + 1})", strict=strict)
         for index, document in enumerate(documents)
     ]
 
@@ -111,7 +111,9 @@ def _replaced(config: MergeConfig, folders: dict[str, Path]) -> MergeConfig:
                 setting["source"] = swap(setting["source"])
             elif isinstance(setting["source"], dict) and "model" in setting["source"]:
                 setting["source"]["model"] = swap(setting["source"]["model"])
-    return MergeConfig.model_validate(data)
+    replaced = MergeConfig.model_validate(data)
+    replaced.notes.extend(config.notes)
+    return replaced
 
 
 def _order(configs: Sequence[MergeConfig], source: str) -> list[int]:

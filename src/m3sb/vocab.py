@@ -11,7 +11,9 @@ that has it, else the ``base_model``'s row (when the recipe names one), else the
 the models that have it.
 ``pad_to_multiple_of`` rounds the rows up, filling them with the mean embedding. The
 output's ``config.json`` gets the new ``vocab_size``. Nothing is truncated or padded
-silently: a token no input has and no setting fills is an error.
+silently: a token that no input has and that its setting does not fill is an error, and the
+tokens of the chosen tokenizer that no input has (zero rows, as mergekit fills them) are
+reported.
 
 The output tokenizer builds on ``base_model``'s, else the first model's. Tokenizers are read with
 ``transformers`` (never with remote code); a model without tokenizer files is taken to
@@ -100,6 +102,7 @@ class Vocabulary:
     sources: dict[str, Checkpoint]  # a setting's model location -> its checkpoint
     vocabularies: dict[int, dict[str, int]]
     base: Checkpoint | None  # the recipe's base_model, whose rows fill the tokens others lack
+    unfilled: list[str]  # tokens of the output vocabulary in no input model: zero rows
 
     def align(self, tensors: Sequence[tuple[Checkpoint, torch.Tensor]]) -> list[torch.Tensor]:
         """Each input's vocabulary-indexed tensor re-indexed to the output vocabulary."""
@@ -153,8 +156,8 @@ class Vocabulary:
             checkpoint = self.sources[source]
             return self._row(checkpoint, int(self.index[id(checkpoint)][token_id]), tensors, token)
         having = [i for i in range(len(tensors)) if bool(present[i, token_id])]
-        if not having:
-            raise ConfigError(f"token {token!r} is in no input model; give it a source in tokenizer.tokens")
+        if not having:  # noted when planned (mergekit fills these with zeros too)
+            return torch.zeros_like(tensors[0][1][0])
         if len(having) == 1:
             checkpoint, tensor = tensors[having[0]]
             return tensor[int(self.index[id(checkpoint)][token_id])]
@@ -269,7 +272,14 @@ def plan_vocabulary(
         count = -(-count // spec.pad_to_multiple_of) * spec.pad_to_multiple_of
     sources = _setting_sources(spec, [base, *checkpoints], by_identity, identity)
     preferred = base if config.base_model is not None else None
-    vocabulary = Vocabulary(output, tokens, count, index, dict(spec.tokens), sources, vocabularies, preferred)
+    unfilled = [
+        token
+        for token, token_id in tokens.items()
+        if token not in spec.tokens and all(int(rows_in[token_id]) < 0 for rows_in in index.values())
+    ]
+    vocabulary = Vocabulary(
+        output, tokens, count, index, dict(spec.tokens), sources, vocabularies, preferred, unfilled
+    )
     _check_settings(vocabulary, [base, *checkpoints])
     return vocabulary
 

@@ -49,6 +49,7 @@ def multislerp(
 
 
 METHOD = MergeMethod(
+    scales=False,
     name="multislerp",
     function=multislerp,
     summary="one tangent-space step from the Euclidean mean direction, scaled by the mean norm "

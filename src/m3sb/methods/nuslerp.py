@@ -49,6 +49,7 @@ def nuslerp(
 
 
 METHOD = MergeMethod(
+    scales=False,
     name="nuslerp",
     function=nuslerp,
     summary="SLERP formula on two models (their task vectors with a base) at t = w_2 / (w_1 + w_2)",

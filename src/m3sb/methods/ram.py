@@ -63,6 +63,7 @@ def ramplus_tl(
 
 EPSILON = Param("epsilon", float, 1e-5, "magnitude above which a task-vector entry contributes", minimum=0.0)
 RAM = MergeMethod(
+    scales=False,
     name="ram",
     function=ram,
     summary="per entry, the mean of the task vectors' entries above epsilon",
@@ -72,6 +73,7 @@ RAM = MergeMethod(
     reference="https://arxiv.org/abs/2601.13572",
 )
 RAMPLUS_TL = MergeMethod(
+    scales=False,
     name="ramplus_tl",
     function=ramplus_tl,
     summary="ram, with each model's unique entries scaled by 1 + r * clamp(shared / unique, 0, alpha)",

@@ -134,6 +134,7 @@ class MergeMethod:
     nonnegative_weights: bool = False
     uses_weights: bool = True
     reference: str = ""
+    scales: bool = True  # lambda scales the merged task vector (False: accepted, no effect, as mergekit's)
     validate: Callable[[Mapping[str, Any], str], None] | None = None
     all_params: tuple[Param, ...] = field(init=False)
     aliases: dict[str, str] = field(init=False, compare=False)  # alias -> name, from the params
@@ -143,7 +144,7 @@ class MergeMethod:
         if self.space == "either":
             extra.append(SPACE)
         if self.space != "weights":
-            extra.append(LAMBDA)
+            extra.append(LAMBDA if self.scales else INERT_LAMBDA)
         object.__setattr__(self, "all_params", tuple(extra) + self.params)
         names = {p.name for p in self.all_params}
         aliases = {alias: p.name for p in self.all_params for alias in p.aliases}
@@ -193,6 +194,9 @@ IGNORED_WEIGHT = Param(
     "accepted for mergekit recipes, which may give it; this method has no per-model weights",
     per_model=True,
     inert=True,
+)
+INERT_LAMBDA = Param(
+    "lambda", float, 1.0, "accepted for mergekit recipes; this method's result is not scaled", inert=True
 )
 INT8_MASK = Param(
     "int8_mask",
@@ -301,6 +305,6 @@ def apply_method(
     else:
         task_vectors = [tensor - base for tensor in tensors]
     merged = method.function(task_vectors, list(weights), **kwargs)
-    scale = params["lambda"]
+    scale = params["lambda"] if method.scales else 1.0
     assert isinstance(scale, float)
-    return merged.mul_(scale).add_(base)
+    return merged.mul_(scale).add_(base) if scale != 1.0 else merged.add_(base)

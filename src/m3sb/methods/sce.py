@@ -55,6 +55,7 @@ def sce(task_vectors: list[torch.Tensor], weights: list[float], select_topk: flo
 
 
 METHOD = MergeMethod(
+    scales=False,
     name="sce",
     function=sce,
     summary="keep the entries that vary most across models, weigh each task vector by its mean square, "

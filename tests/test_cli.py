@@ -107,6 +107,36 @@ def _empty_index(family: Family, folder: Path) -> str:
     return str(target)
 
 
+def _foreign_adapter(folder: Path) -> Path:
+    """A LoRA adapter whose factors fit a 48-wide model, not the 32-wide toy family."""
+    adapter = folder / "foreign-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.zeros(4, 48), f"{prefix}.lora_B.weight": torch.zeros(48, 4)},
+        adapter / "adapter_model.safetensors",
+    )
+    return adapter
+
+
+def _with_tokenizer(family: Family, folder: Path) -> list[str]:
+    """Copies of two fine-tunes with the toy tokenizer (64 word tokens)."""
+    from m3sb.toy import save_toy_tokenizer
+
+    copies = []
+    for index in (1, 2):
+        target = folder / f"tokenized-{index}"
+        shutil.copytree(family.models[index], target)
+        save_toy_tokenizer(target, [f"w{i}" for i in range(63)])
+        copies.append(str(target))
+    return copies
+
+
+def _with_tokenizer_first(folder: Path) -> str:
+    return str(folder / "tokenized-1")
+
+
 def _models(family: Family, *extra: str, **parameters: Any) -> list[dict[str, Any]]:
     return [{"model": str(p), "parameters": dict(parameters)} for p in family.models[1:]] + [
         {"model": e} for e in extra
@@ -254,6 +284,26 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
         ),
         ["--strict"],
         r"recipe\.yml \(document 2\): model 'a': unknown parameter 'densty'",
+    ),
+    (
+        "adapter for another base",
+        lambda f, d: {
+            "merge_method": "linear",
+            "models": [{"model": f"{f.models[1]}+{_foreign_adapter(d)}"}],
+        },
+        [],
+        r"foreign-adapter: its change to 'model\.layers\.0\.self_attn\.q_proj\.weight' has shape \[48, 48\] "
+        r"but .* tensor is \[32, 32\]; is the adapter for another base model\?",
+    ),
+    (
+        "token that no source has",
+        lambda f, d: {
+            "merge_method": "linear",
+            "models": [{"model": m} for m in _with_tokenizer(f, d)],
+            "tokenizer": {"tokens": {"<tool>": {"source": _with_tokenizer_first(d)}}},
+        },
+        [],
+        r"tokenizer\.tokens\['<tool>'\]: its source .*tokenized-1 has no such token",
     ),
     (
         "slice past the depth",

@@ -211,7 +211,7 @@ CASES: list[tuple[str, Callable[[Family, Path], dict[str, Any] | str], list[str]
             "base_model": str(f.base),
             "models": _models(f, normalize=True),
         },
-        [],
+        ["--strict"],
         r"parameter 'normalize' of 'ties' applies to the whole merge",
     ),
     (
@@ -576,7 +576,7 @@ def test_what_mergekit_ignores_is_ignored_with_a_note(family: Family, tmp_path: 
         for n in notes
     ), notes
     assert any(
-        "parameter 'densty' is not one of ties's; ignored, as mergekit does (did you mean 'density'?)" in n
+        "parameter 'densty' is not one of ties's (did you mean 'density'?); ignored, as mergekit does" in n
         for n in notes
     ), notes
     assert any("parameter 'temperature'" in n for n in notes) and any(

@@ -173,3 +173,25 @@ def test_task_names_cannot_leave_the_results_folder(name: str) -> None:
     tasks = [{"name": name, "model": "m", "dataset": {}}, {"name": "other", "model": "m", "dataset": {}}]
     with pytest.raises(ConfigError, match=r"^p\.yaml: tasks\.0\.name: .*must be a plain folder name"):
         _validated(ParetoConfig, {"base_model": "b", "tasks": tasks}, "p.yaml")
+
+
+def test_unknown_keys_of_token_settings_are_noted_or_named() -> None:
+    recipe = {
+        "models": [{"model": "a"}],
+        "merge_method": "linear",
+        "tokenizer": {
+            "tokens": {"<x>": {"source": "a", "forse": True}, "<y>": {"source": {"kind": "zero", "x": 1}}}
+        },
+    }
+    notes = parse_merge_config(recipe).notes
+    assert any("tokens['<x>'].forse" in note and "did you mean 'force'" in note for note in notes), notes
+    assert any("tokens['<y>'].source.x" in note for note in notes), notes
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'forse' at tokenizer\.tokens\.<x>\.forse; allowed: source, force"
+    ):
+        parse_merge_config(recipe, strict=True)
+    lacking = recipe | {"tokenizer": {"tokens": {"<z>": {"source": {"kind": "model_token", "model": "a"}}}}}
+    with pytest.raises(
+        ConfigError, match=r"tokenizer\.tokens\.<z>\.source: give exactly one of token_id and token"
+    ):
+        parse_merge_config(lacking)

@@ -131,5 +131,60 @@ def test_adapters_that_do_not_fit_are_refused_in_one_line(family: Family, tmp_pa
         open_checkpoint(f"{family.models[0]}+{tmp_path / 'missing'}")
     config = json.loads((plain / "adapter_config.json").read_text()) | {"peft_type": "IA3"}
     (renamed / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="a IA3 adapter; only LoRA adapters can be merged"):
+    with pytest.raises(
+        CheckpointError, match=r"a IA3 adapter \(peft_type\); only LoRA adapters can be merged"
+    ):
         open_checkpoint(f"{family.models[0]}+{renamed}")
+
+
+def _small_adapter(folder: Path, alpha: int = 8) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": alpha})
+    )
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.ones(4, 32), f"{prefix}.lora_B.weight": torch.ones(32, 4) * 0.01},
+        folder / "adapter_model.safetensors",
+    )
+    return folder
+
+
+def test_adapter_files_are_inputs_for_fingerprints_and_the_output_check(
+    family: Family, tmp_path: Path
+) -> None:
+    from m3sb.stages import _input_signature
+
+    adapter = _small_adapter(tmp_path / "adapter")
+    location = f"{family.models[0]}+{adapter}"
+    before = _input_signature(location)
+    _small_adapter(adapter, alpha=64)
+    assert _input_signature(location) != before  # a changed adapter makes its stage merge again
+    recipe = {"merge_method": "linear", "models": [{"model": location}, {"model": str(family.models[1])}]}
+    from m3sb.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="the output folder holds input"):
+        merge_to_folder(parse_merge_config(recipe), adapter, force=True)
+    assert (adapter / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"r": None}, r"r must be a positive number, got None"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive number, got 0"),
+        ({"rank_pattern": "q_proj"}, r"rank_pattern must map module patterns to numbers"),
+        ({"alpha_pattern": {"q_proj(": 2}}, r"alpha_pattern: pattern 'q_proj\(' is not a regex"),
+        ({"peft_type": None}, r"a None adapter \(peft_type\)"),
+    ],
+)
+def test_malformed_adapter_configs_are_one_line(
+    change: dict[str, Any], message: str, family: Family, tmp_path: Path
+) -> None:
+    adapter = _small_adapter(tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text()) | change
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(f"{family.models[0]}+{adapter}")

@@ -218,3 +218,41 @@ def test_mergekit_parameters_that_change_nothing_are_accepted(family: Family, tm
     }
     with pytest.raises(ConfigError, match="parameter 'int8_mask' must be true or false"):
         build_plan(parse_merge_config(ties))
+
+
+def test_what_a_method_ignores_is_noted_with_the_reason(family: Family) -> None:
+    models = [str(path) for path in family.models]
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": models[0], "parameters": {"normalize": False}}, {"model": models[1]}],
+        "parameters": {"lambda": 0.5},
+    }
+    notes = build_plan(parse_merge_config(recipe)).notes
+    assert (
+        "model '" + models[0] + "': parameter 'normalize' applies to the whole merge, not to one model; "
+        "ignored, as mergekit does" in notes
+    )
+    assert (
+        "parameter 'lambda' has no effect on linear without task vectors; ignored, as mergekit does" in notes
+    )
+    sliced = {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [{"model": m, "layer_range": [0, 2]} for m in models[:2]],
+                "parameters": {"space": "task_vectors"},
+            }
+        ],
+    }
+    from m3sb.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"slices\[0\]: space applies to the whole merge"):
+        build_plan(parse_merge_config(sliced))
+
+
+def test_gpt_neox_output_head_comes_from_the_last_slice() -> None:
+    from m3sb.slices import is_embedding
+
+    assert is_embedding("gpt_neox.embed_in.weight") and is_embedding("model.embed_tokens.weight")
+    assert not is_embedding("embed_out.weight") and not is_embedding("lm_head.weight")
+    assert not is_embedding("model.norm.weight")

@@ -46,6 +46,12 @@ def _recipes(family: Family) -> dict[str, dict[str, Any]]:
         },
         "karcher": {"merge_method": "karcher", "base_model": base, "models": [{"model": m} for m in models]},
         "karcher_without_base": {"merge_method": "karcher", "models": [{"model": m} for m in models]},
+        "linear_with_a_base_model_outside_the_models": {  # mergekit merges it as one more model
+            "merge_method": "linear",
+            "base_model": base,
+            "models": [{"model": m} for m in models[:2]],
+            "parameters": {"weight": 0.5},
+        },
         "ties_with_gradients_and_int8_mask": {
             "merge_method": "ties",
             "base_model": base,
@@ -187,6 +193,7 @@ TOLERANCE = {
     "ties": 1e-6,
     "karcher": 1e-4,
     "karcher_without_base": 1e-4,
+    "linear_with_a_base_model_outside_the_models": 1e-6,
     "ties_with_gradients_and_int8_mask": 1e-6,
     "task_arithmetic_with_filtered_gradient": 1e-6,
     "breadcrumbs_ties": 1e-6,

@@ -290,3 +290,20 @@ def test_vocabulary_mistakes_are_named(vocab_family: Family, tmp_path: Path) -> 
                 }
             )
         )
+
+
+def test_a_slice_of_the_base_alone_is_realigned_too(vocab_family: Family, tmp_path: Path) -> None:
+    base, b = str(vocab_family.base), str(vocab_family.models[1])
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "tokenizer_source": "union",
+        "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 1]}]},
+            {"sources": [{"model": base, "layer_range": [1, 2]}, {"model": b, "layer_range": [1, 2]}]},
+        ],
+    }
+    vocabulary, tensors = _rows(merge_to_folder(parse_merge_config(recipe), tmp_path / "out").out_dir)
+    assert tensors["model.embed_tokens.weight"].shape == (len(vocabulary), 32) == (67, 32)
+    base_rows = _rows(vocab_family.base)[1]["model.embed_tokens.weight"]
+    torch.testing.assert_close(tensors["model.embed_tokens.weight"][vocabulary["w9"]], base_rows[2 + 9])

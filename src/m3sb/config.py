@@ -148,14 +148,7 @@ class SliceEntry(BaseModel):
     sources: list[SliceSource] = Field(min_length=1)
     base_model: str | None = None
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
-    residual_weight: float | None = None  # in mergekit's schema, unused there too
-
-    @field_validator("residual_weight")
-    @classmethod
-    def _unused(cls, value: float | None) -> float | None:
-        if value is not None:
-            raise ValueError("residual_weight is not used by mergekit or m3sb; remove it")
-        return value
+    residual_weight: float | None = None  # in mergekit's schema, unused there too (noted when given)
 
 
 class MergeConfig(BaseModel):
@@ -220,8 +213,19 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     """The first pydantic complaint as one line: where it is and what is allowed (an unknown
     key first: a misspelt key also makes the key it meant missing)."""
     problems = error.errors()
+    wrong_kind = {  # union members whose ``kind`` is not the one written: their complaints do not apply
+        part
+        for e in problems
+        if e["type"] == "literal_error"
+        for part in e["loc"]
+        if part in ("ZeroToken", "ModelToken")
+    }
+    problems = [e for e in problems if not wrong_kind & set(map(str, e["loc"]))] or problems
+    problems = [e for e in problems if "str" not in map(str, e["loc"][1:])] or problems  # a mapping was given
     first = next((e for e in problems if e["type"] == "extra_forbidden"), problems[0])
-    location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    members = ("ZeroToken", "ModelToken", "str")  # names of union members in pydantic's locations
+    shown = [str(part) for part in first["loc"] if str(part) not in members and "[" not in str(part)]
+    location = ".".join(shown) or "(top level)"
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])
         allowed = _allowed_keys(first["loc"][:-1])
@@ -244,7 +248,13 @@ UNSUPPORTED = {  # keys of mergekit's schema that m3sb does not read yet
 def _allowed_keys(location: tuple[int | str, ...]) -> str:
     """The keys allowed at a location of the merge config."""
     fields: dict[str, Any]
-    if not location:
+    if location[:2] == ("tokenizer", "tokens"):
+        kinds: dict[str, type[BaseModel]] = {"ZeroToken": ZeroToken, "ModelToken": ModelToken}
+        member = next((kinds[str(part)] for part in location if str(part) in kinds), TokenSetting)
+        fields = dict(member.model_fields)
+    elif location[:1] == ("tokenizer",):
+        fields = dict(TokenizerSpec.model_fields)
+    elif not location:
         fields = dict(MergeConfig.model_fields)
     elif location[0] == "models" and len(location) == 2:
         fields = dict(ModelEntry.model_fields)
@@ -307,7 +317,17 @@ def _without_unknown_keys(
                 )
             continue
         nested = _NESTED_SCHEMAS.get((schema.__name__, str(key)))
-        if nested is not None and isinstance(value, list):
+        if schema is TokenizerSpec and key == "tokens" and isinstance(value, dict):
+            value = {
+                token: _without_unknown_keys(
+                    setting, TokenSetting, f"{where}tokens[{token!r}].", notes, strict
+                )
+                for token, setting in value.items()
+            }
+        elif schema is TokenSetting and key == "source" and isinstance(value, dict):
+            kind = ModelToken if value.get("kind") == "model_token" else ZeroToken
+            value = _without_unknown_keys(value, kind, f"{where}source.", notes, strict)
+        elif nested is not None and isinstance(value, list):
             value = [
                 _without_unknown_keys(item, nested, f"{where}{key}[{i}].", notes, strict)
                 for i, item in enumerate(value)

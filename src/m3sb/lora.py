@@ -80,6 +80,7 @@ class LoraCheckpoint(Checkpoint):
         if weights is None:
             raise CheckpointError(f"{adapter_location}: no {' or '.join(ADAPTER_WEIGHTS)}")
         self.adapter = open_checkpoint(weights)
+        self.files = (*model.files, folder / ADAPTER_CONFIG, weights)  # all of them are inputs
         self.adapted = self._plan(config, adapter_location)
 
     @staticmethod
@@ -93,11 +94,32 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(f"{file}: unreadable: {error}") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{file}: expected a JSON object")
-        kind = str(config.get("peft_type", "LORA")).upper()
-        if kind != "LORA":
-            raise CheckpointError(f"{location}: a {kind} adapter; only LoRA adapters can be merged")
+        kind = config.get("peft_type", "LORA")
+        if not isinstance(kind, str) or kind.upper() != "LORA":
+            raise CheckpointError(
+                f"{location}: a {kind} adapter (peft_type); only LoRA adapters can be merged"
+            )
         if config.get("use_dora"):
             raise CheckpointError(f"{location}: a DoRA adapter (use_dora); only plain LoRA can be merged")
+        for key in ("r", "lora_alpha"):
+            value = config.get(key, 8)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise CheckpointError(f"{file}: {key} must be a positive number, got {value!r}")
+        for key in ("rank_pattern", "alpha_pattern"):
+            patterns = config.get(key) or {}
+            if not isinstance(patterns, dict):
+                raise CheckpointError(f"{file}: {key} must map module patterns to numbers, got {patterns!r}")
+            for pattern, value in patterns.items():
+                try:
+                    re.compile(str(pattern))
+                except re.error as error:
+                    raise CheckpointError(
+                        f"{file}: {key}: pattern {pattern!r} is not a regex ({error})"
+                    ) from None
+                if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                    raise CheckpointError(
+                        f"{file}: {key}[{pattern!r}] must be a positive number, got {value!r}"
+                    )
         return config
 
     def _plan(self, config: dict[str, object], location: str) -> dict[str, _Adapted]:

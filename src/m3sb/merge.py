@@ -178,6 +178,14 @@ def _check_param_names(method: MergeMethod, config: MergeConfig) -> None:
         _check_level(method, entry.parameters, f"model '{entry.model}': ", per_model_only=True)
     for k, piece in enumerate(config.slices or []):
         _check_level(method, piece.parameters, f"slices[{k}]: ", per_model_only=False)
+        if "space" in piece.parameters:
+            raise ConfigError(
+                f"slices[{k}]: space applies to the whole merge; put it under the top-level parameters"
+            )
+        if piece.residual_weight is not None:
+            raise ConfigError(
+                f"slices[{k}]: residual_weight is used neither by mergekit nor by m3sb; remove it"
+            )
         for j, source in enumerate(piece.sources):
             _check_level(method, source.parameters, f"slices[{k}].sources[{j}]: ", per_model_only=True)
     scales = "lambda" in config.parameters or any(
@@ -208,6 +216,9 @@ def _identity(location: str) -> str:
     return str(path.resolve()) if path.exists() else location
 
 
+BASE_JOINS = ("linear",)  # methods of mergekit's that merge a base_model as one more model
+
+
 def _select_inputs(
     method: MergeMethod, config: MergeConfig
 ) -> tuple[list[str], list[dict[str, ParamSpec]], str | None]:
@@ -221,6 +232,10 @@ def _select_inputs(
             same = "" if first == location else f" (as '{first}')"
             raise ConfigError(f"model '{location}' is listed twice{same}; give it a larger weight instead")
     specs = [dict(entry.parameters) for entry in config.models]
+    joins = method.name in BASE_JOINS and not _uses_base(method, config)
+    if config.base_model and joins and _identity(config.base_model) not in identities:
+        locations.append(config.base_model)  # mergekit adds a base_model missing from the models
+        specs.append({})
     base = config.base_model if _uses_base(method, config) else None
     if base is not None:  # the base may be written another way among the models
         base_identity = _identity(base)
@@ -402,30 +417,42 @@ def _lenient(method: MergeMethod, config: MergeConfig, strict: bool, notes: list
     names = [name for param in method.all_params for name in (param.name, *param.aliases)]
     scaled = _merges_task_vectors(method, config)
 
-    def kept(params: Mapping[str, ParamSpec], where: str) -> dict[str, ParamSpec]:
+    def kept(params: Mapping[str, ParamSpec], where: str, per_model: bool = False) -> dict[str, ParamSpec]:
         result = {}
         for key, value in params.items():
-            if method.param(key) is not None and (key != "lambda" or scaled):
+            param = method.param(key)
+            if param is not None and (key != "lambda" or scaled) and (param.per_model or not per_model):
                 result[key] = value
                 continue
-            similar = close_match(key, names)
-            hint = f" (did you mean '{similar}'?)" if similar else ""
-            notes.append(
-                f"{where}parameter '{key}' is not one of {method.name}'s; ignored, as mergekit does{hint}"
-            )
+            if param is not None and per_model:
+                why = "applies to the whole merge, not to one model"
+            elif param is not None:
+                why = f"has no effect on {method.name} without task vectors"
+            else:
+                similar = close_match(key, names)
+                why = f"is not one of {method.name}'s" + (f" (did you mean '{similar}'?)" if similar else "")
+            notes.append(f"{where}parameter '{key}' {why}; ignored, as mergekit does")
         return result
 
     update: dict[str, Any] = {"parameters": kept(config.parameters, "")}
+    for k, piece in enumerate(config.slices or []):
+        if piece.residual_weight is not None:
+            notes.append(f"slices[{k}]: residual_weight is used neither by mergekit nor by m3sb; ignored")
     if config.models is not None:
         update["models"] = _last_entries(config, notes, kept)
     if config.slices is not None:
         update["slices"] = [
             piece.model_copy(
                 update={
+                    "residual_weight": None,
                     "parameters": kept(piece.parameters, f"slices[{k}]: "),
                     "sources": [
                         source.model_copy(
-                            update={"parameters": kept(source.parameters, f"slices[{k}].sources[{j}]: ")}
+                            update={
+                                "parameters": kept(
+                                    source.parameters, f"slices[{k}].sources[{j}]: ", per_model=True
+                                )
+                            }
                         )
                         for j, source in enumerate(piece.sources)
                     ],
@@ -449,7 +476,7 @@ def _last_entries(
                 f"model '{entry.model}' is listed twice; merged once, with its last entry's parameters"
             )
         last[identity] = entry.model_copy(
-            update={"parameters": kept(entry.parameters, f"model '{entry.model}': ")}
+            update={"parameters": kept(entry.parameters, f"model '{entry.model}': ", per_model=True)}
         )
     order = list(dict.fromkeys(_identity(entry.model) for entry in config.models))
     return [last[identity] for identity in order]
@@ -673,13 +700,15 @@ def _sliced_config(config_from: Checkpoint, pieces: Sequence[_SliceInputs]) -> d
 
 def _check_destination(plan: MergePlan, destination: Path) -> None:
     """Refuse an output folder that is, or contains, one of the inputs (--force would delete it)."""
-    for checkpoint in plan.sources:
-        for file in checkpoint.files:
-            resolved = file.resolve()
-            if destination == resolved or destination in resolved.parents:
-                raise ConfigError(
-                    f"{destination}: the output folder holds input {checkpoint.label}; choose another"
-                )
+    inputs = [(checkpoint.label, file) for checkpoint in plan.sources for file in checkpoint.files]
+    if plan.vocabulary is not None and plan.vocabulary.folder is not None:
+        inputs.append(
+            (f"tokenizer {plan.vocabulary.folder}", plan.vocabulary.folder / "tokenizer_config.json")
+        )
+    for label, file in inputs:
+        resolved = file.resolve()
+        if destination == resolved or destination in resolved.parents:
+            raise ConfigError(f"{destination}: the output folder holds input {label}; choose another")
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -702,7 +731,10 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
         return source.checkpoint.load(source.name).clone()
     if not job.sources:  # no task vector to add: the base
         assert job.base is not None
-        return _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device).to("cpu", job.out_dtype)
+        alone = _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device)
+        if job.vocabulary and plan.vocabulary is not None:
+            (alone,) = plan.vocabulary.align([(job.base.checkpoint, alone)])
+        return alone.to("cpu", job.out_dtype)
     tensors = [_load(s.checkpoint, s.name, plan.compute_dtype, device) for s in job.sources]
     base = _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device) if job.base else None
     if job.vocabulary and plan.vocabulary is not None:

@@ -34,9 +34,14 @@ def renumbered(tensor_name: str, index: int) -> str:
     return f"{tensor_name[:start]}{index}{tensor_name[end:]}"
 
 
+_HEAD_MARKS = ("embed_out", "lm_head")  # output heads, after the layers whatever their names say
+
+
 def is_embedding(tensor_name: str) -> bool:
     """Whether a tensor outside the layers sits before them (embeddings) rather than after."""
     lowered = tensor_name.lower()
+    if any(mark in lowered for mark in _HEAD_MARKS):
+        return False
     return any(mark in lowered for mark in _EMBEDDING_MARKS)
 
 

@@ -140,8 +140,12 @@ def _order(configs: Sequence[MergeConfig], source: str) -> list[int]:
 
 
 def _input_signature(location: str) -> list[list[object]]:
-    """Size and modification time of a local input's files (nothing for a hub id)."""
+    """Size and modification time of a local input's files (nothing for a hub id); both the
+    model's and the adapter's for ``MODEL+ADAPTER``."""
     path = Path(location).expanduser()
+    if not path.exists() and "+" in location:
+        model, _, adapter = location.rpartition("+")
+        return [*_input_signature(model), ["+"], *_input_signature(adapter)]
     if not path.exists():
         return []
     files = sorted(path.iterdir()) if path.is_dir() else [path]

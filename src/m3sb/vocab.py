@@ -103,6 +103,7 @@ class Vocabulary:
     vocabularies: dict[int, dict[str, int]]
     base: Checkpoint | None  # the recipe's base_model, whose rows fill the tokens others lack
     unfilled: list[str]  # tokens of the output vocabulary in no input model: zero rows
+    folder: Path | None = None  # the tokenizer's own folder, when it is not an input's
 
     def align(self, tensors: Sequence[tuple[Checkpoint, torch.Tensor]]) -> list[torch.Tensor]:
         """Each input's vocabulary-indexed tensor re-indexed to the output vocabulary."""
@@ -224,9 +225,11 @@ def plan_vocabulary(
     base = by_identity.get(identity(base_location)) or opener(base_location)
     base_rows = vocabulary_rows(base) or _embedding_rows(base)
     chosen = None
+    tokenizer_folder: Path | None = None
     if spec.source not in ("base", "union"):
         known = by_identity.get(identity(spec.source))
         folder = known.folder if known is not None else model_folder(spec.source)  # may hold a tokenizer only
+        tokenizer_folder = None if known is not None else folder
         chosen = load_tokenizer(folder, spec.source)
         if chosen is None:
             raise CheckpointError(f"tokenizer_source {spec.source}: no tokenizer files in {folder}")
@@ -275,10 +278,19 @@ def plan_vocabulary(
     unfilled = [
         token
         for token, token_id in tokens.items()
-        if token not in spec.tokens and all(int(rows_in[token_id]) < 0 for rows_in in index.values())
+        if token not in spec.tokens and all(int(index[id(c)][token_id]) < 0 for c in checkpoints)
     ]
     vocabulary = Vocabulary(
-        output, tokens, count, index, dict(spec.tokens), sources, vocabularies, preferred, unfilled
+        output,
+        tokens,
+        count,
+        index,
+        dict(spec.tokens),
+        sources,
+        vocabularies,
+        preferred,
+        unfilled,
+        tokenizer_folder,
     )
     _check_settings(vocabulary, [base, *checkpoints])
     return vocabulary

@@ -123,4 +123,7 @@ def test_a_yaml_recipe_giving_both_names_or_a_whole_merge_alias_per_model_is_ref
     per_model = _recipe(family)
     per_model["models"][0]["parameters"] = {"threshold": 1e-5}
     with pytest.raises(ConfigError, match="applies to the whole merge"):
-        build_plan(parse_merge_config(per_model))
+        build_plan(parse_merge_config(per_model), strict=True)
+    assert any(
+        "applies to the whole merge" in note for note in build_plan(parse_merge_config(per_model)).notes
+    )

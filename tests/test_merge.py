@@ -256,3 +256,21 @@ def test_gpt_neox_output_head_comes_from_the_last_slice() -> None:
     assert is_embedding("gpt_neox.embed_in.weight") and is_embedding("model.embed_tokens.weight")
     assert not is_embedding("embed_out.weight") and not is_embedding("lm_head.weight")
     assert not is_embedding("model.norm.weight")
+
+
+def test_a_sliced_multimodal_config_gets_its_text_towers_layer_count(family: Family, tmp_path: Path) -> None:
+    source = tmp_path / "nested"
+    shutil.copytree(family.models[0], source)
+    config = json.loads((source / "config.json").read_text())
+    layers = config.pop("num_hidden_layers")
+    (source / "config.json").write_text(json.dumps(config | {"text_config": {"num_hidden_layers": layers}}))
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(source), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(source), "layer_range": [1, 2]}]},
+        ],
+    }
+    out = merge_to_folder(parse_merge_config(recipe), tmp_path / "out").out_dir
+    written = json.loads((out / "config.json").read_text())
+    assert written["text_config"]["num_hidden_layers"] == 3 and "num_hidden_layers" not in written

@@ -307,3 +307,16 @@ def test_a_slice_of_the_base_alone_is_realigned_too(vocab_family: Family, tmp_pa
     assert tensors["model.embed_tokens.weight"].shape == (len(vocabulary), 32) == (67, 32)
     base_rows = _rows(vocab_family.base)[1]["model.embed_tokens.weight"]
     torch.testing.assert_close(tensors["model.embed_tokens.weight"][vocabulary["w9"]], base_rows[2 + 9])
+
+
+def test_a_token_id_past_its_models_rows_is_refused_before_merging(vocab_family: Family) -> None:
+    a, b = (str(path) for path in vocab_family.models[:2])
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": a}, {"model": b}],
+        "tokenizer": {"tokens": {"<tool>": {"source": {"kind": "model_token", "model": a, "token_id": 64}}}},
+    }
+    with pytest.raises(
+        ConfigError, match=r"tokenizer\.tokens\['<tool>'\]: token_id 64 is past the 64 rows of"
+    ):
+        build_plan(parse_merge_config(recipe))

@@ -689,6 +689,9 @@ def _sliced_config(config_from: Checkpoint, pieces: Sequence[_SliceInputs]) -> d
     overrides: dict[str, object] = {
         key: total for key in LAYER_COUNT_KEYS if isinstance(existing.get(key), int)
     }
+    text = existing.get("text_config")
+    if not overrides and isinstance(text, dict) and isinstance(text.get("num_hidden_layers"), int):
+        overrides["text_config"] = {**text, "num_hidden_layers": total}  # a multimodal config's text tower
     first_config = pieces[0].ordered[0][0].read_config()
     layer_types = first_config.get("layer_types")
     if isinstance(layer_types, list):

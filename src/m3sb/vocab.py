@@ -342,6 +342,14 @@ def _check_settings(vocabulary: Vocabulary, checkpoints: Sequence[Checkpoint]) -
                 raise ConfigError(
                     f"tokenizer.tokens[{token!r}]: {checkpoint.label} has no token {source.token!r}"
                 )
+        elif isinstance(source, ModelToken) and source.token_id is not None:
+            checkpoint = vocabulary.sources[source.model]
+            rows = vocabulary_rows(checkpoint) or _embedding_rows(checkpoint)
+            if source.token_id >= rows:
+                raise ConfigError(
+                    f"tokenizer.tokens[{token!r}]: token_id {source.token_id} is past the {rows} rows of "
+                    f"{checkpoint.label}"
+                )
         elif source is None:
             token_id = vocabulary.tokens[token]
             if all(int(vocabulary.index[id(c)][token_id]) < 0 for c in checkpoints):

@@ -19,13 +19,15 @@ import shutil
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+from m3sb.stages import map_models
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 WORDS = [f"w{i}" for i in range(62)]
@@ -76,31 +78,6 @@ def documents(path: Path) -> list[dict[str, Any]]:
     return [document for document in yaml.safe_load_all(path.read_text(encoding="utf-8")) if document]
 
 
-def _walk_models(document: dict[str, Any], change: Callable[[str], str]) -> None:
-    """Apply ``change`` to every model reference of a recipe, in place."""
-    for entry in document.get("models") or []:
-        entry["model"] = change(str(entry["model"]))
-    for piece in document.get("slices") or []:
-        for source in piece.get("sources") or []:
-            source["model"] = change(str(source["model"]))
-        if piece.get("base_model"):
-            piece["base_model"] = change(str(piece["base_model"]))
-    if document.get("base_model"):
-        document["base_model"] = change(str(document["base_model"]))
-    if document.get("tokenizer_source") not in (None, "base", "union"):
-        document["tokenizer_source"] = change(str(document["tokenizer_source"]))
-    tokenizer = document.get("tokenizer")
-    if isinstance(tokenizer, dict):
-        if tokenizer.get("source") not in (None, "base", "union"):
-            tokenizer["source"] = change(str(tokenizer["source"]))
-        for setting in (tokenizer.get("tokens") or {}).values():
-            source = setting.get("source") if isinstance(setting, dict) else None
-            if isinstance(source, str):
-                setting["source"] = change(source)
-            elif isinstance(source, dict) and "model" in source:
-                source["model"] = change(str(source["model"]))
-
-
 def _references(docs: list[dict[str, Any]]) -> list[str]:
     stages = {str(document["name"]) for document in docs if document.get("name")}
     found: list[str] = []
@@ -111,7 +88,7 @@ def _references(docs: list[dict[str, Any]]) -> list[str]:
         return reference
 
     for document in copy.deepcopy(docs):
-        _walk_models(document, note)
+        map_models(document, note)
     return list(dict.fromkeys(found))
 
 
@@ -146,23 +123,6 @@ def _retokenize(folder: Path, extra: list[str], seed: int) -> None:
     save_toy_tokenizer(folder, [*WORDS, *extra], SPECIAL)
 
 
-def _adapter(model: Path, out: Path, seed: int) -> Path:
-    import peft
-    from transformers import AutoModelForCausalLM
-
-    wrapped = peft.get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model),
-        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in wrapped.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    wrapped.save_pretrained(out)
-    return out
-
-
 def _tokens_from(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
     """The tokens a recipe's settings take from each model (the stand-in must have them)."""
     wanted: dict[str, list[str]] = {}
@@ -188,7 +148,7 @@ def _tokens_from(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 def stand_ins(docs: list[dict[str, Any]], folder: Path) -> dict[str, str]:
     """Tiny stand-in locations for every model the recipe names."""
-    from m3sb.toy import make_family, save_toy_tokenizer
+    from m3sb.toy import make_family, save_toy_adapter, save_toy_tokenizer
 
     references = _references(docs)
     bases = {str(document["base_model"]) for document in docs if document.get("base_model")}
@@ -214,9 +174,8 @@ def stand_ins(docs: list[dict[str, Any]], folder: Path) -> dict[str, str]:
     for index, reference in enumerate(references):
         if "+" in reference:
             model = reference.split("+", 1)[0]
-            located[reference] = (
-                f"{located[model]}+{_adapter(Path(located[model]), folder / f'adapter{index}', index)}"
-            )
+            adapter = save_toy_adapter(Path(located[model]), folder / f"adapter{index}", index)
+            located[reference] = f"{located[model]}+{adapter}"
     return located
 
 
@@ -224,7 +183,7 @@ def substituted(docs: list[dict[str, Any]], located: dict[str, str]) -> list[dic
     """The recipe with every model replaced by its stand-in."""
     result = copy.deepcopy(docs)
     for document in result:
-        _walk_models(document, lambda reference: located.get(reference, reference))
+        map_models(document, lambda reference: located.get(reference, reference))
     return result
 
 

@@ -14,25 +14,9 @@ from m3sb.checkpoints import open_checkpoint
 from m3sb.config import parse_merge_config
 from m3sb.errors import CheckpointError
 from m3sb.merge import merge_to_folder
-from m3sb.toy import Family, make_family
+from m3sb.toy import Family, make_family, save_toy_adapter
 
 peft = pytest.importorskip("peft")
-
-
-def _adapter(model_folder: Path, out: Path, seed: int, **settings: Any) -> Path:
-    """A PEFT LoRA adapter for the model in ``model_folder`` with random (non-zero) factors."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_folder)
-    config = peft.LoraConfig(**({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]} | settings))
-    wrapped = peft.get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in wrapped.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    wrapped.save_pretrained(out)
-    return out
 
 
 def _peft_merged(model_folder: Path, adapter: Path) -> dict[str, torch.Tensor]:
@@ -62,7 +46,7 @@ SETTINGS = {
 def test_adapter_applied_on_the_fly_equals_peft_merge_and_unload(
     kind: str, family: Family, tmp_path: Path
 ) -> None:
-    adapter = _adapter(family.models[0], tmp_path / "adapter", seed=1, **SETTINGS[kind])
+    adapter = save_toy_adapter(family.models[0], tmp_path / "adapter", seed=1, **SETTINGS[kind])
     ours = open_checkpoint(f"{family.models[0]}+{adapter}")
     reference = _peft_merged(family.models[0], adapter)
     plain = open_checkpoint(family.models[0])
@@ -79,7 +63,7 @@ def test_adapter_applied_on_the_fly_equals_peft_merge_and_unload(
 def test_a_lora_input_merges_as_mergekit_merges_it(family: Family, tmp_path: Path) -> None:
     mergekit_config = pytest.importorskip("mergekit.config")
     mergekit_merge = pytest.importorskip("mergekit.merge")
-    adapter = _adapter(family.models[0], tmp_path / "adapter", seed=2)
+    adapter = save_toy_adapter(family.models[0], tmp_path / "adapter", seed=2)
     recipe = {
         "merge_method": "task_arithmetic",
         "base_model": str(family.base),
@@ -107,17 +91,17 @@ def test_a_lora_input_merges_as_mergekit_merges_it(family: Family, tmp_path: Pat
 
 def test_adapters_that_do_not_fit_are_refused_in_one_line(family: Family, tmp_path: Path) -> None:
     other = make_family(tmp_path / "wide", n_models=1, seed=3, hidden=48)
-    foreign = _adapter(other.models[0], tmp_path / "foreign", seed=4)
+    foreign = save_toy_adapter(other.models[0], tmp_path / "foreign", seed=4)
     with pytest.raises(
         CheckpointError, match=r"has shape \[48, 48\] but .* tensor is \[32, 32\]; is the adapter for another"
     ):
         open_checkpoint(f"{family.models[0]}+{foreign}")
-    dora = _adapter(family.models[0], tmp_path / "dora", seed=5, use_dora=True)
+    dora = save_toy_adapter(family.models[0], tmp_path / "dora", seed=5, use_dora=True)
     with pytest.raises(CheckpointError, match=r"a DoRA adapter \(use_dora\)"):
         open_checkpoint(f"{family.models[0]}+{dora}")
     renamed = tmp_path / "renamed"
     renamed.mkdir()
-    plain = _adapter(family.models[0], tmp_path / "plain", seed=6)
+    plain = save_toy_adapter(family.models[0], tmp_path / "plain", seed=6)
     (renamed / "adapter_config.json").write_text((plain / "adapter_config.json").read_text())
     from safetensors.torch import load_file, save_file
 

@@ -105,12 +105,17 @@ class MergePlan:
     @property
     def sources(self) -> tuple[Checkpoint, ...]:
         """Every checkpoint the merge reads."""
-        return (*self.inputs, *([self.base] if self.base and self.base not in self.inputs else []))
+        return _with_base(self.inputs, self.base)
 
     @property
     def layout(self) -> dict[str, TensorInfo]:
         """Names, shapes and dtypes of the merged checkpoint, in writing order."""
         return {job.name: TensorInfo(job.shape, job.out_dtype) for job in self.jobs}
+
+
+def _with_base(inputs: Sequence[Checkpoint], base: Checkpoint | None) -> tuple[Checkpoint, ...]:
+    """The inputs, then the base when it is not one of them."""
+    return (*inputs, *([base] if base is not None and base not in inputs else []))
 
 
 @dataclass(frozen=True)
@@ -496,7 +501,7 @@ def build_plan(config: MergeConfig, strict: bool = False) -> MergePlan:
     else:
         inputs, base, jobs = _plan_models(method, named, realigned=spec is not None)
         overrides = {}
-    every = (*inputs, *([base] if base and base not in inputs else []))
+    every = _with_base(inputs, base)
     vocabulary = None
     if spec is not None:
         vocabulary = plan_vocabulary(spec, named, every, open_checkpoint, _identity)
@@ -646,10 +651,9 @@ def _slice_inputs(
             "every source of a slice must give the same number"
         )
     base_location = piece.base_model or config.base_model
+    with_base = config.model_copy(update={"base_model": base_location})  # the slice's own base
     base_index = None
-    if base_location is not None and _uses_base(
-        method, config.model_copy(update={"base_model": base_location})
-    ):
+    if base_location is not None and _uses_base(method, with_base):
         base_identity = _identity(base_location)
         if base_identity not in seen:
             raise ConfigError(
@@ -666,9 +670,7 @@ def _slice_inputs(
             method.check_input_count(merged)
     except ConfigError as error:
         raise ConfigError(f"slices[{k}]: {error}") from None
-    if base_index is None and _merges_task_vectors(
-        method, config.model_copy(update={"base_model": base_location})
-    ):
+    if base_index is None and _merges_task_vectors(method, with_base):
         raise ConfigError(f"slices[{k}]: merge_method '{method.name}' needs a base_model")
     return _SliceInputs(tuple(entries), base_index, dict(piece.parameters))
 
@@ -732,12 +734,6 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     if not job.mergeable:
         source = job.copied_from
         return source.checkpoint.load(source.name).clone()
-    if not job.sources:  # no task vector to add: the base
-        assert job.base is not None
-        alone = _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device)
-        if job.vocabulary and plan.vocabulary is not None:
-            (alone,) = plan.vocabulary.align([(job.base.checkpoint, alone)])
-        return alone.to("cpu", job.out_dtype)
     tensors = [_load(s.checkpoint, s.name, plan.compute_dtype, device) for s in job.sources]
     base = _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device) if job.base else None
     if job.vocabulary and plan.vocabulary is not None:
@@ -746,6 +742,9 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
         aligned = plan.vocabulary.align([(s.checkpoint, t) for s, t in zip(every, loaded, strict=True)])
         tensors, base = aligned[: len(tensors)], (aligned[-1] if base is not None else None)
         del loaded, aligned
+    if not tensors:  # no task vector to add: the base
+        assert base is not None
+        return base.to("cpu", job.out_dtype)
     try:
         merged = apply_method(
             plan.method,

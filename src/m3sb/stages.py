@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m3sb.config import MergeConfig, ModelToken, load_yaml_documents, parse_merge_config
+from m3sb.config import MergeConfig, load_yaml_documents, parse_merge_config
 from m3sb.errors import ConfigError
 
 STAGE_RECORD = "m3sb-stage.json"  # written into each finished stage's folder
@@ -69,48 +69,53 @@ def _check_names(configs: Sequence[MergeConfig], source: str) -> None:
         seen.add(name)
 
 
-def _references(config: MergeConfig) -> list[str]:
-    """Every string of the recipe that names a model."""
-    named = list(config.model_locations)
-    if config.tokenizer_source not in (None, "base", "union"):
-        named.append(str(config.tokenizer_source))
-    if config.tokenizer is not None:
-        if config.tokenizer.source not in ("base", "union"):
-            named.append(config.tokenizer.source)
-        for setting in config.tokenizer.tokens.values():
-            source = setting.source
+def map_models(document: dict[str, Any], change: Callable[[str], str]) -> None:
+    """Apply ``change`` to every model a recipe document (a mapping, as YAML gives it) names:
+    ``models``, slice sources and bases, ``base_model``, the tokenizer's source and the models
+    its token settings take rows from. In place."""
+
+    def changed(location: Any) -> Any:
+        return change(str(location)) if location else location
+
+    for entry in document.get("models") or []:
+        entry["model"] = changed(entry.get("model"))
+    for piece in document.get("slices") or []:
+        for source in piece.get("sources") or []:
+            source["model"] = changed(source.get("model"))
+        if piece.get("base_model"):
+            piece["base_model"] = changed(piece["base_model"])
+    if document.get("base_model"):
+        document["base_model"] = changed(document["base_model"])
+    if document.get("tokenizer_source") not in (None, "base", "union"):
+        document["tokenizer_source"] = changed(document["tokenizer_source"])
+    tokenizer = document.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        if tokenizer.get("source") not in (None, "base", "union"):
+            tokenizer["source"] = changed(tokenizer["source"])
+        for setting in (tokenizer.get("tokens") or {}).values():
+            source = setting.get("source") if isinstance(setting, dict) else None
             if isinstance(source, str):
-                named.append(source)
-            elif isinstance(source, ModelToken):
-                named.append(source.model)
-    return named
+                setting["source"] = changed(source)
+            elif isinstance(source, dict) and source.get("model"):
+                source["model"] = changed(source["model"])
+
+
+def _references(config: MergeConfig) -> list[str]:
+    """Every string of the recipe that names a model, in order of first mention."""
+    found: list[str] = []
+
+    def note(location: str) -> str:
+        found.append(location)
+        return location
+
+    map_models(config.model_dump(), note)
+    return list(dict.fromkeys(found))
 
 
 def _replaced(config: MergeConfig, folders: dict[str, Path]) -> MergeConfig:
     """``config`` with every model named like a stage pointing at that stage's folder."""
-
-    def swap(location: str | None) -> str | None:
-        return str(folders[location]) if location in folders else location
-
     data: dict[str, Any] = config.model_dump()
-    for entry in data.get("models") or []:
-        entry["model"] = swap(entry["model"])
-    for piece in data.get("slices") or []:
-        piece["base_model"] = swap(piece["base_model"])
-        for source in piece["sources"]:
-            source["model"] = swap(source["model"])
-    data["base_model"] = swap(data["base_model"])
-    if data.get("tokenizer_source") not in (None, "base", "union"):
-        data["tokenizer_source"] = swap(data["tokenizer_source"])
-    tokenizer = data.get("tokenizer")
-    if tokenizer is not None:
-        if tokenizer["source"] not in ("base", "union"):
-            tokenizer["source"] = swap(tokenizer["source"])
-        for setting in tokenizer["tokens"].values():
-            if isinstance(setting["source"], str):
-                setting["source"] = swap(setting["source"])
-            elif isinstance(setting["source"], dict) and "model" in setting["source"]:
-                setting["source"]["model"] = swap(setting["source"]["model"])
+    map_models(data, lambda location: str(folders[location]) if location in folders else location)
     replaced = MergeConfig.model_validate(data)
     replaced.notes.extend(config.notes)
     return replaced

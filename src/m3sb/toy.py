@@ -98,3 +98,21 @@ def save_toy_tokenizer(folder: Path, tokens: list[str], special: tuple[str, ...]
     tokenizer.add_special_tokens({"additional_special_tokens": list(special[1:])})
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def save_toy_adapter(model_folder: Path, out: Path, seed: int, **settings: Any) -> Path:
+    """A PEFT LoRA adapter for the model in ``model_folder`` with random non-zero factors (r 4,
+    alpha 8 on q_proj and v_proj unless ``settings`` say otherwise), saved in ``out``."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    chosen: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **settings}
+    config = peft.LoraConfig(**chosen)
+    wrapped = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_folder), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    wrapped.save_pretrained(str(out))
+    return out

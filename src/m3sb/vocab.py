@@ -223,7 +223,7 @@ def plan_vocabulary(
     base_location = config.base_model or config.model_locations[0]
     by_identity = {identity(c.label): c for c in checkpoints}
     base = by_identity.get(identity(base_location)) or opener(base_location)
-    base_rows = vocabulary_rows(base) or _embedding_rows(base)
+    base_rows = _row_count(base)
     chosen = None
     tokenizer_folder: Path | None = None
     if spec.source not in ("base", "union"):
@@ -241,7 +241,7 @@ def plan_vocabulary(
     tokenizers: dict[int, Any] = {}
     rows: dict[int, int] = {}
     for checkpoint in [base, *[c for c in checkpoints if c is not base]]:
-        count = vocabulary_rows(checkpoint) or _embedding_rows(checkpoint)
+        count = _row_count(checkpoint)
         tokenizer = (
             base_tokenizer if checkpoint is base else load_tokenizer(checkpoint.folder, checkpoint.label)
         )
@@ -296,6 +296,11 @@ def plan_vocabulary(
     return vocabulary
 
 
+def _row_count(checkpoint: Checkpoint) -> int:
+    """A model's vocabulary size: its config's, else the rows of its embedding."""
+    return rows_of(checkpoint) or _embedding_rows(checkpoint)
+
+
 def _embedding_rows(checkpoint: Checkpoint) -> int:
     for name, info in checkpoint.tensors.items():
         if any(mark in name for mark in VOCABULARY_MARKS) and layer_index(name) is None and info.shape:
@@ -344,7 +349,7 @@ def _check_settings(vocabulary: Vocabulary, checkpoints: Sequence[Checkpoint]) -
                 )
         elif isinstance(source, ModelToken) and source.token_id is not None:
             checkpoint = vocabulary.sources[source.model]
-            rows = vocabulary_rows(checkpoint) or _embedding_rows(checkpoint)
+            rows = _row_count(checkpoint)
             if source.token_id >= rows:
                 raise ConfigError(
                     f"tokenizer.tokens[{token!r}]: token_id {source.token_id} is past the {rows} rows of "

@@ -550,7 +550,7 @@ MERGE_CASES: list[tuple[str, Builder, list[str], str]] = [
         "no models",
         lambda f, d: {"merge_method": "linear"},
         [],
-        r"recipe\.yml: \(top level\): give exactly one of 'models' and 'slices'",
+        r"recipe\.yml: \(top level\): give exactly one of 'models', 'slices' and 'modules'",
     ),
     (
         "no model in an entry",

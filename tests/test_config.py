@@ -101,7 +101,7 @@ def test_gradients_interpolate_over_layers_and_filters_pick_the_first_match() ->
                 "merge_method": "linear",
                 "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}],
             },
-            r"\(top level\): give exactly one of 'models' and 'slices'",
+            r"\(top level\): give exactly one of 'models', 'slices' and 'modules'",
         ),
         (
             {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},
@@ -114,7 +114,15 @@ def test_gradients_interpolate_over_layers_and_filters_pick_the_first_match() ->
         ),
         (
             {"merge_method": "linear", "modules": {"text": {}}},
-            "unknown key 'modules'.*per-module recipes",
+            r"modules\.text: give exactly one of 'models' and 'slices'",
+        ),
+        (
+            {"merge_method": "linear", "modules": {"text": {"models": [{"model": "a"}], "weights": 1}}},
+            "unknown key 'weights' at modules.text.weights; allowed: models, slices, parameters",
+        ),
+        (
+            {"merge_method": "linear", "modules": {"text": {"models": [{"model": "a", "weight": 1}]}}},
+            "unknown key 'weight' at modules.text.models.0.weight; allowed: model, parameters",
         ),
         (
             {"models": [{"model": "a"}], "merge_method": "linear", "weird": 1},
@@ -124,7 +132,7 @@ def test_gradients_interpolate_over_layers_and_filters_pick_the_first_match() ->
             {"models": [{"model": "a", "params": {}}], "merge_method": "linear"},
             "unknown key 'params'.*allowed: model",
         ),
-        ({"merge_method": "linear"}, "give exactly one of 'models' and 'slices'"),
+        ({"merge_method": "linear"}, "give exactly one of 'models', 'slices' and 'modules'"),
         ({"models": [], "merge_method": "linear"}, "models"),
         ({"models": [{"model": "a"}], "merge_method": "linear", "dtype": "float8"}, "unknown dtype 'float8'"),
         (["not", "a", "mapping"], "expected a mapping"),

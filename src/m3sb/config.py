@@ -151,12 +151,29 @@ class SliceEntry(BaseModel):
     residual_weight: float | None = None  # in mergekit's schema, unused there too (noted when given)
 
 
+class ModuleEntry(BaseModel):
+    """One tower of a multi-tower model (mergekit's ``modules``): its own models or slices and
+    its own parameters, which come after its slices' and models' and before the top level's."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelEntry] | None = Field(default=None, min_length=1)
+    slices: list[SliceEntry] | None = Field(default=None, min_length=1)
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> ModuleEntry:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' and 'slices'")
+        return self
+
+
 class MergeConfig(BaseModel):
     """A merge: which models (or layer slices of them), which method, which parameters, which dtypes."""
 
     model_config = ConfigDict(extra="forbid")
     models: list[ModelEntry] | None = Field(default=None, min_length=1)
     slices: list[SliceEntry] | None = Field(default=None, min_length=1)
+    modules: dict[str, ModuleEntry] | None = Field(default=None, min_length=1)
     merge_method: str
     base_model: str | None = None
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
@@ -178,8 +195,8 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeConfig:
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' and 'slices'")
+        if [self.models, self.slices, self.modules].count(None) != 2:
+            raise ValueError("give exactly one of 'models', 'slices' and 'modules'")
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give tokenizer_source or a tokenizer section, not both")
         return self
@@ -194,9 +211,11 @@ class MergeConfig(BaseModel):
     @property
     def model_locations(self) -> list[str]:
         """Every model the recipe names, in order of first mention (base model last)."""
-        named = [entry.model for entry in self.models or []]
-        named += [source.model for entry in self.slices or [] for source in entry.sources]
-        named += [entry.base_model for entry in self.slices or [] if entry.base_model]
+        bodies: list[MergeConfig | ModuleEntry] = [self, *(self.modules or {}).values()]
+        named = [entry.model for body in bodies for entry in body.models or []]
+        pieces = [piece for body in bodies for piece in body.slices or []]
+        named += [source.model for piece in pieces for source in piece.sources]
+        named += [piece.base_model for piece in pieces if piece.base_model]
         named += [self.base_model] if self.base_model else []
         return list(dict.fromkeys(named))
 
@@ -206,6 +225,9 @@ _NESTED_SCHEMAS: dict[tuple[str, str], type[BaseModel]] = {
     ("MergeConfig", "slices"): SliceEntry,
     ("SliceEntry", "sources"): SliceSource,
     ("MergeConfig", "tokenizer"): TokenizerSpec,
+    ("MergeConfig", "modules"): ModuleEntry,  # a mapping of them, by module name
+    ("ModuleEntry", "models"): ModelEntry,
+    ("ModuleEntry", "slices"): SliceEntry,
 }
 
 
@@ -240,9 +262,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return f"{source}: {location}: {message}"
 
 
-UNSUPPORTED = {  # keys of mergekit's schema that m3sb does not read yet
-    "modules": "mergekit's per-module recipes (multi-tower models) are not supported; use 'slices'",
-}
+UNSUPPORTED: dict[str, str] = {}  # keys of mergekit's schema that m3sb does not read yet, and why
 
 
 def _allowed_keys(location: tuple[int | str, ...]) -> str:
@@ -256,6 +276,8 @@ def _allowed_keys(location: tuple[int | str, ...]) -> str:
         fields = dict(TokenizerSpec.model_fields)
     elif not location:
         fields = dict(MergeConfig.model_fields)
+    elif location[0] == "modules":
+        return _allowed_keys(location[2:]) if len(location) > 2 else ", ".join(ModuleEntry.model_fields)
     elif location[0] == "models" and len(location) == 2:
         fields = dict(ModelEntry.model_fields)
     elif location[0] == "slices" and len(location) == 2:
@@ -327,6 +349,11 @@ def _without_unknown_keys(
         elif schema is TokenSetting and key == "source" and isinstance(value, dict):
             kind = ModelToken if value.get("kind") == "model_token" else ZeroToken
             value = _without_unknown_keys(value, kind, f"{where}source.", notes, strict)
+        elif schema is MergeConfig and key == "modules" and isinstance(value, dict):
+            value = {
+                module: _without_unknown_keys(body, ModuleEntry, f"{where}modules.{module}.", notes, strict)
+                for module, body in value.items()
+            }
         elif nested is not None and isinstance(value, list):
             value = [
                 _without_unknown_keys(item, nested, f"{where}{key}[{i}].", notes, strict)

@@ -30,6 +30,7 @@ from m3sb.checkpoints import (
 from m3sb.config import (
     DTYPE_ALIASES,
     MergeConfig,
+    ModuleEntry,
     ParamSpec,
     close_match,
     count_layers,
@@ -40,6 +41,16 @@ from m3sb.devices import resolve_device
 from m3sb.errors import CheckpointError, ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
 from m3sb.methods.registry import ParamValue, check_weights
+from m3sb.modules import (
+    ARCHITECTURE_MODULES,
+    ModuleLayout,
+    architecture_modules,
+    config_value,
+    layer_count_key,
+    module_of,
+    unclaimed,
+    with_value,
+)
 from m3sb.slices import LAYER_COUNT_KEYS, sliced_layer_types, sliced_tensors
 from m3sb.vocab import (
     Vocabulary,
@@ -157,7 +168,42 @@ def _canonical_names(method: MergeMethod, config: MergeConfig) -> MergeConfig:
             )
             for k, entry in enumerate(config.slices)
         ]
-    return config.model_copy(update=update)
+    result = config.model_copy(update=update)
+    if config.modules is not None:
+        recipes = _module_recipes(result)
+        result = _with_module_recipes(result, {n: _canonical_names(method, r) for n, r in recipes.items()})
+    return result
+
+
+def _module_recipes(config: MergeConfig) -> dict[str, MergeConfig]:
+    """Each module of a ``modules`` recipe as a recipe of its own: the module's models or slices
+    and its parameters in place of the top level's (with the whole merge's ``space``)."""
+    assert config.modules is not None
+    space = {"space": config.parameters["space"]} if "space" in config.parameters else {}
+    return {
+        name: config.model_copy(
+            update={
+                "modules": None,
+                "models": module.models,
+                "slices": module.slices,
+                "parameters": {**space, **module.parameters},
+            }
+        )
+        for name, module in config.modules.items()
+    }
+
+
+def _with_module_recipes(config: MergeConfig, recipes: Mapping[str, MergeConfig]) -> MergeConfig:
+    """``config`` with its modules rebuilt from recipes made by ``_module_recipes``."""
+    assert config.modules is not None
+    modules = {}
+    for name, recipe in recipes.items():
+        own = config.modules[name].parameters
+        parameters = {k: v for k, v in recipe.parameters.items() if k != "space" or "space" in own}
+        modules[name] = ModuleEntry.model_construct(
+            models=recipe.models, slices=recipe.slices, parameters=parameters
+        )
+    return config.model_copy(update={"modules": modules})
 
 
 def _check_level(method: MergeMethod, params: Mapping[str, Any], where: str, per_model_only: bool) -> None:
@@ -178,6 +224,20 @@ def _check_level(method: MergeMethod, params: Mapping[str, Any], where: str, per
 
 def _check_param_names(method: MergeMethod, config: MergeConfig) -> None:
     """Every parameter in the config must be declared by the method, at a level it allows."""
+    if config.modules is not None:
+        _check_level(method, config.parameters, "", per_model_only=False)
+        for name, module in config.modules.items():
+            if "space" in module.parameters:
+                raise ConfigError(
+                    f"modules.{name}: space applies to the whole merge; put it under the top-level parameters"
+                )
+            recipe = _module_recipes(config)[name]
+            recipe = recipe.model_copy(update={"parameters": {**config.parameters, **module.parameters}})
+            try:
+                _check_param_names(method, recipe)
+            except ConfigError as error:
+                raise ConfigError(f"modules.{name}: {error}") from None
+        return
     _check_level(method, config.parameters, "", per_model_only=False)
     for entry in config.models or []:
         _check_level(method, entry.parameters, f"model '{entry.model}': ", per_model_only=True)
@@ -219,6 +279,11 @@ def _identity(location: str) -> str:
     """What a model location points at: the resolved path of a local file or folder, else the id."""
     path = Path(location).expanduser()
     return str(path.resolve()) if path.exists() else location
+
+
+def _every(tensor_name: str) -> bool:
+    """Keep every tensor (a plan over the whole checkpoint)."""
+    return True
 
 
 BASE_JOINS = ("linear",)  # methods of mergekit's that merge a base_model as one more model
@@ -263,11 +328,14 @@ def _select_inputs(
     return locations, specs, base
 
 
-def _check_alignment(checkpoints: Sequence[Checkpoint], realigned: bool = False) -> dict[str, TensorInfo]:
-    """All checkpoints must hold the same tensor names with the same shapes (vocabulary-indexed
-    tensors may differ in rows when ``realigned`` to an output vocabulary); returns the first's."""
+def _check_alignment(
+    checkpoints: Sequence[Checkpoint], realigned: bool = False, keep: Callable[[str], bool] = _every
+) -> dict[str, TensorInfo]:
+    """All checkpoints must hold the same tensor names (those ``keep`` keeps) with the same
+    shapes (vocabulary-indexed tensors may differ in rows when ``realigned`` to an output
+    vocabulary); returns the first's."""
     reference = checkpoints[0]
-    names = reference.tensors
+    names = {name: info for name, info in reference.tensors.items() if keep(name)}
     if not names:
         raise MergeError(f"{reference.label}: the checkpoint holds no tensors")
     for other in checkpoints[1:]:
@@ -275,7 +343,7 @@ def _check_alignment(checkpoints: Sequence[Checkpoint], realigned: bool = False)
             if name not in other.tensors:
                 raise MergeError(f"tensor '{name}' is in {reference.label} but missing from {other.label}")
         for name in other.tensors:
-            if name not in names:
+            if keep(name) and name not in names:
                 raise MergeError(f"tensor '{name}' is in {other.label} but missing from {reference.label}")
         for name, info in names.items():
             theirs = other.tensors[name]
@@ -465,7 +533,15 @@ def _lenient(method: MergeMethod, config: MergeConfig, strict: bool, notes: list
             )
             for k, piece in enumerate(config.slices)
         ]
-    return config.model_copy(update=update)
+    result = config.model_copy(update=update)
+    if config.modules is not None:
+        recipes = {}
+        for name, recipe in _module_recipes(result).items():
+            own: list[str] = []
+            recipes[name] = _lenient(method, recipe, strict, own)
+            notes.extend(f"modules.{name}: {note}" for note in own)
+        result = _with_module_recipes(result, recipes)
+    return result
 
 
 def _last_entries(
@@ -496,7 +572,9 @@ def build_plan(config: MergeConfig, strict: bool = False) -> MergePlan:
     _check_param_names(method, named)
     compute_dtype = torch.float64 if config.dtype == "float64" else torch.float32
     spec = named.tokenizer_spec
-    if named.slices is not None:
+    if named.modules is not None:
+        inputs, base, jobs, overrides = plan_modules(method, named, realigned=spec is not None)
+    elif named.slices is not None:
         inputs, base, jobs, overrides = plan_slices(method, named, realigned=spec is not None)
     else:
         inputs, base, jobs = _plan_models(method, named, realigned=spec is not None)
@@ -537,39 +615,30 @@ def _realigned(jobs: Sequence[TensorJob], vocabulary: Vocabulary) -> tuple[Tenso
     return tuple(result)
 
 
-def _plan_models(
-    method: MergeMethod, named: MergeConfig, realigned: bool
-) -> tuple[tuple[Checkpoint, ...], Checkpoint | None, tuple[TensorJob, ...]]:
-    """The inputs, base and jobs of a recipe with ``models``."""
-    locations, specs, base_location = _select_inputs(method, named)
-    opened: dict[str, Checkpoint] = {}
-    for location in [*locations, *([base_location] if base_location else [])]:
-        opened[location] = open_checkpoint(location)
-    inputs = tuple(opened[location] for location in locations)
-    base = opened[base_location] if base_location else None
-    names = _check_alignment([*inputs, *([base] if base else [])], realigned)
-    num_layers = _num_layers(inputs[0] if inputs else base)  # type: ignore[arg-type]
-    labels = tuple(f"model '{location}'" for location in locations)
-    model_specs = tuple((spec,) for spec in specs)
-    jobs = tuple(
-        _tensor_job(
-            name,
-            method,
-            named,
-            tuple(TensorSource(checkpoint, name) for checkpoint in inputs),
-            TensorSource(base, name) if base else None,
-            _Settings(model_specs, (named.parameters,), labels, layer_fraction(name, num_layers)),
-        )
-        for name in names
-    )
-    return inputs, base, jobs
+@dataclass(frozen=True)
+class _Scope:
+    """The tensors a plan covers (all, or one module's of a multi-tower model), the layout of
+    that module, and the module's parameters (between the slices' and the top level's)."""
+
+    keep: Callable[[str], bool] = _every
+    layout: ModuleLayout | None = None
+    parameters: tuple[Mapping[str, ParamSpec], ...] = ()
+
+    def depth(self, checkpoint: Checkpoint) -> int:
+        """The number of layers of the covered part of ``checkpoint``."""
+        if self.layout is None:
+            return _num_layers(checkpoint)
+        config = checkpoint.read_config()
+        key = layer_count_key(config, self.layout)
+        if key is not None:
+            value = config_value(config, key)
+            assert isinstance(value, int)
+            return value
+        return count_layers(name for name in checkpoint.tensors if self.keep(name))
 
 
-def plan_slices(
-    method: MergeMethod, config: MergeConfig, realigned: bool = False
-) -> tuple[tuple[Checkpoint, ...], Checkpoint | None, tuple[TensorJob, ...], dict[str, object]]:
-    """The inputs, base, jobs and config.json changes of a recipe with ``slices``."""
-    assert config.slices is not None
+def _opener() -> Callable[[str], Checkpoint]:
+    """``open_checkpoint`` that opens each model once, however it is written."""
     opened: dict[str, Checkpoint] = {}
 
     def checkpoint(location: str) -> Checkpoint:
@@ -578,9 +647,54 @@ def plan_slices(
             opened[key] = open_checkpoint(location)
         return opened[key]
 
-    pieces = [_slice_inputs(method, config, k, checkpoint) for k in range(len(config.slices))]
+    return checkpoint
+
+
+def _plan_models(
+    method: MergeMethod,
+    named: MergeConfig,
+    realigned: bool,
+    scope: _Scope = _Scope(),
+    checkpoint: Callable[[str], Checkpoint] | None = None,
+) -> tuple[tuple[Checkpoint, ...], Checkpoint | None, tuple[TensorJob, ...]]:
+    """The inputs, base and jobs of a recipe with ``models`` (over the tensors ``scope`` keeps)."""
+    locations, specs, base_location = _select_inputs(method, named)
+    checkpoint = checkpoint or _opener()
+    inputs = tuple(checkpoint(location) for location in locations)
+    base = checkpoint(base_location) if base_location else None
+    names = _check_alignment([*inputs, *([base] if base else [])], realigned, scope.keep)
+    num_layers = scope.depth(inputs[0] if inputs else base)  # type: ignore[arg-type]
+    labels = tuple(f"model '{location}'" for location in locations)
+    model_specs = tuple((spec,) for spec in specs)
+    shared = (*scope.parameters, named.parameters)
+    jobs = tuple(
+        _tensor_job(
+            name,
+            method,
+            named,
+            tuple(TensorSource(checkpoint, name) for checkpoint in inputs),
+            TensorSource(base, name) if base else None,
+            _Settings(model_specs, shared, labels, layer_fraction(name, num_layers)),
+        )
+        for name in names
+    )
+    return inputs, base, jobs
+
+
+def plan_slices(
+    method: MergeMethod,
+    config: MergeConfig,
+    realigned: bool = False,
+    scope: _Scope = _Scope(),
+    checkpoint: Callable[[str], Checkpoint] | None = None,
+) -> tuple[tuple[Checkpoint, ...], Checkpoint | None, tuple[TensorJob, ...], dict[str, object]]:
+    """The inputs, base, jobs and config.json changes of a recipe with ``slices`` (over the
+    tensors ``scope`` keeps)."""
+    assert config.slices is not None
+    checkpoint = checkpoint or _opener()
+    pieces = [_slice_inputs(method, config, k, checkpoint, scope.depth) for k in range(len(config.slices))]
     planned = sliced_tensors(
-        [list(piece.ordered[0][0].tensors) for piece in pieces],
+        [[name for name in piece.ordered[0][0].tensors if scope.keep(name)] for piece in pieces],
         [[layer_range for _, layer_range, _, _ in piece.ordered] for piece in pieces],
     )
     jobs = []
@@ -597,7 +711,7 @@ def plan_slices(
         kept = [entry for i, entry in enumerate(piece.ordered) if i != piece.base_index]
         settings = _Settings(
             tuple((entry[2],) for entry in kept),
-            (piece.parameters, config.parameters),
+            (piece.parameters, *scope.parameters, config.parameters),
             tuple(entry[3] for entry in kept),
             tensor.position,
         )
@@ -606,7 +720,7 @@ def plan_slices(
     config_from = checkpoint(base_location) if base_location else pieces[0].ordered[0][0]
     inputs = tuple(dict.fromkeys(entry[0] for piece in pieces for entry in piece.ordered))
     ordered_inputs = (config_from, *(c for c in inputs if c is not config_from))
-    return ordered_inputs, None, tuple(jobs), _sliced_config(config_from, pieces)
+    return ordered_inputs, None, tuple(jobs), _sliced_config(config_from, pieces, scope.layout)
 
 
 @dataclass(frozen=True)
@@ -621,7 +735,11 @@ class _SliceInputs:
 
 
 def _slice_inputs(
-    method: MergeMethod, config: MergeConfig, k: int, checkpoint: Callable[[str], Checkpoint]
+    method: MergeMethod,
+    config: MergeConfig,
+    k: int,
+    checkpoint: Callable[[str], Checkpoint],
+    depth_of: Callable[[Checkpoint], int] = lambda checkpoint: _num_layers(checkpoint),
 ) -> _SliceInputs:
     """Slice ``k``'s sources, checked (depths, equal lengths, no model twice) and ordered."""
     assert config.slices is not None
@@ -637,7 +755,7 @@ def _slice_inputs(
             )
         seen[identity] = j
         opened = checkpoint(source.model)
-        depth = _num_layers(opened)
+        depth = depth_of(opened)
         start, end = source.layer_range
         if end > depth:
             raise ConfigError(
@@ -684,10 +802,15 @@ def _check_shapes(sources: Sequence[TensorSource], realigned: bool) -> None:
             _check_rows(first.name, first.checkpoint, other.checkpoint, realigned, other.name)
 
 
-def _sliced_config(config_from: Checkpoint, pieces: Sequence[_SliceInputs]) -> dict[str, object]:
-    """config.json keys that follow the output's layers: the layer count and per-layer lists."""
+def _sliced_config(
+    config_from: Checkpoint, pieces: Sequence[_SliceInputs], layout: ModuleLayout | None = None
+) -> dict[str, object]:
+    """config.json keys that follow the output's layers: the layer count and per-layer lists
+    (of the module ``layout`` describes, when the slices are one module's)."""
     existing = config_from.read_config()
     total = sum(end - start for piece in pieces for _, (start, end), _, _ in piece.ordered[:1])
+    if layout is not None:
+        return _sliced_module_config(existing, pieces, layout, total)
     overrides: dict[str, object] = {
         key: total for key in LAYER_COUNT_KEYS if isinstance(existing.get(key), int)
     }
@@ -701,6 +824,103 @@ def _sliced_config(config_from: Checkpoint, pieces: Sequence[_SliceInputs]) -> d
         if all(end <= len(layer_types) for _, end in ranges):
             overrides["layer_types"] = sliced_layer_types(layer_types, ranges)
     return overrides
+
+
+def _sliced_module_config(
+    existing: Mapping[str, object], pieces: Sequence[_SliceInputs], layout: ModuleLayout, total: int
+) -> dict[str, object]:
+    """The config.json changes of one module's slices: its layer count, and the per-layer list
+    (``layer_types``) that sits beside it."""
+    key = layer_count_key(existing, layout)
+    if key is None:
+        return {}
+    updated = dict(existing)
+    updated.update(with_value(updated, key, total))
+    parent = key.rpartition(".")[0]
+    types_key = f"{parent}.layer_types" if parent else "layer_types"
+    layer_types = config_value(pieces[0].ordered[0][0].read_config(), types_key)
+    ranges = [piece.ordered[0][1] for piece in pieces]
+    if isinstance(layer_types, list) and all(end <= len(layer_types) for _, end in ranges):
+        updated.update(with_value(updated, types_key, sliced_layer_types(layer_types, ranges)))
+    return {top: updated[top] for top in {key.split(".")[0], types_key.split(".")[0]} if top in updated}
+
+
+def plan_modules(
+    method: MergeMethod, config: MergeConfig, realigned: bool = False
+) -> tuple[tuple[Checkpoint, ...], Checkpoint | None, tuple[TensorJob, ...], dict[str, object]]:
+    """The inputs, base, jobs and config.json changes of a recipe with ``modules``: each module
+    planned as a recipe of its own over its own tensors."""
+    assert config.modules is not None
+    checkpoint = _opener()
+    first = checkpoint(config.model_locations[0])
+    layouts = _module_layouts(first, config.modules)
+    inputs: list[Checkpoint] = []
+    bases: list[Checkpoint] = []
+    jobs: list[TensorJob] = []
+    overrides: dict[str, object] = {}
+    for name, module in config.modules.items():
+        scope = _Scope(
+            keep=lambda tensor, name=name: module_of(tensor, layouts) == name,  # type: ignore[misc]
+            layout=layouts[name],
+            parameters=(module.parameters,),
+        )
+        recipe = config.model_copy(update={"modules": None, "models": module.models, "slices": module.slices})
+        try:
+            if module.models is not None:
+                own_inputs, base, own_jobs = _plan_models(method, recipe, realigned, scope, checkpoint)
+                changes: dict[str, object] = {}
+            else:
+                planned = plan_slices(method, recipe, realigned, scope, checkpoint)
+                own_inputs, base, own_jobs, changes = planned
+        except ConfigError as error:
+            raise ConfigError(f"modules.{name}: {error}") from None
+        inputs += own_inputs
+        bases += [base] if base is not None else []
+        jobs += own_jobs
+        overrides.update(changes)
+    base = bases[0] if bases else None
+    ordered = tuple(c for c in dict.fromkeys(inputs) if c is not base)
+    return ordered, base, tuple(jobs), overrides
+
+
+def _module_layouts(first: Checkpoint, modules: Mapping[str, ModuleEntry]) -> dict[str, ModuleLayout]:
+    """The modules of ``first``'s architecture, checked against the ones a recipe names: each a
+    module of it, and every module that holds tensors named (mergekit would leave it out)."""
+    config = first.read_config()
+    known = architecture_modules(config)
+    if known is None:
+        names = config.get("architectures")
+        listed = [str(name) for name in names] if isinstance(names, list) else []
+        what = f"a {', '.join(listed)}" if listed else "of no named architecture"
+        raise ConfigError(
+            f"modules: {first.label} is {what}; m3sb knows the modules of "
+            f"{', '.join(ARCHITECTURE_MODULES)}; merge it with 'models' or 'slices'"
+        )
+    architecture, layouts = known
+    for name in modules:
+        if name not in layouts:
+            similar = close_match(name, layouts)
+            hint = f" (did you mean '{similar}'?)" if similar else ""
+            raise ConfigError(
+                f"modules.{name}: not a module of {architecture}; its modules are {', '.join(layouts)}{hint}"
+            )
+    stray = unclaimed(first.tensors, layouts)
+    if stray:
+        raise MergeError(
+            f"tensor '{stray[0]}' of {first.label} belongs to none of {architecture}'s modules "
+            f"({', '.join(layouts)})"
+        )
+    present = [name for name in layouts if any(module_of(t, layouts) == name for t in first.tensors)]
+    for name in present:
+        if name not in modules:
+            raise ConfigError(
+                f"modules: {architecture}'s module '{name}' is not in the recipe; mergekit would leave "
+                "its tensors out of the output; give it its own models"
+            )
+    for name in modules:
+        if name not in present:
+            raise ConfigError(f"modules.{name}: {first.label} holds no tensor of this module")
+    return layouts
 
 
 def _check_destination(plan: MergePlan, destination: Path) -> None:

@@ -71,19 +71,23 @@ def _check_names(configs: Sequence[MergeConfig], source: str) -> None:
 
 def map_models(document: dict[str, Any], change: Callable[[str], str]) -> None:
     """Apply ``change`` to every model a recipe document (a mapping, as YAML gives it) names:
-    ``models``, slice sources and bases, ``base_model``, the tokenizer's source and the models
-    its token settings take rows from. In place."""
+    ``models``, slice sources and bases (of the recipe and of each of its ``modules``),
+    ``base_model``, the tokenizer's source and the models its token settings take rows from.
+    In place."""
 
     def changed(location: Any) -> Any:
         return change(str(location)) if location else location
 
-    for entry in document.get("models") or []:
-        entry["model"] = changed(entry.get("model"))
-    for piece in document.get("slices") or []:
-        for source in piece.get("sources") or []:
-            source["model"] = changed(source.get("model"))
-        if piece.get("base_model"):
-            piece["base_model"] = changed(piece["base_model"])
+    modules = document.get("modules")
+    towers = modules.values() if isinstance(modules, dict) else []
+    for body in [document, *(tower for tower in towers if isinstance(tower, dict))]:
+        for entry in body.get("models") or []:
+            entry["model"] = changed(entry.get("model"))
+        for piece in body.get("slices") or []:
+            for source in piece.get("sources") or []:
+                source["model"] = changed(source.get("model"))
+            if piece.get("base_model"):
+                piece["base_model"] = changed(piece["base_model"])
     if document.get("base_model"):
         document["base_model"] = changed(document["base_model"])
     if document.get("tokenizer_source") not in (None, "base", "union"):

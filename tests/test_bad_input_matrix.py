@@ -1064,6 +1064,10 @@ ALL_METHODS: list[tuple[str, dict[str, Any], dict[str, Any], bool]] = [
     ("barycenter", {}, {}, False),
     ("barycenter", {"space": "task_vectors"}, {}, True),
     ("karcher", {}, {}, False),
+    ("tsv_m", {}, {}, True),
+    ("iso_c", {}, {}, True),
+    ("iso_cts", {}, {}, True),
+    ("wudi", {}, {}, True),
 ]
 
 

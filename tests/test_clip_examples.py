@@ -64,6 +64,8 @@ def test_fusionbench_settings_are_the_published_ones() -> None:
     assert configs["ties"] == {"density": 0.2, "lambda": 0.3, "normalize": False}
     assert configs["dare_linear"] == {"density": 0.5, "lambda": 0.3}
     assert configs["linear"] == {}  # simple averaging
+    statistics = load_experiment_config(FOLDER / "experiment.yaml").statistics
+    assert (statistics.split, statistics.samples, statistics.batch_size) == ("train", 256, 32)
 
 
 def test_the_published_table_lines_up_with_the_experiments_rows() -> None:

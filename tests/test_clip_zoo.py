@@ -60,7 +60,9 @@ def experiment_methods() -> dict[str, dict[str, Any]]:
         "breadcrumbs": {"lambda": 0.5},
     }
     five = [
-        name for name, method in METHODS.items() if (method.max_models or 5) >= 5
+        name
+        for name, method in METHODS.items()
+        if (method.max_models or 5) >= 5 and method.statistics is None
     ]  # not slerp, nuslerp...
     return {name: parameters.get(name, {}) for name in five}
 

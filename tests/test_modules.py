@@ -297,7 +297,10 @@ def test_a_module_left_out_is_refused(mistral3: Family, tmp_path: Path) -> None:
 
 
 def test_modules_of_a_model_without_known_modules_are_refused(family: Family, tmp_path: Path) -> None:
-    recipe = {"merge_method": "linear", "modules": {"text_decoder": {"models": [{"model": str(family.base)}]}}}
+    recipe = {
+        "merge_method": "linear",
+        "modules": {"text_decoder": {"models": [{"model": str(family.base)}]}},
+    }
     message = _cli_error(recipe, tmp_path)
     assert "is a LlamaForCausalLM; m3sb knows the modules of Gemma3ForConditionalGeneration" in message
 
@@ -305,7 +308,9 @@ def test_modules_of_a_model_without_known_modules_are_refused(family: Family, tm
 def test_a_module_slice_is_checked_against_the_module_depth(mistral3: Family) -> None:
     recipe = _mistral3_recipe(mistral3)
     recipe["modules"]["vision_tower"]["slices"][0]["sources"][0]["layer_range"] = [0, 3]
-    with pytest.raises(ConfigError, match=r"modules\.vision_tower: slices\[0\]\.sources\[0\]: .*past the 2 layers"):
+    with pytest.raises(
+        ConfigError, match=r"modules\.vision_tower: slices\[0\]\.sources\[0\]: .*past the 2 layers"
+    ):
         build_plan(parse_merge_config(recipe))
 
 
@@ -314,10 +319,10 @@ def test_module_parameters_are_checked_like_any_level(mistral3: Family) -> None:
     recipe["modules"]["vision_tower"]["parameters"] = {"wieght": 0.3}
     plan = build_plan(parse_merge_config(recipe))
     assert any(note.startswith("modules.vision_tower: parameter 'wieght'") for note in plan.notes)
-    with pytest.raises(ConfigError, match="modules.vision_tower: unknown parameter 'wieght'"):
+    with pytest.raises(ConfigError, match=r"modules\.vision_tower: unknown parameter 'wieght'"):
         build_plan(parse_merge_config(recipe), strict=True)
     recipe["modules"]["vision_tower"]["parameters"] = {"space": "task_vectors"}
-    with pytest.raises(ConfigError, match="modules.vision_tower: space applies to the whole merge"):
+    with pytest.raises(ConfigError, match=r"modules\.vision_tower: space applies to the whole merge"):
         build_plan(parse_merge_config(recipe))
 
 
@@ -326,7 +331,9 @@ def test_stage_references_inside_modules_are_found() -> None:
         "merge_method": "linear",
         "modules": {
             "encoder": {"models": [{"model": "first"}, {"model": "x"}]},
-            "decoder": {"slices": [{"sources": [{"model": "first", "layer_range": [0, 1]}], "base_model": "y"}]},
+            "decoder": {
+                "slices": [{"sources": [{"model": "first", "layer_range": [0, 1]}], "base_model": "y"}]
+            },
         },
     }
     map_models(document, str.upper)

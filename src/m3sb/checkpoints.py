@@ -116,6 +116,23 @@ class Checkpoint(ABC):
         return data if isinstance(data, dict) else {}
 
 
+FINGERPRINT_TENSOR_LIMIT = 1 << 16  # tensors this small (norms, biases) are hashed whole
+
+
+def content_fingerprint(checkpoint: Checkpoint) -> str:
+    """A short hash that tells fine-tunes of one architecture apart: every tensor's name,
+    shape and dtype, and the bytes of the small ones (norms and biases differ between
+    fine-tunes and cost little to read)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=12)
+    for name, info in sorted(checkpoint.tensors.items()):
+        digest.update(f"{name}:{list(info.shape)}:{info.dtype}".encode())
+        if math.prod(info.shape) <= FINGERPRINT_TENSOR_LIMIT:
+            digest.update(checkpoint.load(name).reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class SafetensorsCheckpoint(Checkpoint):
     """One or more safetensors files (a sharded checkpoint keeps one file per shard)."""
 

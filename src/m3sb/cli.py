@@ -266,6 +266,7 @@ def experiment(
             autocast=autocast or spec.autocast,
             processor_checkpoint=spec.processor_checkpoint,
             cache_dir=spec.cache_dir,
+            statistics=spec.statistics,
         )
         results = runner.run(
             executor or spec.executor, ray_address or spec.ray_address, workers, record=out / SCORES
@@ -435,6 +436,57 @@ def convert(
             f"{out}: CLIP vision tower, {tower.layers} layers x {tower.hidden_size} wide, "
             f"{tower.heads} heads, {tower.image_size}px in {tower.patch_size}px patches, "
             f"projection {tower.projection_dim}, {tower.activation}",
+            highlight=False,
+            markup=False,
+        )
+
+    guarded(run, debug)
+
+
+@app.command()
+def statistics(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="The fine-tuned model (folder or hub id).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The statistics file to write (.safetensors).")],
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="The model's training data: a dataset entry as experiments write it (a YAML file, "
+            "or inline: '{dataset_name: ./data, split: train, kind: clip_zero_shot}').",
+        ),
+    ],
+    kind: Annotated[
+        str, typer.Option(help="gram (input Gram matrices, for regmean) or fisher (diagonal Fisher).")
+    ] = "gram",
+    samples: Annotated[int, typer.Option(min=1, help="Examples to use (the split's first).")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass (gram).")] = 32,
+    base: Annotated[
+        str | None, typer.Option(help="Base model (clip_zero_shot: where the text tower comes from).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the labels drawn for the Fisher.")] = 0,
+    device: EvalDeviceOption = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Compute a model's statistics for regmean (--kind gram) or fisher (--kind fisher)."""
+
+    def run() -> None:
+        from m3sb.devices import resolve_device
+        from m3sb.errors import ConfigError
+        from m3sb.statistics import check_kind, compute_statistics, parse_task
+        from m3sb.statistics_files import write_statistics
+
+        check_kind(kind)
+        if out.exists() and not force:
+            raise ConfigError(f"{out}: exists; pass --force to replace it")
+        spec = parse_task(task, model)
+        tensors, metadata = compute_statistics(
+            spec, kind, samples, batch_size, seed, resolve_device(device), base
+        )
+        write_statistics(tensors, metadata, out)
+        console.print(
+            f"{out}: {kind} statistics of {len(tensors)} tensors of {model} "
+            f"from {metadata['examples']} examples",
             highlight=False,
             markup=False,
         )

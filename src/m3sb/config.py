@@ -76,11 +76,13 @@ def _dtype_name(value: str | None) -> str | None:
 
 
 class ModelEntry(BaseModel):
-    """One input model and its per-model parameters."""
+    """One input model, its per-model parameters and, for the data-dependent methods (regmean,
+    fisher), the file of its statistics that ``m3sb statistics`` wrote."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+    statistics: str | None = Field(default=None, min_length=1)
 
 
 class ZeroToken(BaseModel):
@@ -471,6 +473,17 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+class StatisticsSettings(BaseModel):
+    """Where an experiment's data-dependent merges (regmean, fisher) take each model's
+    statistics from: its task's dataset, this split, the first ``samples`` examples."""
+
+    model_config = ConfigDict(extra="forbid")
+    split: str = Field(default="train", min_length=1)
+    samples: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    seed: int = 0
+
+
 class ExperimentConfig(BaseModel):
     """An M3SB experiment: task models, their datasets, the merges to compare."""
 
@@ -488,6 +501,7 @@ class ExperimentConfig(BaseModel):
     trust_remote_code: bool = False
     processor_checkpoint: str | None = Field(default=None, min_length=1)
     cache_dir: str | None = Field(default=None, min_length=1)
+    statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
 
 
 def _validated(schema: type[BaseModel], data: Any, path: str | Path) -> Any:

@@ -88,6 +88,9 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"lambda": 0.3},
     "ties": {"density": 0.2},
     "dare_ties": {"density": 0.3, "lambda": 0.5},
+    "tsv_m": {},
+    "iso_c": {},
+    "wudi": {},
 }
 
 

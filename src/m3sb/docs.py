@@ -15,8 +15,17 @@ def _format_default(value: object) -> str:
     return str(value)
 
 
-def method_rows() -> list[tuple[str, str, str, str]]:
-    """(method, base model, parameters, summary) for every registered method."""
+def reference_text(reference: str) -> str:
+    """A method's reference as the README shows it: an arXiv id or a link, else as written."""
+    if reference.startswith("https://arxiv.org/abs/"):
+        return f"[arXiv {reference.rsplit('/', 1)[1]}]({reference})"
+    if reference.startswith("https://"):
+        return f"[{reference.removeprefix('https://').split('/')[0]}]({reference})"
+    return reference or "-"
+
+
+def method_rows() -> list[tuple[str, str, str, str, str]]:
+    """(method, base model, parameters, summary, reference) for every registered method."""
     rows = []
     for method in METHODS.values():
         params = ", ".join(
@@ -34,14 +43,15 @@ def method_rows() -> list[tuple[str, str, str, str]]:
         }[method.space]
         if method.base_is_input:
             base = "optional (one more input)"
-        rows.append((method.name, base, params, method.summary))
+        rows.append((method.name, base, params, method.summary, method.reference or "-"))
     return rows
 
 
 def methods_table() -> Table:
     """The methods as a rich table (``m3sb methods``)."""
     table = Table(title="merge methods")
-    for column in ("method", "base_model", "parameters (default)", "what it computes"):
+    table.add_column("method", no_wrap=True)  # the name users copy: never cut
+    for column in ("base_model", "parameters (default)", "what it computes", "reference"):
         table.add_column(column)
     for row in method_rows():
         table.add_row(*row)
@@ -50,8 +60,12 @@ def methods_table() -> Table:
 
 def methods_markdown() -> str:
     """The methods as a Markdown table (the README's)."""
-    lines = ["| method | base_model | parameters (default) | what it computes |", "|---|---|---|---|"]
+    lines = [
+        "| method | base_model | parameters (default) | what it computes | reference |",
+        "|---|---|---|---|---|",
+    ]
     lines += [
-        f"| `{name}` | {base} | {params} | {summary} |" for name, base, params, summary in method_rows()
+        f"| `{name}` | {base} | {params} | {summary} | {reference_text(reference)} |"
+        for name, base, params, summary, reference in method_rows()
     ]
     return "\n".join(lines)

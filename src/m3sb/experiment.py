@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,12 @@ import numpy as np
 import torch
 
 from m3sb.checkpoints import append_text_durably, write_text_atomic
+from m3sb.config import StatisticsSettings
 from m3sb.devices import resolve_device
 from m3sb.errors import ConfigError
 from m3sb.methods import get_method, merge_backbones
 from m3sb.methods.registry import check_param_values, check_weights
+from m3sb.statistics import whole_norm
 from m3sb.tasks.metrics import check_autocast
 from m3sb.tasks.model import TaskModel
 from m3sb.tasks.registry import LoadSettings, Task, TaskSpec, load_tasks, parse_task_entry
@@ -56,7 +58,9 @@ class Experiment:
     ``device`` (``auto``: the GPU when there is one), streaming each split from the
     preprocessing cache (``cache_dir``, default ``$M3SB_CACHE_DIR`` or ``~/.cache/m3sb``).
     A fine-tune without an image processor uses the base model's, and
-    ``processor_checkpoint`` makes one processor serve every task.
+    ``processor_checkpoint`` makes one processor serve every task. The data-dependent
+    methods (regmean, fisher) compute each merged model's statistics on its task's
+    ``statistics`` split (default: the first 256 examples of ``train``).
     """
 
     space = "weights"
@@ -75,6 +79,7 @@ class Experiment:
         autocast: str = "none",
         processor_checkpoint: str | None = None,
         cache_dir: str | Path | None = None,
+        statistics: StatisticsSettings | Mapping[str, Any] | None = None,
     ) -> None:
         if not model_checkpoints:
             raise ConfigError(f"experiment '{name}': no model_checkpoints")
@@ -104,6 +109,7 @@ class Experiment:
         self._rows: list[dict[str, Any]] = []
         self.points: dict[str, torch.Tensor] = {}
         self.point_kinds: dict[str, str] = {}
+        self.statistics = _statistics_settings(statistics)
         self._check_merge_configs()
 
     def _check_merge_configs(self) -> None:
@@ -190,7 +196,37 @@ class Experiment:
         """The task models, the base and the preprocessed task data, loaded once."""
         settings = LoadSettings(self.trust_remote_code, self.processor_checkpoint, self.cache_dir)
         tasks, base = load_tasks(self.task_specs, self.base_model_checkpoint, settings, self._log)
-        return ExperimentProblem(tasks, base, self.merge_configs, self.space, self.batch_size, self.autocast)
+        problem = ExperimentProblem(
+            tasks, base, self.merge_configs, self.space, self.batch_size, self.autocast
+        )
+        for kind in self._statistics_kinds():
+            self._log(
+                f"computing {kind} statistics of {len(problem.merged)} models "
+                f"on their {self.statistics.split} splits"
+            )
+            problem.statistics[kind] = [self._statistics_of(task, kind) for task in problem.merged]
+        return problem
+
+    def _statistics_kinds(self) -> list[str]:
+        """The kinds of statistics the configured merges need."""
+        kinds = (
+            get_method(str(params.get("method", label))).statistics
+            for label, params in self.merge_configs.items()
+        )
+        return sorted({kind for kind in kinds if kind is not None})
+
+    def _statistics_of(self, task: Task, kind: str) -> dict[str, torch.Tensor]:
+        """One task model's statistics on its statistics split (by state-dict name)."""
+        from m3sb.statistics import model_statistics, prepare_statistics_data
+
+        settings = self.statistics
+        spec = replace(task.spec, dataset=task.spec.dataset.model_copy(update={"split": settings.split}))
+        data = prepare_statistics_data(spec, task.model, settings.samples, self.cache_dir)
+        device = resolve_device(self.device_name)
+        logits_of = spec.family.logits_function(task.model, device)
+        return model_statistics(
+            task.model, logits_of, data, kind, settings.samples, settings.batch_size, settings.seed, device
+        )
 
     def _fingerprint(self) -> dict[str, Any]:
         """What decides the scores: a record made under another one is not reused."""
@@ -203,6 +239,7 @@ class Experiment:
             "controls": [spec.control for spec in self.task_specs],
             "processor_checkpoint": self.processor_checkpoint,
             "autocast": self.autocast,
+            **({"statistics": self.statistics.model_dump()} if self._statistics_kinds() else {}),
         }
 
     def _collect(
@@ -278,6 +315,7 @@ class ExperimentProblem:
     space: str
     batch_size: int
     autocast: str
+    statistics: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)  # by kind, per model
 
     @property
     def merged(self) -> list[Task]:
@@ -299,12 +337,16 @@ class ExperimentProblem:
         base = self.base.backbone if self.base is not None else None
         if method.space == "if_base" and self.space == "weights":
             base = None  # the base would make these methods merge task vectors
+        statistics = self.statistics.get(method.statistics, []) if method.statistics else []
+        norms = [whole_norm(own) for own in statistics] if method.statistics == "fisher" else []
         return merge_backbones(
             method.name,
             merged[0].model.backbone,
             [task.model.weights for task in merged],
             weights,
             base,
+            statistics,
+            norms,
             **params,
         )
 
@@ -334,6 +376,20 @@ class ExperimentWorker:
             return ScoredMerge(self.score(problem.base.backbone), None)
         backbone = problem.merge(label)
         return ScoredMerge(self.score(backbone), flatten_backbone(backbone))
+
+
+def _statistics_settings(value: StatisticsSettings | Mapping[str, Any] | None) -> StatisticsSettings:
+    """The statistics settings, validated (one line naming the key on a bad one)."""
+    if isinstance(value, StatisticsSettings):
+        return value
+    from pydantic import ValidationError
+
+    try:
+        return StatisticsSettings.model_validate(dict(value or {}))
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"statistics.{key}: {first['msg']}") from None
 
 
 def _task_spec(checkpoint: str, entry: Mapping[str, Any], where: str) -> TaskSpec:

@@ -24,6 +24,7 @@ from m3sb.checkpoints import (
     SafetensorsWriter,
     TensorInfo,
     atomic_output_folder,
+    content_fingerprint,
     copy_support_files,
     open_checkpoint,
 )
@@ -52,6 +53,7 @@ from m3sb.modules import (
     with_value,
 )
 from m3sb.slices import LAYER_COUNT_KEYS, sliced_layer_types, sliced_tensors
+from m3sb.statistics_files import check_statistics_for, read_statistics
 from m3sb.vocab import (
     Vocabulary,
     chat_template_text,
@@ -86,6 +88,7 @@ class TensorJob:
     sources: tuple[TensorSource, ...]
     base: TensorSource | None = None
     vocabulary: bool = False  # re-indexed to the output vocabulary before merging
+    statistics: tuple[TensorSource | None, ...] = ()  # each input's, for the data-dependent methods
 
     @property
     def copied_from(self) -> TensorSource:
@@ -107,6 +110,7 @@ class MergePlan:
     vocabulary: Vocabulary | None = None
     chat_template: str | None = None
     notes: list[str] = field(default_factory=list)  # what the recipe asked that was ignored
+    statistic_norms: tuple[float, ...] = ()  # each input's whole-statistics norm (Fisher)
 
     @property
     def config_source(self) -> Checkpoint:
@@ -580,6 +584,18 @@ def build_plan(config: MergeConfig, strict: bool = False) -> MergePlan:
         inputs, base, jobs = _plan_models(method, named, realigned=spec is not None)
         overrides = {}
     every = _with_base(inputs, base)
+    norms: tuple[float, ...] = ()
+    if method.statistics is not None:
+        jobs, norms = _with_statistics(method, named, inputs, jobs)
+    else:
+        for entry in [
+            *(named.models or []),
+            *(e for m in (named.modules or {}).values() for e in m.models or []),
+        ]:
+            if entry.statistics is not None:
+                notes.append(
+                    f"model '{entry.model}': statistics are read only by regmean and fisher; ignored"
+                )
     vocabulary = None
     if spec is not None:
         vocabulary = plan_vocabulary(spec, named, every, open_checkpoint, _identity)
@@ -598,9 +614,57 @@ def build_plan(config: MergeConfig, strict: bool = False) -> MergePlan:
             f"{len(vocabulary.unfilled)} tokens of the output vocabulary ({shown}{more}) are in no input "
             "model; their rows are zero (give them a source under tokenizer.tokens)"
         )
-    plan = MergePlan(method, inputs, base, jobs, compute_dtype, config, overrides, vocabulary, template)
+    plan = MergePlan(
+        method, inputs, base, jobs, compute_dtype, config, overrides, vocabulary, template, [], norms
+    )
     plan.notes.extend(notes)
     return plan
+
+
+def _with_statistics(
+    method: MergeMethod, config: MergeConfig, inputs: Sequence[Checkpoint], jobs: Sequence[TensorJob]
+) -> tuple[tuple[TensorJob, ...], tuple[float, ...]]:
+    """The jobs with each input's statistics for their tensor, and each input's statistics norm;
+    every file checked against its model first (kind, model, tensor names and shapes)."""
+    kind = method.statistics
+    assert kind is not None
+    if config.models is None:
+        raise ConfigError(
+            f"merge_method '{method.name}' reads each model's statistics; give 'models', not slices"
+        )
+    if config.tokenizer_spec is not None:
+        raise ConfigError(f"merge_method '{method.name}' cannot realign statistics to another vocabulary")
+    entries = {_identity(entry.model): entry for entry in config.models}
+    files = []
+    for checkpoint in inputs:
+        entry = entries[_identity(checkpoint.label)]
+        if entry.statistics is None:
+            raise ConfigError(
+                f"model '{entry.model}': merge_method '{method.name}' needs its {kind} statistics; add "
+                f"'statistics: FILE' (made by: m3sb statistics {entry.model} --task ... --kind {kind} FILE)"
+            )
+        header = read_statistics(entry.statistics)
+        shapes = {name: tuple(info.shape) for name, info in checkpoint.tensors.items()}
+        check_statistics_for(header, kind, content_fingerprint(checkpoint), shapes, checkpoint.label)
+        files.append((header, open_checkpoint(header.path)))
+    result = []
+    for job in jobs:
+        if not job.mergeable:
+            result.append(job)
+            continue
+        present = [source.name in file.shapes for source, (file, _) in zip(job.sources, files, strict=True)]
+        if any(present) and not all(present):
+            lacking = files[present.index(False)][0].path
+            raise ConfigError(
+                f"{lacking}: no statistics for tensor '{job.name}', which other models' files have"
+            )
+        sources = tuple(
+            TensorSource(opened, source.name) if has else None
+            for source, (_, opened), has in zip(job.sources, files, present, strict=True)
+        )
+        result.append(replace(job, statistics=sources))
+    norms = tuple(file.norm() for file, _ in files) if kind == "fisher" else ()
+    return tuple(result), norms
 
 
 def _realigned(jobs: Sequence[TensorJob], vocabulary: Vocabulary) -> tuple[TensorJob, ...]:
@@ -965,6 +1029,10 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     if not tensors:  # no task vector to add: the base
         assert base is not None
         return base.to("cpu", job.out_dtype)
+    statistics = [
+        None if source is None else _load(source.checkpoint, source.name, plan.compute_dtype, device)
+        for source in job.statistics
+    ]
     try:
         merged = apply_method(
             plan.method,
@@ -974,6 +1042,8 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
             job.params,
             job.name,
             consume_inputs=True,
+            statistics=statistics,
+            statistic_norms=plan.statistic_norms,
         )
     except MergeError as error:
         raise MergeError(f"tensor '{job.name}': {error}") from None

@@ -14,6 +14,8 @@ from m3sb.methods import (
     breadcrumbs,
     dare,
     della,
+    fisher,
+    iso,
     linear,
     model_stock,
     multislerp,
@@ -21,10 +23,13 @@ from m3sb.methods import (
     nuslerp,
     passthrough,
     ram,
+    regmean,
     sce,
     slerp,
     task_arithmetic,
     ties,
+    tsv,
+    wudi,
 )
 from m3sb.methods.registry import (
     MergeMethod,
@@ -63,6 +68,12 @@ METHODS: dict[str, MergeMethod] = {
         barycenter.KARCHER,
         multislerp.METHOD,
         barycenter_seed.METHOD,
+        tsv.METHOD,
+        iso.ISO_C,
+        iso.ISO_CTS,
+        wudi.METHOD,
+        regmean.METHOD,
+        fisher.METHOD,
     )
 }
 
@@ -81,9 +92,14 @@ def merge_group(
     weights: Sequence[float] | None = None,
     base: torch.Tensor | None = None,
     tensor_name: str = "tensor",
+    statistics: Sequence[torch.Tensor | None] = (),
+    statistic_norms: Sequence[float] = (),
     **params: ParamValue | Sequence[ParamValue],
 ) -> torch.Tensor:
     """Merge one group of aligned tensors in memory, with the method's defaults and checks.
+
+    The data-dependent methods (``regmean``, ``fisher``) take each model's ``statistics`` for
+    this tensor (None where it has none) and, for ``fisher``, ``statistic_norms``.
 
     Per-model parameters take one value for all models or a sequence of N values;
     ``lambda`` may be written ``lambda_``, and a parameter under any of its aliases
@@ -131,7 +147,9 @@ def merge_group(
     check_weights(method, weight_list, resolved.get("normalize"), f"for tensor '{tensor_name}'")
     if method.validate is not None:
         method.validate(resolved, f"tensor '{tensor_name}'")
-    merged = apply_method(method, tensors, weight_list, base, resolved, tensor_name)
+    merged = apply_method(
+        method, tensors, weight_list, base, resolved, tensor_name, False, statistics, statistic_norms
+    )
     if not bool(torch.isfinite(merged).all()):
         raise MergeError(f"tensor '{tensor_name}': the merge produced NaN or Inf")
     return merged
@@ -143,12 +161,15 @@ def merge_backbones(
     models: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float] | None = None,
     base: Mapping[str, torch.Tensor] | None = None,
+    statistics: Sequence[Mapping[str, torch.Tensor]] = (),
+    statistic_norms: Sequence[float] = (),
     **params: ParamValue | Sequence[ParamValue],
 ) -> dict[str, torch.Tensor]:
     """Merge whole backbones in memory with :func:`merge_group`, tensor by tensor.
 
     ``reference`` names the tensors to merge and supplies the non-floating ones (copied
-    as they are); ``models`` and ``base`` map at least those names to tensors.
+    as they are); ``models`` and ``base`` map at least those names to tensors; for the
+    data-dependent methods, ``statistics`` holds each model's (by tensor name).
     """
     merged = {}
     for name, tensor in reference.items():
@@ -157,7 +178,10 @@ def merge_backbones(
             continue
         group = [model[name] for model in models]
         base_tensor = base[name] if base is not None else None
-        merged[name] = merge_group(method_name, group, weights, base_tensor, tensor_name=name, **params)
+        own = [model_statistics.get(name) for model_statistics in statistics]
+        merged[name] = merge_group(
+            method_name, group, weights, base_tensor, name, own, statistic_norms, **params
+        )
     return merged
 
 

@@ -119,8 +119,10 @@ class MergeMethod:
     the user's ``space`` parameter chooses, or (``if_base``) task vectors exactly when a
     ``base_model`` is given, as mergekit's nuslerp and multislerp do. With
     ``base_is_input``, a ``base_model`` is one more input rather than the origin of task
-    vectors. ``validate`` checks one tensor's resolved parameters together (a
-    ConfigError naming ``where``), before any tensor is read.
+    vectors. A method with ``statistics`` also receives each model's statistics for the
+    tensor (``statistics``, None where a model has none) and, for ``fisher``, the norm of
+    each model's whole statistics (``statistic_norms``). ``validate`` checks one tensor's
+    resolved parameters together (a ConfigError naming ``where``), before any tensor is read.
     """
 
     name: str
@@ -136,6 +138,7 @@ class MergeMethod:
     reference: str = ""
     scales: bool = True  # lambda scales the merged task vector (False: accepted, no effect, as mergekit's)
     validate: Callable[[Mapping[str, Any], str], None] | None = None
+    statistics: Literal["gram", "fisher"] | None = None  # per-model statistics the function takes
     all_params: tuple[Param, ...] = field(init=False)
     aliases: dict[str, str] = field(init=False, compare=False)  # alias -> name, from the params
 
@@ -282,6 +285,8 @@ def apply_method(
     params: Mapping[str, ParamValue | list[ParamValue]],
     tensor_name: str,
     consume_inputs: bool = False,
+    statistics: Sequence[torch.Tensor | None] = (),
+    statistic_norms: Sequence[float] = (),
 ) -> torch.Tensor:
     """Merge one tensor group with ``method``: task vectors, ``lambda`` and per-tensor seeds.
 
@@ -289,7 +294,13 @@ def apply_method(
     dropped from the list as soon as its task vector exists, so that at most one extra
     tensor is alive while task vectors are formed.
     """
-    kwargs = {p.argument: params[p.name] for p in method.params if not p.inert}
+    kwargs: dict[str, Any] = {p.argument: params[p.name] for p in method.params if not p.inert}
+    if method.statistics is not None:
+        if len(statistics) != len(tensors):
+            raise MergeError(f"method '{method.name}' needs {method.statistics} statistics for every model")
+        kwargs["statistics"] = list(statistics)
+        if method.statistics == "fisher":
+            kwargs["statistic_norms"] = list(statistic_norms) or [1.0] * len(tensors)
     if "random_seed" in kwargs:
         seed = kwargs["random_seed"]
         assert isinstance(seed, int)

@@ -35,6 +35,11 @@ def check_search_method(
 ) -> None:
     """The method must take per-model weights (the coefficients) and accept ``params``."""
     method = get_method(method_name)
+    if method.statistics is not None:
+        raise ConfigError(
+            f"merge_method '{method_name}' needs each model's {method.statistics} statistics, which "
+            "the Pareto search does not compute yet"
+        )
     if not method.uses_weights:
         raise ConfigError(
             f"merge_method '{method_name}' has no per-model weights for the coefficients to set"

@@ -50,6 +50,7 @@ __all__ = [
     "evaluate",
     "evaluate_candidates",
     "load_task_model",
+    "logits_function",
     "prepare",
     "zero_shot_head",
 ]
@@ -328,6 +329,14 @@ def _head(task: TaskModel) -> torch.Tensor:
     if head is None:
         raise RuntimeError(f"{task.checkpoint}: no zero-shot head; prepare the task's data first")
     return head  # type: ignore[no-any-return]
+
+
+def logits_function(task: TaskModel, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The zero-shot classifier with the task's own vision tower, from a batch of images on
+    ``device`` to logits (the head is built when the task's data is prepared)."""
+    head = _head(task).to(device).clone()  # a normal tensor: gradients may flow through it
+    model = task.model.to(device).eval()
+    return lambda values: _logits(_image_embeds(model, None, values), head)
 
 
 def evaluate(

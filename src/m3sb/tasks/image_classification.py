@@ -227,6 +227,12 @@ def _forward(model: Any, backbone: Mapping[str, torch.Tensor] | None, values: to
     return result.logits  # type: ignore[no-any-return]
 
 
+def logits_function(task: TaskModel, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The task's classifier with its own backbone, from a batch of inputs on ``device`` to logits."""
+    model = task.model.to(device).eval()
+    return lambda values: _forward(model, None, values)
+
+
 def evaluate(
     task: TaskModel,
     backbone: Mapping[str, torch.Tensor] | None,

@@ -44,6 +44,10 @@ class Family(Protocol):
         log: Callable[[str], None] | None = None,
     ) -> CachedSplit: ...
 
+    def logits_function(
+        self, task: TaskModel, device: torch.device
+    ) -> Callable[[torch.Tensor], torch.Tensor]: ...
+
     def evaluate(
         self,
         task: TaskModel,

@@ -105,6 +105,11 @@ class Checkpoint(ABC):
     def load(self, name: str) -> torch.Tensor:
         """Read one tensor (on the CPU)."""
 
+    def load_head(self, name: str, count: int) -> torch.Tensor:
+        """The first ``count`` entries along the first axis of one tensor (of a 0-D tensor: it)."""
+        tensor = self.load(name)
+        return tensor if tensor.dim() == 0 else tensor[:count]
+
     def read_config(self) -> dict[str, object]:
         """The model's config.json as a dict, or an empty dict when there is none."""
         if self.folder is None or not (self.folder / "config.json").is_file():
@@ -121,15 +126,18 @@ FINGERPRINT_TENSOR_LIMIT = 1 << 16  # tensors this small (norms, biases) are has
 
 def content_fingerprint(checkpoint: Checkpoint) -> str:
     """A short hash that tells fine-tunes of one architecture apart: every tensor's name,
-    shape and dtype, and the bytes of the small ones (norms and biases differ between
-    fine-tunes and cost little to read)."""
+    shape and dtype, the bytes of the small ones and the first row of the others (a
+    fine-tune, LoRA's included, changes every row of the matrices it touches)."""
     import hashlib
 
     digest = hashlib.blake2b(digest_size=12)
     for name, info in sorted(checkpoint.tensors.items()):
         digest.update(f"{name}:{list(info.shape)}:{info.dtype}".encode())
         if math.prod(info.shape) <= FINGERPRINT_TENSOR_LIMIT:
-            digest.update(checkpoint.load(name).reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            part = checkpoint.load(name)
+        else:
+            part = checkpoint.load_head(name, 1 if len(info.shape) > 1 else FINGERPRINT_TENSOR_LIMIT)
+        digest.update(part.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -155,6 +163,17 @@ class SafetensorsCheckpoint(Checkpoint):
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 tensor: torch.Tensor = handle.get_tensor(name)
                 return tensor
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise CheckpointError(f"{file}: cannot read tensor '{name}': {error}") from None
+
+    def load_head(self, name: str, count: int) -> torch.Tensor:
+        if not self._infos[name].shape:
+            return self.load(name)
+        file = self._file_of[name]
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                head: torch.Tensor = handle.get_slice(name)[:count]  # reads those rows only
+                return head
         except (SafetensorError, OSError, RuntimeError) as error:
             raise CheckpointError(f"{file}: cannot read tensor '{name}': {error}") from None
 

@@ -477,6 +477,9 @@ def statistics(
         from m3sb.statistics_files import write_statistics
 
         check_kind(kind)
+        folder = Path(model).expanduser()
+        if folder.is_dir() and folder.resolve() in out.expanduser().resolve().parents:
+            raise ConfigError(f"{out}: inside the model's folder, where it would be read as weights")
         if out.exists() and not force:
             raise ConfigError(f"{out}: exists; pass --force to replace it")
         spec = parse_task(task, model)

@@ -218,8 +218,15 @@ class Experiment:
     def _statistics_of(self, task: Task, kind: str) -> dict[str, torch.Tensor]:
         """One task model's statistics on its statistics split (by state-dict name)."""
         from m3sb.statistics import model_statistics, prepare_statistics_data
+        from m3sb.tasks.data import CarveSpec
 
         settings = self.statistics
+        evaluated = task.spec.dataset.split
+        if isinstance(evaluated, CarveSpec) and evaluated.carve == settings.split:
+            raise ConfigError(
+                f"task '{task.name}': its evaluation split is carved from '{settings.split}', the "
+                "statistics split; statistics would see evaluation examples: set statistics.split"
+            )
         spec = replace(task.spec, dataset=task.spec.dataset.model_copy(update={"split": settings.split}))
         data = prepare_statistics_data(spec, task.model, settings.samples, self.cache_dir)
         device = resolve_device(self.device_name)

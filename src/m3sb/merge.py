@@ -560,8 +560,13 @@ def _last_entries(
             notes.append(
                 f"model '{entry.model}' is listed twice; merged once, with its last entry's parameters"
             )
+        earlier = last.get(identity)
+        statistics = entry.statistics or (earlier.statistics if earlier is not None else None)
         last[identity] = entry.model_copy(
-            update={"parameters": kept(entry.parameters, f"model '{entry.model}': ", per_model=True)}
+            update={
+                "parameters": kept(entry.parameters, f"model '{entry.model}': ", per_model=True),
+                "statistics": statistics,
+            }
         )
     order = list(dict.fromkeys(_identity(entry.model) for entry in config.models))
     return [last[identity] for identity in order]
@@ -630,7 +635,7 @@ def _with_statistics(
     assert kind is not None
     if config.models is None:
         raise ConfigError(
-            f"merge_method '{method.name}' reads each model's statistics; give 'models', not slices"
+            f"merge_method '{method.name}' reads each model's statistics: give 'models' (no slices, modules)"
         )
     if config.tokenizer_spec is not None:
         raise ConfigError(f"merge_method '{method.name}' cannot realign statistics to another vocabulary")
@@ -990,6 +995,10 @@ def _module_layouts(first: Checkpoint, modules: Mapping[str, ModuleEntry]) -> di
 def _check_destination(plan: MergePlan, destination: Path) -> None:
     """Refuse an output folder that is, or contains, one of the inputs (--force would delete it)."""
     inputs = [(checkpoint.label, file) for checkpoint in plan.sources for file in checkpoint.files]
+    statistics = {source.checkpoint for job in plan.jobs for source in job.statistics if source is not None}
+    inputs += [
+        (f"statistics {checkpoint.label}", file) for checkpoint in statistics for file in checkpoint.files
+    ]
     if plan.vocabulary is not None and plan.vocabulary.folder is not None:
         inputs.append(
             (f"tokenizer {plan.vocabulary.folder}", plan.vocabulary.folder / "tokenizer_config.json")
@@ -1029,8 +1038,9 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     if not tensors:  # no task vector to add: the base
         assert base is not None
         return base.to("cpu", job.out_dtype)
+    statistics_dtype = torch.float64 if plan.method.statistics == "gram" else plan.compute_dtype
     statistics = [
-        None if source is None else _load(source.checkpoint, source.name, plan.compute_dtype, device)
+        None if source is None else _load(source.checkpoint, source.name, statistics_dtype, device)
         for source in job.statistics
     ]
     try:

@@ -157,7 +157,8 @@ def model_statistics(
     batches = (values.to(device) for values in _examples(data.batches(batch_size), samples))
     floating = {name for name, tensor in task.backbone.items() if tensor.is_floating_point()}
     if kind == "gram":
-        return gram_matrices(model, logits_of, batches, floating)
+        grams = gram_matrices(model, logits_of, batches, floating)
+        return {name: gram.cpu() for name, gram in grams.items()}  # beside the CPU weights that merge
     with torch.enable_grad():
         return diagonal_fisher(model, logits_of, batches, floating, seed)
 
@@ -208,7 +209,8 @@ def compute_statistics(
         "model": spec.checkpoint,
         "examples": str(min(samples, data.count)),
     }
-    result = {names[name]: tensor.float().contiguous() for name, tensor in tensors.items()}
+    stored = torch.float64 if kind == "gram" else torch.float32  # Gram matrices are ill-conditioned
+    result = {names[name]: tensor.to(stored).contiguous() for name, tensor in tensors.items()}
     if kind == "fisher":
         metadata[NORM_KEY] = repr(whole_norm(result))
     return result, metadata
@@ -229,6 +231,8 @@ def parse_task(text: str, checkpoint: str) -> TaskSpec:
             entry = yaml.safe_load(text)
         except yaml.YAMLError:
             raise ConfigError(f"--task: neither a file nor a YAML mapping: {text!r}") from None
+    if isinstance(entry, dict) and "split" not in entry:
+        entry = {**entry, "split": "train"}  # statistics describe the data a model was trained on
     kind, _, dataset = parse_task_entry(entry, "--task")
     return TaskSpec(
         name=Path(checkpoint).name or checkpoint, checkpoint=checkpoint, dataset=dataset, kind=kind

@@ -190,16 +190,47 @@ def test_regmean_merge_of_the_zoo_uses_each_models_statistics(
 
 
 @pytest.mark.slow
-def test_fisher_merge_of_the_zoo_runs_and_stays_between_the_models(
+def test_fisher_merge_of_the_zoo_weighs_each_entry_by_its_fisher(
     zoo_statistics: dict[str, Any], tmp_path: Path
 ) -> None:
-    recipe = _recipe(zoo_statistics, "fisher", "fisher")
+    recipe = _recipe(zoo_statistics, "fisher", "fisher") | {"dtype": "float64"}
     merged = open_checkpoint(merge_to_folder(parse_merge_config(recipe), tmp_path / "out").out_dir)
-    a, b = (open_checkpoint(entry["model"]) for entry in recipe["models"])
-    for name in list(a.tensors)[:20]:
-        low = torch.minimum(a.load(name), b.load(name))
-        high = torch.maximum(a.load(name), b.load(name))
-        assert bool(((merged.load(name) >= low - 1e-6) & (merged.load(name) <= high + 1e-6)).all()), name
+    models = [open_checkpoint(entry["model"]) for entry in recipe["models"]]
+    files = [open_checkpoint(entry["statistics"]) for entry in recipe["models"]]
+    norms = [read_statistics(entry["statistics"]).norm() for entry in recipe["models"]]
+    assert all(norm > 0 for norm in norms) and norms[0] != norms[1]
+    plain = 0
+    for name in files[0].tensors:
+        expected = merge_group(
+            "fisher",
+            [m.load(name).double() for m in models],
+            statistics=[f.load(name).double() for f in files],
+            statistic_norms=norms,
+        )
+        ours = merged.load(name).double()
+        assert float((ours - expected).norm() / expected.norm().clamp_min(1e-12)) <= 1e-6, name
+        average = (models[0].load(name).double() + models[1].load(name).double()) / 2
+        plain += int(torch.allclose(ours, average, rtol=1e-4, atol=1e-7))
+    assert plain < len(files[0].tensors) / 2  # the Fisher weighting moves most tensors off the plain mean
+
+
+def test_the_fingerprint_tells_apart_models_that_differ_in_a_large_matrix_only(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from m3sb.checkpoints import content_fingerprint
+
+    generator = torch.Generator().manual_seed(0)
+    shared = {"norm.weight": torch.ones(8), "big.weight": torch.randn(300, 300, generator=generator)}
+    changed = dict(shared, **{"big.weight": shared["big.weight"] + 1e-3})
+    for name, state in (("a", shared), ("b", changed), ("c", shared)):
+        save_file(state, tmp_path / f"{name}.safetensors")
+    a, b, c = (content_fingerprint(open_checkpoint(tmp_path / f"{n}.safetensors")) for n in "abc")
+    assert a == c and a != b
+
+
+def test_statistics_default_to_the_train_split() -> None:
+    assert parse_task("{dataset_name: ./data}", "./model").dataset.split == "train"
+    assert parse_task("{dataset_name: ./data, split: validation}", "./model").dataset.split == "validation"
 
 
 @pytest.mark.slow
@@ -238,6 +269,20 @@ def test_bad_statistics_are_refused_in_one_line_before_anything_is_written(
     misshaped["models"][0]["statistics"] = str(cut)
     with pytest.raises(ConfigError, match=f"tensor '{name}' has shape"):
         build_plan(parse_merge_config(misshaped))
+    # a repeated entry keeps the statistics its first entry gave (lenient reading: merged once)
+    repeated = json.loads(json.dumps(recipe))
+    repeated["models"].append({"model": repeated["models"][0]["model"]})
+    assert build_plan(parse_merge_config(repeated)).notes
+    # --force never deletes a statistics file kept inside the output folder
+    inside = tmp_path / "out2"
+    inside.mkdir()
+    kept = inside / "a.gram.safetensors"
+    kept.write_bytes(Path(recipe["models"][0]["statistics"]).read_bytes())
+    guarded = json.loads(json.dumps(recipe))
+    guarded["models"][0]["statistics"] = str(kept)
+    with pytest.raises(ConfigError, match="the output folder holds input statistics"):
+        merge_to_folder(parse_merge_config(guarded), inside, force=True)
+    assert kept.is_file()
 
 
 @pytest.mark.slow
@@ -285,17 +330,22 @@ def test_statistics_methods_are_refused_where_statistics_are_not_computed() -> N
         (["--kind", "hessian"], "kind: expected one of gram, fisher, got 'hessian'"),
         (["--task", "[not, a, mapping]"], "--task: expected a mapping"),
         (["--task", "{split: train}"], "dataset_name"),
+        (["--out-inside"], "inside the model's folder"),
     ],
 )
 def test_statistics_command_refuses_bad_input_in_one_line(
     arguments: list[str], message: str, tmp_path: Path
 ) -> None:
-    command = ["statistics", str(tmp_path / "model"), str(tmp_path / "out.safetensors")]
+    out = tmp_path / "out.safetensors"
+    if arguments == ["--out-inside"]:  # a statistics file in the model's folder would be read as weights
+        (tmp_path / "model").mkdir()
+        out, arguments = tmp_path / "model" / "gram.safetensors", []
+    command = ["statistics", str(tmp_path / "model"), str(out)]
     task = [] if "--task" in arguments else ["--task", "{dataset_name: ./data}"]
     result = runner.invoke(app, [*command, *task, *arguments])
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
-    assert not (tmp_path / "out.safetensors").exists()
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -59,7 +59,13 @@ METHOD = MergeMethod(
         Param(
             "normalize", bool, True, "divide each model's Fisher by its whole norm (FusionBench's default)"
         ),
-        Param("minimal_fisher", float, 1e-6, "added to every Fisher entry", minimum=0.0),
+        Param(
+            "minimal_fisher",
+            float,
+            1e-6,
+            "added to every Fisher entry (keeps untouched entries finite)",
+            minimum=1e-30,
+        ),
     ),
     min_models=1,
     nonnegative_weights=True,

@@ -150,3 +150,22 @@ def test_the_same_file_gives_mergekit_multimerges_output(family: Family, tmp_pat
             float((mine[name].double() - tensor.double()).norm() / tensor.double().norm().clamp_min(1e-30))
             < 1e-6
         )
+
+
+def test_a_changed_statistics_file_changes_the_stage_fingerprint(tmp_path: Path) -> None:
+    from m3sb.stages import plan_stages
+
+    statistics = tmp_path / "a.gram.safetensors"
+    recipe = {
+        "merge_method": "regmean",
+        "models": [{"model": "org/a", "statistics": str(statistics)}, {"model": "org/b"}],
+    }
+
+    def fingerprint() -> str:
+        config = parse_merge_config(recipe)
+        return plan_stages([config], "recipe.yml", tmp_path / "out", tmp_path / "stages")[0].fingerprint
+
+    statistics.write_bytes(b"first")
+    before = fingerprint()
+    statistics.write_bytes(b"recomputed")
+    assert fingerprint() != before

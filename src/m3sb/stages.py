@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m3sb.config import MergeConfig, load_yaml_documents, parse_merge_config
+from m3sb.config import MergeConfig, ModuleEntry, load_yaml_documents, parse_merge_config
 from m3sb.errors import ConfigError
 
 STAGE_RECORD = "m3sb-stage.json"  # written into each finished stage's folder
@@ -166,6 +166,12 @@ def _input_signature(location: str) -> list[list[object]]:
     return signature
 
 
+def _statistics_files(config: MergeConfig) -> list[str]:
+    """The statistics files a recipe's models name (regmean, fisher)."""
+    bodies: list[MergeConfig | ModuleEntry] = [config, *(config.modules or {}).values()]
+    return sorted({entry.statistics for body in bodies for entry in body.models or [] if entry.statistics})
+
+
 def plan_stages(configs: Sequence[MergeConfig], source: str, out_dir: Path, stages_dir: Path) -> list[Stage]:
     """The stages of a recipe in running order, checked (names, references, cycles)."""
     _check_names(configs, source)
@@ -185,6 +191,7 @@ def plan_stages(configs: Sequence[MergeConfig], source: str, out_dir: Path, stag
             "recipe": config.model_dump(mode="json"),
             "stages": sorted(fingerprints[index_of[ref]] for ref in references if ref in index_of),
             "inputs": {ref: _input_signature(ref) for ref in references if ref not in index_of},
+            "statistics": {path: _input_signature(path) for path in _statistics_files(config)},
         }
         fingerprint = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
         fingerprints[index] = fingerprint

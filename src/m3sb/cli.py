@@ -445,18 +445,32 @@ def convert(
 
 @app.command()
 def statistics(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="The fine-tuned model (folder or hub id).")],
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="The statistics file to write (.safetensors).")],
+    models: Annotated[
+        list[str], typer.Argument(metavar="MODEL...", help="The fine-tuned model(s) (folders or hub ids).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT",
+            help="The statistics file to write (.safetensors); with several models, a folder "
+            "that receives one file per model.",
+        ),
+    ],
     task: Annotated[
-        str,
+        list[str],
         typer.Option(
             "--task",
-            help="The model's training data: a dataset entry as experiments write it (a YAML file, "
-            "or inline: '{dataset_name: ./data, split: train, kind: clip_zero_shot}').",
+            help="A model's training data: a dataset entry as experiments write it (a YAML file, "
+            "or inline: '{dataset_name: ./data, split: train, kind: clip_zero_shot}'); once per "
+            "model, in order, or once for all.",
         ),
     ],
     kind: Annotated[
-        str, typer.Option(help="gram (input Gram matrices, for regmean) or fisher (diagonal Fisher).")
+        str,
+        typer.Option(
+            help="gram (input Gram matrices, for regmean), fisher (diagonal Fisher) or gram_plusplus "
+            "(Gram matrices through the merged earlier layers, for regmean_plusplus: all models at once)."
+        ),
     ] = "gram",
     samples: Annotated[int, typer.Option(min=1, help="Examples to use (the split's first).")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass (gram).")] = 32,
@@ -464,37 +478,68 @@ def statistics(
         str | None, typer.Option(help="Base model (clip_zero_shot: where the text tower comes from).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the labels drawn for the Fisher.")] = 0,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="gram_plusplus: the models' merge weights, comma-separated (default: equal)."),
+    ] = None,
+    reduce_non_diagonal_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="gram_plusplus: the merge's off-diagonal scale.")
+    ] = 0.95,
     device: EvalDeviceOption = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     debug: DebugOption = False,
 ) -> None:
-    """Compute a model's statistics for regmean (--kind gram) or fisher (--kind fisher)."""
+    """Compute models' statistics for regmean (--kind gram), fisher (--kind fisher) or
+    regmean_plusplus (--kind gram_plusplus)."""
 
     def run() -> None:
         from m3sb.devices import resolve_device
         from m3sb.errors import ConfigError
         from m3sb.statistics import check_kind, compute_statistics, parse_task
-        from m3sb.statistics_files import write_statistics
+        from m3sb.statistics_files import statistics_destinations, write_statistics
 
         check_kind(kind)
-        folder = Path(model).expanduser()
-        if folder.is_dir() and folder.resolve() in out.expanduser().resolve().parents:
-            raise ConfigError(f"{out}: inside the model's folder, where it would be read as weights")
-        if out.exists() and not force:
-            raise ConfigError(f"{out}: exists; pass --force to replace it")
-        spec = parse_task(task, model)
-        tensors, metadata = compute_statistics(
-            spec, kind, samples, batch_size, seed, resolve_device(device), base
-        )
-        write_statistics(tensors, metadata, out)
-        console.print(
-            f"{out}: {kind} statistics of {len(tensors)} tensors of {model} "
-            f"from {metadata['examples']} examples",
-            highlight=False,
-            markup=False,
-        )
+        destinations = statistics_destinations(models, out, force)
+        if len(task) not in (1, len(models)):
+            raise ConfigError(
+                f"--task: given {len(task)} times for {len(models)} models; give it once, or once per model"
+            )
+        entries = task * len(models) if len(task) == 1 else task
+        specs = [parse_task(entry, model) for model, entry in zip(models, entries, strict=True)]
+        chosen = resolve_device(device)
+        if kind == "gram_plusplus":
+            from m3sb.layerwise_statistics import compute_plusplus_statistics
+
+            weight_list = None if weights is None else _numbers(weights, "--weights")
+            results = compute_plusplus_statistics(
+                specs, weight_list, reduce_non_diagonal_ratio, samples, batch_size, chosen, base
+            )
+        elif weights is not None:
+            raise ConfigError("--weights: only gram_plusplus statistics depend on the merge's weights")
+        else:
+            results = [
+                compute_statistics(spec, kind, samples, batch_size, seed, chosen, base) for spec in specs
+            ]
+        for destination, model, (tensors, metadata) in zip(destinations, models, results, strict=True):
+            write_statistics(tensors, metadata, destination)
+            console.print(
+                f"{destination}: {kind} statistics of {len(tensors)} tensors of {model} "
+                f"from {metadata['examples']} examples",
+                highlight=False,
+                markup=False,
+            )
 
     guarded(run, debug)
+
+
+def _numbers(text: str, option: str) -> list[float]:
+    """Comma-separated numbers; a one-line error naming ``option`` otherwise."""
+    from m3sb.errors import ConfigError
+
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option}: expected comma-separated numbers, got {text!r}") from None
 
 
 @app.command()

@@ -474,8 +474,9 @@ def parse_size(text: str | int) -> int:
 
 
 class StatisticsSettings(BaseModel):
-    """Where an experiment's data-dependent merges (regmean, fisher) take each model's
-    statistics from: its task's dataset, this split, the first ``samples`` examples."""
+    """Where the data-dependent merges (regmean, regmean_plusplus, fisher) of an experiment or
+    a search take each model's statistics from: its task's dataset, this split, the first
+    ``samples`` examples."""
 
     model_config = ConfigDict(extra="forbid")
     split: str = Field(default="train", min_length=1)
@@ -563,6 +564,7 @@ class ParetoConfig(BaseModel):
     trust_remote_code: bool = False
     processor_checkpoint: str | None = Field(default=None, min_length=1)
     cache_dir: str | None = Field(default=None, min_length=1)
+    statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
     tasks: list[ParetoTaskConfig] = Field(min_length=2)
 
     @field_validator("tasks")

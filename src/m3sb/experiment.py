@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -199,12 +199,25 @@ class Experiment:
         problem = ExperimentProblem(
             tasks, base, self.merge_configs, self.space, self.batch_size, self.autocast
         )
+        from m3sb.statistics import tasks_statistics
+
+        device = resolve_device(self.device_name)
         for kind in self._statistics_kinds():
+            if kind == "gram_plusplus":  # measured through each merge: one set per merge config
+                continue
             self._log(
                 f"computing {kind} statistics of {len(problem.merged)} models "
                 f"on their {self.statistics.split} splits"
             )
-            problem.statistics[kind] = [self._statistics_of(task, kind) for task in problem.merged]
+            problem.statistics[kind] = tasks_statistics(
+                problem.merged, kind, self.statistics, self.cache_dir, device
+            )
+        for label, params in self.merge_configs.items():
+            if get_method(str(params.get("method", label))).statistics == "gram_plusplus":
+                self._log(f"{label}: measuring each layer's inputs through the merged earlier layers")
+                problem.statistics[label] = tasks_statistics(
+                    problem.merged, "gram_plusplus", self.statistics, self.cache_dir, device, params
+                )
         return problem
 
     def _statistics_kinds(self) -> list[str]:
@@ -214,26 +227,6 @@ class Experiment:
             for label, params in self.merge_configs.items()
         )
         return sorted({kind for kind in kinds if kind is not None})
-
-    def _statistics_of(self, task: Task, kind: str) -> dict[str, torch.Tensor]:
-        """One task model's statistics on its statistics split (by state-dict name)."""
-        from m3sb.statistics import model_statistics, prepare_statistics_data
-        from m3sb.tasks.data import CarveSpec
-
-        settings = self.statistics
-        evaluated = task.spec.dataset.split
-        if isinstance(evaluated, CarveSpec) and evaluated.carve == settings.split:
-            raise ConfigError(
-                f"task '{task.name}': its evaluation split is carved from '{settings.split}', the "
-                "statistics split; statistics would see evaluation examples: set statistics.split"
-            )
-        spec = replace(task.spec, dataset=task.spec.dataset.model_copy(update={"split": settings.split}))
-        data = prepare_statistics_data(spec, task.model, settings.samples, self.cache_dir)
-        device = resolve_device(self.device_name)
-        logits_of = spec.family.logits_function(task.model, device)
-        return model_statistics(
-            task.model, logits_of, data, kind, settings.samples, settings.batch_size, settings.seed, device
-        )
 
     def _fingerprint(self) -> dict[str, Any]:
         """What decides the scores: a record made under another one is not reused."""
@@ -322,7 +315,8 @@ class ExperimentProblem:
     space: str
     batch_size: int
     autocast: str
-    statistics: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)  # by kind, per model
+    statistics: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)  # per model, by kind
+    # (gram_plusplus: by merge label, as they depend on the merge)
 
     @property
     def merged(self) -> list[Task]:
@@ -344,7 +338,8 @@ class ExperimentProblem:
         base = self.base.backbone if self.base is not None else None
         if method.space == "if_base" and self.space == "weights":
             base = None  # the base would make these methods merge task vectors
-        statistics = self.statistics.get(method.statistics, []) if method.statistics else []
+        key = label if method.statistics == "gram_plusplus" else method.statistics  # per merge, or per kind
+        statistics = self.statistics.get(key, []) if key else []
         norms = [whole_norm(own) for own in statistics] if method.statistics == "fisher" else []
         return merge_backbones(
             method.name,

@@ -53,7 +53,7 @@ from m3sb.modules import (
     with_value,
 )
 from m3sb.slices import LAYER_COUNT_KEYS, sliced_layer_types, sliced_tensors
-from m3sb.statistics_files import check_statistics_for, read_statistics
+from m3sb.statistics_files import GRAM_KINDS, check_merge_settings, check_statistics_for, read_statistics
 from m3sb.vocab import (
     Vocabulary,
     chat_template_text,
@@ -644,9 +644,14 @@ def _with_statistics(
     for checkpoint in inputs:
         entry = entries[_identity(checkpoint.label)]
         if entry.statistics is None:
+            made_by = (
+                "m3sb statistics MODEL... FOLDER --task ... --kind gram_plusplus, all models at once"
+                if kind == "gram_plusplus"
+                else f"m3sb statistics {entry.model} FILE --task ... --kind {kind}"
+            )
             raise ConfigError(
                 f"model '{entry.model}': merge_method '{method.name}' needs its {kind} statistics; add "
-                f"'statistics: FILE' (made by: m3sb statistics {entry.model} --task ... --kind {kind} FILE)"
+                f"'statistics: FILE' (made by: {made_by})"
             )
         header = read_statistics(entry.statistics)
         shapes = {name: tuple(info.shape) for name, info in checkpoint.tensors.items()}
@@ -667,6 +672,11 @@ def _with_statistics(
             TensorSource(opened, source.name) if has else None
             for source, (_, opened), has in zip(job.sources, files, present, strict=True)
         )
+        if kind == "gram_plusplus" and any(present):
+            ratio = job.params["reduce_non_diagonal_ratio"]
+            assert isinstance(ratio, float)
+            for file, _ in files:
+                check_merge_settings(file, job.weights, ratio)
         result.append(replace(job, statistics=sources))
     norms = tuple(file.norm() for file, _ in files) if kind == "fisher" else ()
     return tuple(result), norms
@@ -1038,7 +1048,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     if not tensors:  # no task vector to add: the base
         assert base is not None
         return base.to("cpu", job.out_dtype)
-    statistics_dtype = torch.float64 if plan.method.statistics == "gram" else plan.compute_dtype
+    statistics_dtype = torch.float64 if plan.method.statistics in GRAM_KINDS else plan.compute_dtype
     statistics = [
         None if source is None else _load(source.checkpoint, source.name, statistics_dtype, device)
         for source in job.statistics

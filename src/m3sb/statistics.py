@@ -15,18 +15,23 @@ the norm of the whole Fisher vector (what Fisher merging's normalisation divides
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from m3sb.checkpoints import content_fingerprint, open_checkpoint
 from m3sb.errors import CheckpointError, ConfigError
-from m3sb.statistics_files import FINGERPRINT_KEY, KIND_KEY, KINDS, NORM_KEY
+from m3sb.statistics_files import FINGERPRINT_KEY, GRAM_KINDS, KIND_KEY, KINDS, NORM_KEY
 from m3sb.tasks.cache import CachedSplit
 from m3sb.tasks.model import TaskModel
-from m3sb.tasks.registry import TaskSpec
+from m3sb.tasks.registry import Task, TaskSpec
+
+if TYPE_CHECKING:
+    from m3sb.config import StatisticsSettings
+
+Batch = TypeVar("Batch")
 
 
 def checkpoint_names(model: Any, state_names: Iterable[str], saved_names: Iterable[str]) -> dict[str, str]:
@@ -57,7 +62,9 @@ def checkpoint_names(model: Any, state_names: Iterable[str], saved_names: Iterab
     return result
 
 
-def _examples(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int) -> Iterator[torch.Tensor]:
+def first_examples(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int
+) -> Iterator[torch.Tensor]:
     """The input batches, cut to ``samples`` examples in all (copies: the loader reuses its buffers)."""
     left = samples
     for values, _ in batches:
@@ -70,12 +77,13 @@ def _examples(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], samples: int
 
 def gram_matrices(
     model: torch.nn.Module,
-    logits_of: Callable[[torch.Tensor], torch.Tensor],
-    batches: Iterable[torch.Tensor],
+    logits_of: Callable[[Batch], object],
+    batches: Iterable[Batch],
     weight_names: set[str],
 ) -> dict[str, torch.Tensor]:
     """The mean input Gram matrix (over every input row) of each linear layer whose weight is
-    among ``weight_names``, under that weight's name, in float64."""
+    among ``weight_names``, under that weight's name, in float64, while ``logits_of`` runs
+    ``model`` on each batch."""
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
@@ -150,11 +158,15 @@ def model_statistics(
     """The statistics of a loaded task model on the first ``samples`` examples of ``data``,
     keyed by the model's state-dict names (float64)."""
     check_kind(kind)
+    if kind == "gram_plusplus":
+        raise ConfigError(
+            "gram_plusplus statistics are measured through the merge of all the models together"
+        )
     if data.count == 0:
         raise ConfigError(f"{task.checkpoint}: the statistics split holds no examples")
     device = device or torch.device("cpu")
     model = task.model.to(device)
-    batches = (values.to(device) for values in _examples(data.batches(batch_size), samples))
+    batches = (values.to(device) for values in first_examples(data.batches(batch_size), samples))
     floating = {name for name, tensor in task.backbone.items() if tensor.is_floating_point()}
     if kind == "gram":
         grams = gram_matrices(model, logits_of, batches, floating)
@@ -196,20 +208,28 @@ def compute_statistics(
     data = prepare_statistics_data(spec, task, samples, cache_dir)
     logits_of = spec.family.logits_function(task, device)
     tensors = model_statistics(task, logits_of, data, kind, samples, batch_size, seed, device)
-    checkpoint = open_checkpoint(spec.checkpoint)
+    return as_saved(spec.checkpoint, task, tensors, kind, min(samples, data.count))
+
+
+def as_saved(
+    checkpoint_id: str, task: TaskModel, tensors: Mapping[str, torch.Tensor], kind: str, examples: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A loaded model's statistics keyed by the names its checkpoint saves them under, in the
+    dtype files keep, with the file's metadata (kind, the model's fingerprint, examples)."""
+    checkpoint = open_checkpoint(checkpoint_id)
     names = checkpoint_names(task.model, tensors, checkpoint.tensors)
     missing = sorted(set(tensors) - set(names))
     if missing:
         raise CheckpointError(
-            f"{spec.checkpoint}: tensor '{missing[0]}' of the loaded model is not saved in it"
+            f"{checkpoint_id}: tensor '{missing[0]}' of the loaded model is not saved in it"
         )
     metadata = {
         KIND_KEY: kind,
         FINGERPRINT_KEY: content_fingerprint(checkpoint),
-        "model": spec.checkpoint,
-        "examples": str(min(samples, data.count)),
+        "model": checkpoint_id,
+        "examples": str(examples),
     }
-    stored = torch.float64 if kind == "gram" else torch.float32  # Gram matrices are ill-conditioned
+    stored = torch.float64 if kind in GRAM_KINDS else torch.float32  # Gram matrices are ill-conditioned
     result = {names[name]: tensor.to(stored).contiguous() for name, tensor in tensors.items()}
     if kind == "fisher":
         metadata[NORM_KEY] = repr(whole_norm(result))
@@ -236,4 +256,66 @@ def parse_task(text: str, checkpoint: str) -> TaskSpec:
     kind, _, dataset = parse_task_entry(entry, "--task")
     return TaskSpec(
         name=Path(checkpoint).name or checkpoint, checkpoint=checkpoint, dataset=dataset, kind=kind
+    )
+
+
+def statistics_input(
+    task: Task, settings: StatisticsSettings, cache_dir: str | None, device: torch.device
+) -> tuple[CachedSplit, Callable[[torch.Tensor], torch.Tensor]]:
+    """A loaded task's statistics split (its dataset at ``settings.split``, prepared) and its
+    logits function on ``device``; an evaluation split carved from that split is refused."""
+    from dataclasses import replace
+
+    from m3sb.tasks.data import CarveSpec
+
+    evaluated = task.spec.dataset.split
+    if isinstance(evaluated, CarveSpec) and evaluated.carve == settings.split:
+        raise ConfigError(
+            f"task '{task.name}': its evaluation split is carved from '{settings.split}', the "
+            "statistics split; statistics would see evaluation examples: set statistics.split"
+        )
+    spec = replace(task.spec, dataset=task.spec.dataset.model_copy(update={"split": settings.split}))
+    data = prepare_statistics_data(spec, task.model, settings.samples, cache_dir)
+    return data, spec.family.logits_function(task.model, device)
+
+
+def tasks_statistics(
+    tasks: Sequence[Task],
+    kind: str,
+    settings: StatisticsSettings,
+    cache_dir: str | None,
+    device: torch.device,
+    params: Mapping[str, Any] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Each loaded task model's statistics of ``kind`` on its statistics split (by state-dict
+    name). ``gram_plusplus`` statistics are measured through the merge ``params`` configures
+    (its ``weights`` and ``reduce_non_diagonal_ratio``)."""
+    inputs = [statistics_input(task, settings, cache_dir, device) for task in tasks]
+    if kind != "gram_plusplus":
+        return [
+            model_statistics(
+                task.model,
+                logits_of,
+                data,
+                kind,
+                settings.samples,
+                settings.batch_size,
+                settings.seed,
+                device,
+            )
+            for task, (data, logits_of) in zip(tasks, inputs, strict=True)
+        ]
+    from m3sb.layerwise_statistics import regmean_plusplus_statistics
+
+    params = params or {}
+    batches = [
+        [values.to(device) for values in first_examples(data.batches(settings.batch_size), settings.samples)]
+        for data, _ in inputs
+    ]
+    return regmean_plusplus_statistics(
+        [task.model for task in tasks],
+        [logits_of for _, logits_of in inputs],
+        batches,
+        params.get("weights"),
+        float(params.get("reduce_non_diagonal_ratio", 0.95)),
     )

@@ -4,9 +4,10 @@ were computed for (a fingerprint of its weights) and, for Fisher, the norm of th
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import torch
 
 from m3sb.errors import ConfigError
 
-KINDS = ("gram", "fisher")
+KINDS = ("gram", "gram_plusplus", "fisher")
+GRAM_KINDS = ("gram", "gram_plusplus")  # Gram matrices of linear layers' inputs
 KIND_KEY = "m3sb_statistics"
 FINGERPRINT_KEY = "model_fingerprint"
 NORM_KEY = "fisher_norm"
+MERGE_KEY = "merge"  # gram_plusplus: the merge the statistics were measured through (JSON)
 
 
 @dataclass(frozen=True)
@@ -102,10 +105,70 @@ def check_statistics_for(
         if name not in tensor_shapes:
             raise ConfigError(f"{where}: tensor '{name}' is not a tensor of {label}")
         own = tensor_shapes[name]
-        expected = (own[1], own[1]) if kind == "gram" and len(own) == 2 else own
-        if kind == "gram" and len(own) != 2:
+        gram = kind in GRAM_KINDS
+        expected = (own[1], own[1]) if gram and len(own) == 2 else own
+        if gram and len(own) != 2:
             raise ConfigError(f"{where}: tensor '{name}' of {label} is not a matrix; a Gram matrix needs one")
         if tuple(shape) != tuple(expected):
             raise ConfigError(
                 f"{where}: tensor '{name}' has shape {list(shape)}; {label}'s needs {list(expected)}"
             )
+
+
+def merge_settings(weights: Sequence[float], reduce_non_diagonal_ratio: float) -> str:
+    """The record of the merge that RegMean++ statistics were measured through (their metadata):
+    the models' weights, normalised to sum to one (RegMean ignores their scale), and the ratio."""
+    total = sum(weights)
+    return json.dumps(
+        {"weights": [w / total for w in weights], "reduce_non_diagonal_ratio": reduce_non_diagonal_ratio}
+    )
+
+
+def check_merge_settings(
+    statistics: StatisticsFile, weights: Sequence[float], reduce_non_diagonal_ratio: float
+) -> None:
+    """RegMean++ statistics fit only the merge they were measured through: the same weights and
+    ratio; a one-line error otherwise."""
+    recorded = json.loads(statistics.metadata.get(MERGE_KEY, "{}"))
+    asked = json.loads(merge_settings(weights, reduce_non_diagonal_ratio))
+    same_ratio = math.isclose(
+        recorded.get("reduce_non_diagonal_ratio", math.nan), asked["reduce_non_diagonal_ratio"], abs_tol=1e-12
+    )
+    theirs = recorded.get("weights", [])
+    same_weights = len(theirs) == len(asked["weights"]) and all(
+        math.isclose(a, b, abs_tol=1e-9) for a, b in zip(theirs, asked["weights"], strict=True)
+    )
+    if not (same_ratio and same_weights):
+        raise ConfigError(
+            f"{statistics.path}: measured through a merge with weights {theirs} and "
+            f"reduce_non_diagonal_ratio {recorded.get('reduce_non_diagonal_ratio')}; this recipe merges "
+            f"with {asked['weights']} and {reduce_non_diagonal_ratio}: recompute them "
+            f"(m3sb statistics --kind gram_plusplus)"
+        )
+
+
+def statistics_destinations(models: Sequence[str], out: Path, force: bool) -> list[Path]:
+    """Where each model's statistics go: ``out`` itself for one model, ``out/<model name>.safetensors``
+    for several; a one-line error for a destination that exists (without ``force``) or that
+    lies inside a model's folder, where it would be read as weights."""
+    out = Path(out).expanduser()
+    if len(models) == 1:
+        destinations = [out]
+    else:
+        if out.is_file():
+            raise ConfigError(f"{out}: a file; with several models OUT is a folder for their statistics")
+        names = [Path(model).name or f"model{index}" for index, model in enumerate(models)]
+        repeated = {name for name in names if names.count(name) > 1}
+        destinations = [
+            out / (f"{index}-{name}.safetensors" if name in repeated else f"{name}.safetensors")
+            for index, name in enumerate(names)
+        ]
+    resolved = out.resolve()
+    for model in models:
+        folder = Path(model).expanduser().resolve()
+        if folder.is_dir() and (folder == resolved or folder in resolved.parents):
+            raise ConfigError(f"{out}: inside the folder of {model}, where it would be read as weights")
+    for destination in destinations:
+        if destination.exists() and not force:
+            raise ConfigError(f"{destination}: exists; pass --force to replace it")
+    return destinations

@@ -17,7 +17,7 @@ from m3sb.cli import app
 from m3sb.config import parse_merge_config
 from m3sb.errors import ConfigError
 from m3sb.merge import build_plan, merge_to_folder
-from m3sb.methods import merge_group
+from m3sb.methods import merge_backbones, merge_group
 from m3sb.statistics import compute_statistics, diagonal_fisher, gram_matrices, parse_task
 from m3sb.statistics_files import read_statistics, write_statistics
 
@@ -317,20 +317,44 @@ def test_an_experiment_merges_as_m3sb_merge_does_with_statistics_files(
         assert error <= 1e-5, name
 
 
-def test_statistics_methods_are_refused_where_statistics_are_not_computed() -> None:
-    from m3sb.pareto.merging import check_search_method
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_the_shares_a_search_scales_add_up_to_the_methods_merge(method: str) -> None:
+    from m3sb.pareto.merging import check_search_method, method_shares
+    from m3sb.statistics import whole_norm
 
-    with pytest.raises(ConfigError, match="needs each model's gram statistics"):
-        check_search_method("regmean", {}, (0.0, 1.0))
+    models, grams = _models_and_grams(3, seed=4)
+    base = {
+        name: tensor.mean(dim=0, keepdim=True).expand_as(tensor).clone() for name, tensor in models[0].items()
+    }
+    generator = torch.Generator().manual_seed(5)
+    if method == "regmean":
+        statistics = [{"layer.weight": gram} for gram in grams]
+    else:
+        statistics = [
+            {n: torch.rand(t.shape, generator=generator, dtype=torch.float64) for n, t in base.items()}
+        ]
+        statistics += [
+            {n: 3 * torch.rand(t.shape, generator=generator, dtype=torch.float64) for n, t in base.items()}
+        ]
+        statistics += [
+            {n: torch.rand(t.shape, generator=generator, dtype=torch.float64) for n, t in base.items()}
+        ]
+    shares = method_shares(method, {}, base, models, statistics)
+    norms = [whole_norm(own) for own in statistics] if method == "fisher" else []
+    whole = merge_backbones(method, base, models, None, None, statistics, norms)
+    for name, tensor in base.items():
+        total = tensor + sum(share[name] - tensor for share in shares)
+        torch.testing.assert_close(total, whole[name], rtol=1e-10, atol=1e-12)
+    check_search_method(method, {}, (-1.0, 1.0))  # shares may be subtracted too
 
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--kind", "hessian"], "kind: expected one of gram, fisher, got 'hessian'"),
+        (["--kind", "hessian"], "kind: expected one of gram, gram_plusplus, fisher, got 'hessian'"),
         (["--task", "[not, a, mapping]"], "--task: expected a mapping"),
         (["--task", "{split: train}"], "dataset_name"),
-        (["--out-inside"], "inside the model's folder"),
+        (["--out-inside"], "where it would be read as weights"),
     ],
 )
 def test_statistics_command_refuses_bad_input_in_one_line(

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -299,3 +300,42 @@ def test_a_control_task_is_recorded_but_not_searched(zoo_manifest: Path, tmp_pat
     with pytest.raises(ValueError, match="at least two tasks that are merged"):
         settings["tasks"][1]["control"] = True
         ParetoConfig.model_validate(settings)
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_a_search_over_a_data_dependent_method_scales_its_shares(
+    method: str, zoo_manifest: Path, tmp_path: Path
+) -> None:
+    config = ParetoConfig.model_validate(
+        _config(zoo_manifest, merge_method=method, budget=6, statistics={"samples": 16})
+    )
+    outcome = run_pareto(config, tmp_path / "run", baselines=False, search=QUICK)
+    assert outcome.front.coefficients.shape[1] == 2
+    from m3sb.experiment import Experiment
+    from m3sb.pareto.run import _load_problem
+
+    problem = _load_problem(config, lambda _: None)
+    evaluator = MergeEvaluator(problem, torch.device("cpu"))
+    at_ones = evaluator.backbone([1.0, 1.0])
+    zoo = json.loads(zoo_manifest.read_text())
+    tasks = zoo["tasks"][:2]
+    experiment = Experiment(
+        "zoo",
+        [t["checkpoint"] for t in tasks],
+        [{**t["dataset"], "max_samples": 90} for t in tasks],
+        {method: {}},
+        zoo["base_model_checkpoint"],
+        device="cpu",
+        statistics={"samples": 16},
+    )
+    whole = experiment._load().merge(method)
+    for name, tensor in whole.items():
+        if tensor.is_floating_point():
+            error = float(
+                (at_ones[name].double() - tensor.double()).norm() / tensor.double().norm().clamp_min(1e-12)
+            )
+            assert error <= 1e-5, name
+    base = evaluator.backbone([0.0, 0.0])
+    assert all(
+        bool((base[n] == problem.base.backbone[n].float()).all()) for n in base if n in problem.base.backbone
+    )

@@ -73,6 +73,7 @@ METHODS: dict[str, MergeMethod] = {
         iso.ISO_CTS,
         wudi.METHOD,
         regmean.METHOD,
+        regmean.PLUSPLUS,
         fisher.METHOD,
     )
 }

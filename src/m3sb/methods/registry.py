@@ -138,7 +138,7 @@ class MergeMethod:
     reference: str = ""
     scales: bool = True  # lambda scales the merged task vector (False: accepted, no effect, as mergekit's)
     validate: Callable[[Mapping[str, Any], str], None] | None = None
-    statistics: Literal["gram", "fisher"] | None = None  # per-model statistics the function takes
+    statistics: Literal["gram", "gram_plusplus", "fisher"] | None = None  # per-model statistics taken
     all_params: tuple[Param, ...] = field(init=False)
     aliases: dict[str, str] = field(init=False, compare=False)  # alias -> name, from the params
 

@@ -1,4 +1,6 @@
-"""RegMean: the linear layer that best fits every model's outputs on its own inputs (Jin et al. 2023).
+"""RegMean: the linear layer that best fits every model's outputs on its own inputs (Jin et al. 2023),
+and RegMean++ (Nguyen et al. 2025): the same formula on Gram matrices measured through the merged
+model's earlier layers (``m3sb statistics --kind gram_plusplus``; see m3sb.layerwise_statistics).
 
 For a linear layer ``y = W x`` with each model's input Gram matrix ``G_i`` (the mean of
 ``x x^T`` over the model's own data, from ``m3sb statistics --kind gram``), the merged
@@ -50,22 +52,33 @@ def regmean(
     return merged
 
 
+RATIO = Param(
+    "reduce_non_diagonal_ratio",
+    float,
+    0.95,
+    "scale of the Gram matrices' off-diagonal entries (1: exact RegMean)",
+    minimum=0.0,
+    maximum=1.0,
+)
+
 METHOD = MergeMethod(
     name="regmean",
     function=regmean,
     summary="per linear layer, the weights that best reproduce every model's outputs on its own inputs",
-    params=(
-        Param(
-            "reduce_non_diagonal_ratio",
-            float,
-            0.95,
-            "scale of the Gram matrices' off-diagonal entries (1: exact RegMean)",
-            minimum=0.0,
-            maximum=1.0,
-        ),
-    ),
+    params=(RATIO,),
     min_models=1,
     nonnegative_weights=True,
     statistics="gram",
     reference="https://arxiv.org/abs/2212.09849",
+)
+
+PLUSPLUS = MergeMethod(
+    name="regmean_plusplus",
+    function=regmean,
+    summary="RegMean with each layer's inputs taken through the merged model's earlier layers",
+    params=(RATIO,),
+    min_models=2,
+    nonnegative_weights=True,
+    statistics="gram_plusplus",
+    reference="https://arxiv.org/abs/2508.03121",
 )

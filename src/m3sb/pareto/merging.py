@@ -33,18 +33,15 @@ from m3sb.tasks.registry import Task
 def check_search_method(
     method_name: str, params: Mapping[str, Any], bounds: tuple[float, float], count: int | None = None
 ) -> None:
-    """The method must take per-model weights (the coefficients) and accept ``params``."""
+    """The method must take per-model weights (the coefficients) and accept ``params``; a
+    data-dependent method's coefficients scale each model's share of its merge, so any
+    bounds suit it."""
     method = get_method(method_name)
-    if method.statistics is not None:
-        raise ConfigError(
-            f"merge_method '{method_name}' needs each model's {method.statistics} statistics, which "
-            "the Pareto search does not compute yet"
-        )
     if not method.uses_weights:
         raise ConfigError(
             f"merge_method '{method_name}' has no per-model weights for the coefficients to set"
         )
-    if method.nonnegative_weights and bounds[0] < 0:
+    if method.nonnegative_weights and method.statistics is None and bounds[0] < 0:
         raise ConfigError(f"merge_method '{method_name}' needs weights >= 0, but bounds start at {bounds[0]}")
     check_param_values(method, params, "parameters", count)
 
@@ -202,6 +199,27 @@ def merged_backbone(
     return merge_backbones(method_name, base, models, list(coefficients), base, **extra)
 
 
+def method_shares(
+    method_name: str,
+    params: Mapping[str, Any],
+    base: Mapping[str, torch.Tensor],
+    models: Sequence[Mapping[str, torch.Tensor]],
+    statistics: Sequence[Mapping[str, torch.Tensor]],
+) -> list[dict[str, torch.Tensor]]:
+    """Each model's share of a data-dependent method's merge, as a backbone: the merge with
+    the base standing in for every other model. RegMean and Fisher merging are affine in the
+    models at fixed statistics, so the shares' task vectors add up to the merge's own; a
+    search's coefficient scales one share (0: the base, all 1: the method's merge)."""
+    from m3sb.statistics import whole_norm
+
+    norms = [whole_norm(own) for own in statistics] if get_method(method_name).statistics == "fisher" else []
+    shares = []
+    for index, model in enumerate(models):
+        stand_ins = [model if other == index else base for other in range(len(models))]
+        shares.append(merge_backbones(method_name, base, stand_ins, None, base, statistics, norms, **params))
+    return shares
+
+
 def metrics_table(per_task: Sequence[Mapping[str, float]]) -> np.ndarray:
     """Every metric of every task as one (metrics, tasks) array, rows in the order of ``METRICS``."""
     return np.array([[float(metrics[name]) for metrics in per_task] for name in METRICS])
@@ -234,15 +252,30 @@ class MergeProblem:
     batch_size: int = 256
     candidates_per_pass: int = 1
     autocast: str = "none"
+    statistics: list[dict[str, torch.Tensor]] = field(default_factory=list)  # data-dependent methods'
     flat: FlatTaskVectors = field(init=False)
 
     def __post_init__(self) -> None:
-        """Checks the settings, casts the task models to float32 (in place) and flattens them."""
+        """Checks the settings, casts the task models to float32 (in place) and flattens them
+        (a data-dependent method's shares in place of the task vectors)."""
         check_metric(self.metric)
         check_autocast(self.autocast)
         for task in self.tasks:  # heads meet float32 candidate backbones: half-precision models too
             task.model.model.float()
-        self.flat = FlatTaskVectors.of(self.base.backbone, [task.model.backbone for task in self.merged])
+        models = [task.model.backbone for task in self.merged]
+        if self.shares:
+            if len(self.statistics) != len(models):
+                raise ConfigError(
+                    f"merge_method '{self.method_name}' needs the statistics of every merged model"
+                )
+            models = method_shares(self.method_name, self.params, self.base.backbone, models, self.statistics)
+            self.statistics = []  # used up: workers need the shares only
+        self.flat = FlatTaskVectors.of(self.base.backbone, models)
+
+    @property
+    def shares(self) -> bool:
+        """Whether the coefficients scale each model's share of a data-dependent method's merge."""
+        return get_method(self.method_name).statistics is not None
 
     @property
     def merged(self) -> list[Task]:
@@ -256,8 +289,10 @@ class MergeProblem:
 
     @property
     def fast(self) -> bool:
-        """Whether candidates are ``base + lambda * C @ tau`` (task arithmetic without normalising)."""
-        return self.method_name == "task_arithmetic" and not self.params.get("normalize", False)
+        """Whether candidates are ``base + lambda * C @ tau``: task arithmetic without normalising,
+        or a data-dependent method over its shares."""
+        plain = self.method_name == "task_arithmetic" and not self.params.get("normalize", False)
+        return plain or self.shares
 
     @property
     def scale(self) -> float:

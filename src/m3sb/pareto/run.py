@@ -113,10 +113,17 @@ def _with_default_split(dataset: dict[str, Any]) -> dict[str, Any]:
 def fingerprint(config: ParetoConfig) -> dict[str, Any]:
     """What decides the value of an evaluation: reused evaluations must share it (every metric
     is recorded, so the search's metric is not part of it)."""
+    from m3sb.methods import get_method
+
     return {
         "base_model": config.base_model,
         "merge_method": config.merge_method,
         "parameters": config.parameters,
+        **(
+            {"statistics": config.statistics.model_dump()}
+            if get_method(config.merge_method).statistics
+            else {}
+        ),
         **({"autocast": config.autocast} if config.autocast != "none" else {}),
         **({"processor_checkpoint": config.processor_checkpoint} if config.processor_checkpoint else {}),
         "tasks": [
@@ -159,7 +166,7 @@ def run_pareto(
     if known or labelled:
         say(f"resuming: {len(known) + len(labelled)} evaluations found in {record.path}")
     with open_executor(kind, device, address, workers) as pool:  # device and cluster checked first
-        problem = _load_problem(config, say)
+        problem = _load_problem(config, say, device)
         pool.start(problem.for_workers() if kind == "ray" else problem)
         if kind == "ray":
             say(f"evaluating on {pool.workers} Ray workers")
@@ -301,7 +308,7 @@ def _search_and_write(
     return outcome
 
 
-def _load_problem(config: ParetoConfig, say: Callable[[str], None]) -> MergeProblem:
+def _load_problem(config: ParetoConfig, say: Callable[[str], None], device_name: str = "cpu") -> MergeProblem:
     from m3sb.pareto.merging import MergeProblem
     from m3sb.tasks.registry import LoadSettings, load_tasks
 
@@ -309,6 +316,20 @@ def _load_problem(config: ParetoConfig, say: Callable[[str], None]) -> MergeProb
     settings = LoadSettings(config.trust_remote_code, config.processor_checkpoint, config.cache_dir)
     tasks, base = load_tasks(task_specs(config), config.base_model, settings, say)
     assert base is not None
+    from m3sb.methods import get_method
+
+    kind = get_method(config.merge_method).statistics
+    statistics = []
+    if kind is not None:
+        from m3sb.devices import resolve_device
+        from m3sb.statistics import tasks_statistics
+
+        say(f"computing {kind} statistics on the {config.statistics.split} splits ...")
+        merged = [task for task in tasks if not task.control]
+        device = resolve_device(device_name)
+        statistics = tasks_statistics(
+            merged, kind, config.statistics, config.cache_dir, device, config.parameters
+        )
     return MergeProblem(
         tasks,
         base,
@@ -318,6 +339,7 @@ def _load_problem(config: ParetoConfig, say: Callable[[str], None]) -> MergeProb
         config.batch_size,
         config.candidates_per_pass,
         config.autocast,
+        statistics,
     )
 
 
@@ -359,7 +381,8 @@ def _baselines(
     results = {}
     count = len(problem.merged)
     scale = float(np.clip(TASK_ARITHMETIC_SCALE, *bounds))
-    label = "task arithmetic" if problem.fast and problem.scale == 1.0 else problem.method_name
+    plain = problem.fast and not problem.shares and problem.scale == 1.0
+    label = "task arithmetic" if plain else problem.method_name
     results[f"{label} ({scale:g})"] = extra(np.full(count, scale), "baseline: every coefficient at 0.3")[0]
     if preference is not None and len(set(preference)) > 1:
         weights = np.asarray(preference, dtype=float)

@@ -46,6 +46,12 @@ def test_merge_writes_a_model_and_reports(family: Family, tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     assert "merged" in result.stdout and "barycenter" in result.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    from m3sb.memory import peak_resident_bytes
+
+    reported = re.search(r"peak RSS ([0-9.]+) GB", result.stdout)
+    peak = peak_resident_bytes()
+    assert reported is not None and peak is not None  # the test process is the merging process here
+    assert 0.01 < float(reported.group(1)) <= peak / 1e9 + 0.005
 
 
 def _shapes(state: dict[str, torch.Tensor]) -> None:

@@ -181,9 +181,14 @@ def merge(
                     extra_files=extra,
                     strict=strict,
                 )
+            from m3sb.memory import peak_resident_bytes
+
+            peak = peak_resident_bytes()
             console.print(
                 f"merged {result.tensors} tensors ({result.bytes_written / 1e9:.2f} GB) "
-                f"with {recipe.merge_method} in {result.seconds:.1f} s -> {result.out_dir}",
+                f"with {recipe.merge_method} in {result.seconds:.1f} s"
+                + (f", peak RSS {peak / 1e9:.2f} GB" if peak is not None else "")
+                + f" -> {result.out_dir}",
                 highlight=False,
             )
 

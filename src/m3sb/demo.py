@@ -91,7 +91,11 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "tsv_m": {},
     "iso_c": {},
     "wudi": {},
+    "regmean": {},  # the data-dependent ones: statistics from 64 training examples per model
+    "regmean_plusplus": {},
+    "fisher": {},
 }
+DATA_DEPENDENT = ("regmean", "regmean_plusplus", "fisher")  # the same in both spaces: run once
 
 
 def run_demo(out: Path, console: Console | None = None, device: str = "auto") -> Any:
@@ -220,14 +224,17 @@ def experiments_demo(out: Path, console: Console | None = None, device: str = "a
         "device": device,
         "cache_dir": str(out / "cache"),
     }
-    full = Experiment("digits zoo", **arguments)
-    task_vectors = TaskVectorExperiment("digits zoo", **arguments)
+    full = Experiment("digits zoo", **arguments, statistics={"samples": 64})
+    in_task_vectors = {k: v for k, v in DEMO_METHODS.items() if k not in DATA_DEPENDENT}
+    task_vectors = TaskVectorExperiment("digits zoo", **(arguments | {"merge_configs": in_task_vectors}))
     tables = [full.run(), task_vectors.run()]
     merged_in_both = tables[1]["merge_method"].isin([FINETUNED, BASE])
     tables[1] = tables[1][~merged_in_both].assign(merge_method=lambda t: t["merge_method"] + " (tv)")
     results = pd.concat(tables, ignore_index=True)
-    points = dict(full.points) | {f"{k} (tv)": v for k, v in task_vectors.points.items() if k in DEMO_METHODS}
-    kinds = dict(full.point_kinds) | {f"{k} (tv)": "merge" for k in DEMO_METHODS}
+    points = dict(full.points) | {
+        f"{k} (tv)": v for k, v in task_vectors.points.items() if k in in_task_vectors
+    }
+    kinds = dict(full.point_kinds) | {f"{k} (tv)": "merge" for k in in_task_vectors}
     write_results(results, out)
     figures = write_figures(results, points, kinds, out)
     configuration = yaml.safe_dump(arguments | {"task_vectors": "both (tv rows)"}, sort_keys=False)

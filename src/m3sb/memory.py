@@ -30,3 +30,14 @@ def steady_heap() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):
         return False
+
+
+def peak_resident_bytes() -> int | None:
+    """The most memory this process has held resident so far (its peak RSS), where the
+    platform reports it (Linux: kilobytes; macOS: bytes); None elsewhere."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024

@@ -110,6 +110,10 @@ class Checkpoint(ABC):
         tensor = self.load(name)
         return tensor if tensor.dim() == 0 else tensor[:count]
 
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first axis) of one tensor."""
+        return self.load(name)[start:stop]
+
     def read_config(self) -> dict[str, object]:
         """The model's config.json as a dict, or an empty dict when there is none."""
         if self.folder is None or not (self.folder / "config.json").is_file():
@@ -169,11 +173,14 @@ class SafetensorsCheckpoint(Checkpoint):
     def load_head(self, name: str, count: int) -> torch.Tensor:
         if not self._infos[name].shape:
             return self.load(name)
+        return self.load_rows(name, 0, count)
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         file = self._file_of[name]
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                head: torch.Tensor = handle.get_slice(name)[:count]  # reads those rows only
-                return head
+                rows: torch.Tensor = handle.get_slice(name)[start:stop]  # reads those rows only
+                return rows
         except (SafetensorError, OSError, RuntimeError) as error:
             raise CheckpointError(f"{file}: cannot read tensor '{name}': {error}") from None
 
@@ -397,18 +404,34 @@ class SafetensorsWriter:
         self._written = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3sb-writer")
         self._pending: Future[None] | None = None
+        self._current: str | None = None  # the tensor whose rows are being written, block by block
+        self._current_bytes = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor of the layout; names must arrive in layout order."""
-        expected = next(self._order, None)
-        if name != expected:
-            raise RuntimeError(f"writer expected tensor '{expected}', got '{name}'")
+        """Append the next tensor of the layout, whole or as consecutive blocks of its leading
+        rows (the next block of the same name until all its bytes are written); names must
+        arrive in layout order."""
+        if self._current is None:
+            expected = next(self._order, None)
+            if name != expected:
+                raise RuntimeError(f"writer expected tensor '{expected}', got '{name}'")
+            self._current, self._current_bytes = name, 0
+        elif name != self._current:
+            raise RuntimeError(f"writer expected the rest of tensor '{self._current}', got '{name}'")
         info = self.layout[name]
-        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-            raise RuntimeError(f"tensor '{name}': expected {info}, got {tuple(tensor.shape)} {tensor.dtype}")
+        shape = tuple(tensor.shape)
+        rows = len(shape) >= 1 and len(shape) == len(info.shape) and shape[1:] == info.shape[1:]
+        if tensor.dtype != info.dtype or not (shape == info.shape or rows):
+            raise RuntimeError(f"tensor '{name}': expected {info}, got {shape} {tensor.dtype}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        first = self._current_bytes == 0
+        self._current_bytes += data.nbytes
+        if self._current_bytes > info.nbytes:
+            raise RuntimeError(f"tensor '{name}': expected {info.shape[0]} rows in all, got more")
+        if self._current_bytes == info.nbytes:
+            self._current = None
         self._wait()
-        self._pending = self._worker.submit(self._write_bytes, name, data)
+        self._pending = self._worker.submit(self._write_bytes, name, data, first)
 
     def close(self) -> None:
         """Finish the last shard and write the index (when there are several shards)."""
@@ -416,7 +439,7 @@ class SafetensorsWriter:
             self._wait()
         finally:
             self._worker.shutdown(wait=True)
-        if next(self._order, None) is not None:
+        if self._current is not None or next(self._order, None) is not None:
             raise RuntimeError("writer closed before every tensor was written")
         while self._open_shard < len(self._shard_infos) - 1:  # shards with no tensors left to write
             self._shard(self._open_shard + 1)
@@ -444,13 +467,13 @@ class SafetensorsWriter:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def _write_bytes(self, name: str, data: np.ndarray) -> None:
+    def _write_bytes(self, name: str, data: np.ndarray, first: bool) -> None:
         slot = self._slots[name]
         handle = self._shard(slot.shard)
-        if self._written != slot.begin:
+        if first and self._written != slot.begin:
             raise RuntimeError(f"tensor '{name}': shard offset {self._written}, planned {slot.begin}")
         handle.write(data.data)
-        self._written = slot.end
+        self._written += data.nbytes
 
     def _shard(self, shard: int) -> BinaryIO:
         """The open file of ``shard``, opening it (header written) and closing the previous one."""

@@ -105,6 +105,13 @@ def merge(
     ],
     device: DeviceOption = "cpu",
     out_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
+    memory: Annotated[
+        str,
+        typer.Option(
+            help="Memory one tensor's merge may hold, e.g. 1GB; larger tensors of elementwise "
+            "methods (linear, task_arithmetic) are merged in blocks of rows."
+        ),
+    ] = "1GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
     stages: Annotated[
         Path | None,
@@ -144,6 +151,10 @@ def merge(
 
         recipes = load_documents(config, strict)
         shard_bytes = parse_size(out_shard_size)
+        try:
+            memory_bytes = parse_size(memory)
+        except ConfigError as error:
+            raise ConfigError(f"--memory: {error}") from None
 
         def show_notes(plan: MergePlan) -> None:
             for note in plan.notes:
@@ -157,6 +168,7 @@ def merge(
                     device=device,
                     out_shard_size=shard_bytes,
                     force=replace,
+                    memory=memory_bytes,
                     on_plan=show_notes,
                     extra_files=extra,
                     strict=strict,
@@ -176,6 +188,7 @@ def merge(
                     device=device,
                     out_shard_size=shard_bytes,
                     force=replace,
+                    memory=memory_bytes,
                     progress=on_tensor,
                     on_plan=planned,
                     extra_files=extra,

@@ -8,6 +8,7 @@ tensor per input; ``merge_to_folder`` writes them as a Hugging Face checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -1032,13 +1033,45 @@ def _load(checkpoint: Checkpoint, name: str, dtype: torch.dtype, device: torch.d
     return tensor
 
 
-def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
-    """Compute one merged tensor (on the CPU, in its output dtype)."""
+def _load_rows(
+    checkpoint: Checkpoint, name: str, rows: slice | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Read one tensor, or rows of it, to the compute device and dtype; refuse NaN or Inf."""
+    if rows is None:
+        return _load(checkpoint, name, dtype, device)
+    tensor = checkpoint.load_rows(name, rows.start, rows.stop).to(device=device, dtype=dtype)
+    if not _all_finite(tensor):
+        raise MergeError(f"tensor '{name}' in {checkpoint.label} contains NaN or Inf")
+    return tensor
+
+
+def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slice] | None:
+    """The blocks of rows a tensor is merged in, so that its inputs, task vectors and result
+    stay within ``memory`` bytes; None where it is merged whole (it fits, the method is not
+    elementwise, or its rows are realigned to another vocabulary)."""
+    if memory is None or not (plan.method.elementwise and job.mergeable and not job.vocabulary):
+        return None
+    if len(job.shape) < 1 or job.shape[0] < 2:
+        return None
+    copies = len(job.sources) + (1 if job.base is not None else 0) + 2  # inputs, base, temporaries, result
+    row_bytes = max(1, math.prod(job.shape[1:])) * plan.compute_dtype.itemsize * copies
+    if row_bytes * job.shape[0] <= memory:
+        return None
+    per_block = max(1, memory // row_bytes)
+    return [slice(start, min(start + per_block, job.shape[0])) for start in range(0, job.shape[0], per_block)]
+
+
+def merge_tensor(
+    plan: MergePlan, job: TensorJob, device: torch.device, rows: slice | None = None
+) -> torch.Tensor:
+    """Compute one merged tensor, or the block ``rows`` of it (on the CPU, in its output dtype)."""
     if not job.mergeable:
         source = job.copied_from
         return source.checkpoint.load(source.name).clone()
-    tensors = [_load(s.checkpoint, s.name, plan.compute_dtype, device) for s in job.sources]
-    base = _load(job.base.checkpoint, job.base.name, plan.compute_dtype, device) if job.base else None
+    tensors = [_load_rows(s.checkpoint, s.name, rows, plan.compute_dtype, device) for s in job.sources]
+    base = (
+        _load_rows(job.base.checkpoint, job.base.name, rows, plan.compute_dtype, device) if job.base else None
+    )
     if job.vocabulary and plan.vocabulary is not None:
         every = [*job.sources, *([job.base] if job.base else [])]
         loaded = [*tensors, *([base] if base is not None else [])]
@@ -1079,16 +1112,26 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     return merged
 
 
+DEFAULT_MEMORY = 1 << 30  # bytes a tensor's merge may hold before it is merged in blocks of rows
+
+
 def merge_tensors(
-    plan: MergePlan, device: torch.device, progress: Progress | None = None
+    plan: MergePlan,
+    device: torch.device,
+    progress: Progress | None = None,
+    memory: int | None = DEFAULT_MEMORY,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, merged tensor)`` in the plan's order."""
+    """Yield ``(name, merged tensor)`` in the plan's order; a tensor whose merge would hold more
+    than ``memory`` bytes comes as consecutive blocks of its rows, where the method allows it
+    (elementwise methods: the blocks are exactly the rows of the whole merge)."""
     for job in plan.jobs:
-        merged = merge_tensor(plan, job, device)
-        if progress is not None:
-            progress(job.name, merged.numel() * merged.element_size())
-        yield job.name, merged
-        del merged  # free it before the next tensor is merged
+        blocks: Sequence[slice | None] = row_blocks(plan, job, memory) or (None,)
+        for rows in blocks:
+            merged = merge_tensor(plan, job, device, rows)
+            if progress is not None:
+                progress(job.name, merged.numel() * merged.element_size())
+            yield job.name, merged
+            del merged  # free it before the next tensor is merged
 
 
 def _dtype_overrides(plan: MergePlan) -> dict[str, object]:
@@ -1127,9 +1170,11 @@ def merge_to_folder(
     on_plan: Callable[[MergePlan], None] | None = None,
     extra_files: Mapping[str, str] | None = None,
     strict: bool = False,
+    memory: int | None = DEFAULT_MEMORY,
 ) -> MergeResult:
     """Merge as ``config`` says and write a Hugging Face model folder at ``out_dir``, atomically
-    (with ``extra_files``, name to text, written into it before it appears)."""
+    (with ``extra_files``, name to text, written into it before it appears). ``memory`` bounds
+    what one tensor's merge holds, where the method can merge blocks of rows."""
     started = time.perf_counter()
     torch_device = resolve_device(device)
     plan = build_plan(config, strict)
@@ -1141,7 +1186,7 @@ def merge_to_folder(
     with atomic_output_folder(destination, force=force) as staging:
         writer = SafetensorsWriter(staging, plan.layout, out_shard_size)
         try:
-            for name, tensor in merge_tensors(plan, torch_device, progress):
+            for name, tensor in merge_tensors(plan, torch_device, progress, memory):
                 writer.write(name, tensor)
                 written += tensor.numel() * tensor.element_size()
                 del tensor

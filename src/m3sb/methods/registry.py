@@ -123,6 +123,9 @@ class MergeMethod:
     tensor (``statistics``, None where a model has none) and, for ``fisher``, the norm of
     each model's whole statistics (``statistic_norms``). ``validate`` checks one tensor's
     resolved parameters together (a ConfigError naming ``where``), before any tensor is read.
+    An ``elementwise`` method (each output entry a function of the same entry of the inputs
+    and of the parameters alone) may be computed on blocks of rows: the engine does so for
+    tensors larger than its memory budget.
     """
 
     name: str
@@ -139,6 +142,7 @@ class MergeMethod:
     scales: bool = True  # lambda scales the merged task vector (False: accepted, no effect, as mergekit's)
     validate: Callable[[Mapping[str, Any], str], None] | None = None
     statistics: Literal["gram", "gram_plusplus", "fisher"] | None = None  # per-model statistics taken
+    elementwise: bool = False  # each output entry depends on the same entry of the inputs only
     all_params: tuple[Param, ...] = field(init=False)
     aliases: dict[str, str] = field(init=False, compare=False)  # alias -> name, from the params
 

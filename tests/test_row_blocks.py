@@ -1,0 +1,133 @@
+"""Merging large tensors in blocks of rows: the writer takes a tensor as consecutive blocks,
+an elementwise method's blocks are exactly the rows of the whole merge, and the memory a
+merge holds follows the budget rather than the tensor's size."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from m3sb.checkpoints import SafetensorsWriter, TensorInfo, open_checkpoint
+from m3sb.config import parse_merge_config
+from m3sb.merge import build_plan, merge_to_folder, row_blocks
+from m3sb.toy import Family
+
+
+def _read_all(folder: Path) -> dict[str, torch.Tensor]:
+    checkpoint = open_checkpoint(folder)
+    return {name: checkpoint.load(name) for name in checkpoint.tensors}
+
+
+def test_the_writer_takes_a_tensor_as_consecutive_blocks_of_rows(tmp_path: Path) -> None:
+    whole = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    scalar = torch.tensor(3.0)
+    layout = {"a": TensorInfo((6, 4), torch.float32), "b": TensorInfo((), torch.float32)}
+    writer = SafetensorsWriter(tmp_path, layout, 10**9)
+    for block in (whole[:1], whole[1:4], whole[4:]):
+        writer.write("a", block)
+    writer.write("b", scalar)
+    writer.close()
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        assert torch.equal(handle.get_tensor("a"), whole) and torch.equal(handle.get_tensor("b"), scalar)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        ([("a", slice(0, 2)), ("b", None)], "expected the rest of tensor 'a', got 'b'"),
+        ([("a", slice(0, 6)), ("a", slice(0, 1))], "expected tensor 'b', got 'a'"),
+        ([("a", slice(0, 2)), ("a", slice(0, 6))], "expected 6 rows in all, got more"),
+    ],
+)
+def test_the_writer_refuses_blocks_out_of_order(
+    blocks: list[tuple[str, slice | None]], message: str, tmp_path: Path
+) -> None:
+    whole = torch.zeros(6, 4)
+    layout = {"a": TensorInfo((6, 4), torch.float32), "b": TensorInfo((), torch.float32)}
+    writer = SafetensorsWriter(tmp_path, layout, 10**9)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        for name, rows in blocks:
+            writer.write(name, whole[rows] if rows is not None else torch.tensor(0.0))
+    writer.abort()
+
+
+def test_closing_in_the_middle_of_a_tensor_is_an_error(tmp_path: Path) -> None:
+    writer = SafetensorsWriter(tmp_path, {"a": TensorInfo((6, 4), torch.float32)}, 10**9)
+    writer.write("a", torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match="closed before every tensor was written"):
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("linear", {}), ("task_arithmetic", {"lambda": 0.7}), ("linear", {"dtype": "bfloat16"})],
+)
+def test_an_elementwise_merge_in_blocks_of_rows_is_the_whole_merge(
+    family: Family, method: str, extra: dict[str, object], tmp_path: Path
+) -> None:
+    models = [
+        {"model": str(m), "parameters": {"weight": w}}
+        for m, w in zip(family.models, [0.5, 0.3, 0.2], strict=True)
+    ]
+    recipe = {"merge_method": method, "models": models, "base_model": str(family.base)}
+    recipe |= {"parameters": {"lambda": extra["lambda"]}} if "lambda" in extra else {}
+    recipe |= {"dtype": extra["dtype"]} if "dtype" in extra else {}
+    config = parse_merge_config(recipe)
+    plan = build_plan(config)
+    blocked = [job.name for job in plan.jobs if (row_blocks(plan, job, 1) or [None])[0] is not None]
+    assert len(blocked) >= len(plan.jobs) // 2  # every matrix, one row per block
+    whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)
+    rows = _read_all(merge_to_folder(config, tmp_path / "rows", memory=1).out_dir)
+    assert whole.keys() == rows.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(rows[name], tensor), name
+
+
+def test_methods_that_are_not_elementwise_merge_whole_tensors(family: Family) -> None:
+    models = [{"model": str(m), "parameters": {"density": 0.5}} for m in family.models]
+    plan = build_plan(
+        parse_merge_config({"merge_method": "ties", "models": models, "base_model": str(family.base)})
+    )
+    assert all(row_blocks(plan, job, 1) is None for job in plan.jobs)
+
+
+@pytest.mark.slow
+def test_a_blocked_merge_holds_the_budget_not_the_tensor(tmp_path: Path) -> None:
+    rows, columns = 8192, 8192  # 256 MiB of float32 per model
+    generator = torch.Generator().manual_seed(0)
+    for index in range(3):
+        folder = tmp_path / f"model{index}"
+        folder.mkdir()
+        save_file(
+            {"big.weight": torch.randn(rows, columns, generator=generator)}, str(folder / "model.safetensors")
+        )
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"merge_method": "linear", "models": [{"model": str(tmp_path / f"model{i}")} for i in range(3)]}
+        )
+    )
+
+    def peak(memory: str) -> float:
+        command = [sys.executable, "-m", "m3sb.cli", "merge", str(recipe), str(tmp_path / f"out{memory}")]
+        result = subprocess.run([*command, "--memory", memory], capture_output=True, text=True, check=True)
+        found = re.search(r"peak RSS ([0-9.]+) GB", result.stdout)
+        assert found is not None, result.stdout
+        return float(found.group(1))
+
+    whole, blocked = peak("100GB"), peak("16MB")
+    assert whole - blocked > 0.3, (
+        whole,
+        blocked,
+    )  # three 128 MiB inputs, a temporary and a result held whole
+    assert torch.equal(
+        _read_all(tmp_path / "out100GB")["big.weight"], _read_all(tmp_path / "out16MB")["big.weight"]
+    )

@@ -4,6 +4,7 @@ merge holds follows the budget rather than the tensor's size."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 from m3sb.checkpoints import SafetensorsWriter, TensorInfo, open_checkpoint
 from m3sb.config import parse_merge_config
 from m3sb.merge import build_plan, merge_to_folder, row_blocks
+from m3sb.methods.sparsify import kth_largest_magnitude, streaming_kth_largest_magnitude
 from m3sb.toy import Family
 
 
@@ -91,12 +93,46 @@ def test_an_elementwise_merge_in_blocks_of_rows_is_the_whole_merge(
         assert torch.equal(rows[name], tensor), name
 
 
-def test_methods_that_are_not_elementwise_merge_whole_tensors(family: Family) -> None:
-    models = [{"model": str(m), "parameters": {"density": 0.5}} for m in family.models]
-    plan = build_plan(
-        parse_merge_config({"merge_method": "ties", "models": models, "base_model": str(family.base)})
-    )
-    assert all(row_blocks(plan, job, 1) is None for job in plan.jobs)
+def test_methods_that_need_the_whole_tensor_merge_it_whole(family: Family) -> None:
+    for method in ("dare_ties", "breadcrumbs", "della", "slerp", "karcher", "tsv_m"):
+        models = [{"model": str(m), "parameters": {"density": 0.5, "weight": 0.5}} for m in family.models[:2]]
+        recipe: dict[str, object] = {"merge_method": method, "models": models, "base_model": str(family.base)}
+        if method == "slerp":
+            recipe |= {"models": [{"model": str(family.models[0])}], "parameters": {"t": 0.5}}
+        plan = build_plan(parse_merge_config(recipe))
+        assert all(row_blocks(plan, job, 1) is None for job in plan.jobs), method
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streaming_selection_is_the_kth_largest_magnitude(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(97, 13, generator=generator) * 10 ** float(seed - 2)
+    values[5, :4] = 0.0
+    values[6, :4] = -0.0
+    values[9] = values[10]  # ties
+    cuts = sorted({0, 97, *torch.randint(1, 97, (5,), generator=generator).tolist()})
+    blocks = [values[a:b] for a, b in itertools.pairwise(cuts)]
+    for k in (1, 2, 13, 500, 97 * 13 - 9, 97 * 13):
+        expected = kth_largest_magnitude(values, k)
+        assert streaming_kth_largest_magnitude(lambda: iter(blocks), k) == expected, k
+
+
+@pytest.mark.parametrize("densities", [[0.3, 0.5, 0.2], [1.0, 0.0, 0.7]])
+def test_ties_in_blocks_of_rows_is_the_whole_merge(
+    family: Family, densities: list[float], tmp_path: Path
+) -> None:
+    models = [
+        {"model": str(m), "parameters": {"density": d, "weight": w}}
+        for m, d, w in zip(family.models, densities, [1.0, 0.5, 0.8], strict=True)
+    ]
+    recipe = {"merge_method": "ties", "models": models, "base_model": str(family.base)}
+    config = parse_merge_config(recipe | {"parameters": {"lambda": 0.9}})
+    plan = build_plan(config)
+    assert sum(row_blocks(plan, job, 1) is not None for job in plan.jobs) >= len(plan.jobs) // 2
+    whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)
+    rows = _read_all(merge_to_folder(config, tmp_path / "rows", memory=1).out_dir)
+    for name, tensor in whole.items():
+        assert torch.equal(rows[name], tensor), name
 
 
 @pytest.mark.slow

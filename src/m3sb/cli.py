@@ -108,8 +108,8 @@ def merge(
     memory: Annotated[
         str,
         typer.Option(
-            help="Memory one tensor's merge may hold, e.g. 1GB; larger tensors of elementwise "
-            "methods (linear, task_arithmetic) are merged in blocks of rows."
+            help="Memory one tensor's merge may hold, e.g. 1GB; larger tensors are merged in "
+            "blocks of rows where the method allows it (linear, task_arithmetic, ties)."
         ),
     ] = "1GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,

@@ -43,6 +43,7 @@ from m3sb.devices import resolve_device
 from m3sb.errors import CheckpointError, ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
 from m3sb.methods.registry import ParamValue, check_weights
+from m3sb.methods.sparsify import kept_count, streaming_kth_largest_magnitude
 from m3sb.modules import (
     ARCHITECTURE_MODULES,
     ModuleLayout,
@@ -1049,7 +1050,9 @@ def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slic
     """The blocks of rows a tensor is merged in, so that its inputs, task vectors and result
     stay within ``memory`` bytes; None where it is merged whole (it fits, the method is not
     elementwise, or its rows are realigned to another vocabulary)."""
-    if memory is None or not (plan.method.elementwise and job.mergeable and not job.vocabulary):
+    method = plan.method
+    trimmed = method.trimmed_by_magnitude and job.base is not None and plan.compute_dtype == torch.float32
+    if memory is None or not ((method.elementwise or trimmed) and job.mergeable and not job.vocabulary):
         return None
     if len(job.shape) < 1 or job.shape[0] < 2:
         return None
@@ -1061,10 +1064,45 @@ def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slic
     return [slice(start, min(start + per_block, job.shape[0])) for start in range(0, job.shape[0], per_block)]
 
 
+def block_arguments(
+    plan: MergePlan, job: TensorJob, device: torch.device, blocks: Sequence[slice]
+) -> dict[str, object]:
+    """What the method needs of the whole tensor to merge it in ``blocks`` of rows: for a
+    method trimmed by magnitude, each task vector's threshold at its density, found exactly
+    by streaming selection over the blocks (two passes)."""
+    if not plan.method.trimmed_by_magnitude:
+        return {}
+    assert job.base is not None
+    base = job.base
+    densities = job.params["density"]
+    assert isinstance(densities, list)
+    numel = math.prod(job.shape)
+    thresholds = []
+    for source, density in zip(job.sources, densities, strict=True):
+        assert isinstance(density, float)
+        keep = kept_count(density, numel)
+        if keep is None or keep == 0:
+            thresholds.append(0.0 if keep is None else math.inf)
+            continue
+
+        def task_vector_blocks(source: TensorSource = source) -> Iterator[torch.Tensor]:
+            for rows in blocks:
+                model = _load_rows(source.checkpoint, source.name, rows, plan.compute_dtype, device)
+                yield model.sub_(_load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device))
+
+        thresholds.append(streaming_kth_largest_magnitude(task_vector_blocks, keep))
+    return {"thresholds": thresholds}
+
+
 def merge_tensor(
-    plan: MergePlan, job: TensorJob, device: torch.device, rows: slice | None = None
+    plan: MergePlan,
+    job: TensorJob,
+    device: torch.device,
+    rows: slice | None = None,
+    arguments: Mapping[str, object] | None = None,
 ) -> torch.Tensor:
-    """Compute one merged tensor, or the block ``rows`` of it (on the CPU, in its output dtype)."""
+    """Compute one merged tensor, or the block ``rows`` of it (on the CPU, in its output dtype;
+    ``arguments``: what :func:`block_arguments` found of the whole tensor)."""
     if not job.mergeable:
         source = job.copied_from
         return source.checkpoint.load(source.name).clone()
@@ -1097,6 +1135,7 @@ def merge_tensor(
             consume_inputs=True,
             statistics=statistics,
             statistic_norms=plan.statistic_norms,
+            block_arguments=arguments,
         )
     except MergeError as error:
         raise MergeError(f"tensor '{job.name}': {error}") from None
@@ -1125,9 +1164,10 @@ def merge_tensors(
     than ``memory`` bytes comes as consecutive blocks of its rows, where the method allows it
     (elementwise methods: the blocks are exactly the rows of the whole merge)."""
     for job in plan.jobs:
-        blocks: Sequence[slice | None] = row_blocks(plan, job, memory) or (None,)
-        for rows in blocks:
-            merged = merge_tensor(plan, job, device, rows)
+        blocks = row_blocks(plan, job, memory)
+        arguments = block_arguments(plan, job, device, blocks) if blocks is not None else None
+        for rows in blocks or (None,):
+            merged = merge_tensor(plan, job, device, rows, arguments)
             if progress is not None:
                 progress(job.name, merged.numel() * merged.element_size())
             yield job.name, merged

@@ -125,7 +125,9 @@ class MergeMethod:
     resolved parameters together (a ConfigError naming ``where``), before any tensor is read.
     An ``elementwise`` method (each output entry a function of the same entry of the inputs
     and of the parameters alone) may be computed on blocks of rows: the engine does so for
-    tensors larger than its memory budget.
+    tensors larger than its memory budget; so may one ``trimmed_by_magnitude`` (TIES), whose
+    function then receives ``thresholds``: each whole task vector's trimming magnitude at
+    its ``density``, which the engine finds in passes over the blocks.
     """
 
     name: str
@@ -143,6 +145,7 @@ class MergeMethod:
     validate: Callable[[Mapping[str, Any], str], None] | None = None
     statistics: Literal["gram", "gram_plusplus", "fisher"] | None = None  # per-model statistics taken
     elementwise: bool = False  # each output entry depends on the same entry of the inputs only
+    trimmed_by_magnitude: bool = False  # elementwise once each task vector's ``density`` threshold is known
     all_params: tuple[Param, ...] = field(init=False)
     aliases: dict[str, str] = field(init=False, compare=False)  # alias -> name, from the params
 
@@ -291,14 +294,17 @@ def apply_method(
     consume_inputs: bool = False,
     statistics: Sequence[torch.Tensor | None] = (),
     statistic_norms: Sequence[float] = (),
+    block_arguments: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor group with ``method``: task vectors, ``lambda`` and per-tensor seeds.
+    """Merge one tensor group with ``method``: task vectors, ``lambda`` and per-tensor seeds
+    (``block_arguments``: what the function needs of the whole tensor when these are blocks).
 
     With ``consume_inputs`` (a list the engine filled for this call alone) each input is
     dropped from the list as soon as its task vector exists, so that at most one extra
     tensor is alive while task vectors are formed.
     """
     kwargs: dict[str, Any] = {p.argument: params[p.name] for p in method.params if not p.inert}
+    kwargs.update(block_arguments or {})
     if method.statistics is not None:
         if len(statistics) != len(tensors):
             raise MergeError(f"method '{method.name}' needs {method.statistics} statistics for every model")

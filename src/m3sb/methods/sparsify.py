@@ -9,7 +9,8 @@ small whatever the size of the tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -34,15 +35,74 @@ def kth_largest_magnitude(tensor: torch.Tensor, k: int) -> float:
     return float(magnitude.float().kthvalue(position + 1).values)
 
 
-def magnitude_mask(task_vector: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask keeping the ``density`` fraction of largest-magnitude elements (at least one)."""
-    numel = task_vector.numel()
+def kept_count(density: float, numel: int) -> int | None:
+    """How many elements a magnitude mask of ``density`` keeps by rank; None when it keeps all
+    (density >= 1) and 0 when none."""
     if density >= 1.0 or numel == 0:
-        return torch.ones_like(task_vector, dtype=torch.bool)
+        return None
     if density <= 0.0:
-        return torch.zeros_like(task_vector, dtype=torch.bool)
-    keep = max(1, int(density * numel))
-    return task_vector.abs() >= kth_largest_magnitude(task_vector, keep)
+        return 0
+    return max(1, int(density * numel))
+
+
+def magnitude_threshold(task_vector: torch.Tensor, density: float) -> float:
+    """The magnitude from which a ``density`` mask keeps elements (0: all, inf: none)."""
+    keep = kept_count(density, task_vector.numel())
+    if keep is None:
+        return 0.0
+    return math.inf if keep == 0 else kth_largest_magnitude(task_vector, keep)
+
+
+def magnitude_mask(task_vector: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+    """Boolean mask keeping the ``density`` fraction of largest-magnitude elements (at least one);
+    with ``threshold`` (what :func:`magnitude_threshold` gives for the whole tensor), the
+    mask of a block of its rows."""
+    if threshold is None:
+        if kept_count(density, task_vector.numel()) is None:
+            return torch.ones_like(task_vector, dtype=torch.bool)
+        threshold = magnitude_threshold(task_vector, density)
+    return task_vector.abs() >= threshold
+
+
+_HIGH_BITS = 16  # a float32's bits are selected in two rounds of 16
+
+
+def streaming_kth_largest_magnitude(blocks: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
+    """The k-th largest absolute value (1-based) of the float32 elements that ``blocks()``
+    yields, found exactly in two passes over them with histograms of their bit patterns (a
+    non-negative float32 orders as its bits read as an integer): the upper 16 bits first,
+    then the lower 16 of the elements in the bucket that holds the k-th. Memory: two
+    histograms of 65,536 counts, whatever the number of elements."""
+    buckets = 1 << _HIGH_BITS
+    high = torch.zeros(buckets, dtype=torch.int64)
+    for block in blocks():
+        high += torch.bincount(_magnitude_bits(block) >> _HIGH_BITS, minlength=buckets).cpu()
+    bucket, above = _bucket_of_kth(high, k)
+    low = torch.zeros(buckets, dtype=torch.int64)
+    for block in blocks():
+        bits = _magnitude_bits(block)
+        inside = bits[(bits >> _HIGH_BITS) == bucket]
+        low += torch.bincount(inside & (buckets - 1), minlength=buckets).cpu()
+    offset, _ = _bucket_of_kth(low, k - above)
+    value = torch.tensor([(bucket << _HIGH_BITS) | offset], dtype=torch.int32).view(torch.float32)
+    return float(value[0])
+
+
+def _magnitude_bits(block: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float32 block's absolute values, as non-negative int32 (flat)."""
+    if block.dtype != torch.float32:
+        raise TypeError(f"streaming selection reads float32 blocks, got {block.dtype}")
+    return block.detach().abs().reshape(-1).view(torch.int32)
+
+
+def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest element of a histogram, and how many lie above it."""
+    from_top = torch.cumsum(counts.flip(0), dim=0)
+    index = int(torch.searchsorted(from_top, torch.tensor([k]), side="left")[0])
+    if index >= len(counts):
+        raise ValueError(f"asked for element {k} of {int(from_top[-1])}")
+    above = int(from_top[index - 1]) if index > 0 else 0
+    return len(counts) - 1 - index, above
 
 
 def outlier_mask(task_vector: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

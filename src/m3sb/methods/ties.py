@@ -22,11 +22,19 @@ DENSITY = Param(
 
 
 def ties(
-    task_vectors: list[torch.Tensor], weights: list[float], density: list[float], normalize: bool = True
+    task_vectors: list[torch.Tensor],
+    weights: list[float],
+    density: list[float],
+    normalize: bool = True,
+    thresholds: list[float] | None = None,
 ) -> torch.Tensor:
-    """Disjoint merge of the task vectors trimmed to their largest ``density`` fraction."""
+    """Disjoint merge of the task vectors trimmed to their largest ``density`` fraction
+    (``thresholds``: each whole task vector's trimming magnitude, when these are blocks of
+    its rows)."""
+    limits: list[float | None] = list(thresholds) if thresholds is not None else [None] * len(task_vectors)
     masks = [
-        magnitude_mask(task_vector, keep) for task_vector, keep in zip(task_vectors, density, strict=True)
+        magnitude_mask(task_vector, keep, limit)
+        for task_vector, keep, limit in zip(task_vectors, density, limits, strict=True)
     ]
     return disjoint_merge(task_vectors, masks, weights, normalize)
 
@@ -38,4 +46,5 @@ METHOD = MergeMethod(
     params=(DENSITY, Param("normalize", bool, True, "divide by the sum of the agreeing weights"), INT8_MASK),
     space="task_vectors",
     reference="https://arxiv.org/abs/2306.01708",
+    trimmed_by_magnitude=True,
 )

@@ -94,7 +94,7 @@ def test_an_elementwise_merge_in_blocks_of_rows_is_the_whole_merge(
 
 
 def test_methods_that_need_the_whole_tensor_merge_it_whole(family: Family) -> None:
-    for method in ("dare_ties", "breadcrumbs", "della", "slerp", "karcher", "tsv_m"):
+    for method in ("breadcrumbs", "della", "slerp", "karcher", "tsv_m"):
         models = [{"model": str(m), "parameters": {"density": 0.5, "weight": 0.5}} for m in family.models[:2]]
         recipe: dict[str, object] = {"merge_method": method, "models": models, "base_model": str(family.base)}
         if method == "slerp":
@@ -117,16 +117,25 @@ def test_streaming_selection_is_the_kth_largest_magnitude(seed: int) -> None:
         assert streaming_kth_largest_magnitude(lambda: iter(blocks), k) == expected, k
 
 
-@pytest.mark.parametrize("densities", [[0.3, 0.5, 0.2], [1.0, 0.0, 0.7]])
-def test_ties_in_blocks_of_rows_is_the_whole_merge(
-    family: Family, densities: list[float], tmp_path: Path
+@pytest.mark.parametrize(
+    ("method", "densities"),
+    [
+        ("ties", [0.3, 0.5, 0.2]),
+        ("ties", [1.0, 0.0, 0.7]),
+        ("dare_ties", [0.3, 1.0, 0.6]),
+        ("dare_linear", [0.5, 0.2, 0.9]),
+    ],
+)
+def test_trimmed_and_dropped_merges_in_blocks_of_rows_are_the_whole_merge(
+    family: Family, method: str, densities: list[float], tmp_path: Path
 ) -> None:
     models = [
         {"model": str(m), "parameters": {"density": d, "weight": w}}
         for m, d, w in zip(family.models, densities, [1.0, 0.5, 0.8], strict=True)
     ]
-    recipe = {"merge_method": "ties", "models": models, "base_model": str(family.base)}
-    config = parse_merge_config(recipe | {"parameters": {"lambda": 0.9}})
+    recipe = {"merge_method": method, "models": models, "base_model": str(family.base)}
+    parameters = {"lambda": 0.9} | ({"random_seed": 7} if method.startswith("dare") else {})
+    config = parse_merge_config(recipe | {"parameters": parameters})
     plan = build_plan(config)
     assert sum(row_blocks(plan, job, 1) is not None for job in plan.jobs) >= len(plan.jobs) // 2
     whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)

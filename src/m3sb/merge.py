@@ -42,7 +42,8 @@ from m3sb.config import (
 from m3sb.devices import resolve_device
 from m3sb.errors import CheckpointError, ConfigError, MergeError
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
-from m3sb.methods.registry import ParamValue, check_weights
+from m3sb.methods.dare import mask_generators
+from m3sb.methods.registry import ParamValue, check_weights, tensor_seed
 from m3sb.methods.sparsify import kept_count, streaming_kth_largest_magnitude
 from m3sb.modules import (
     ARCHITECTURE_MODULES,
@@ -1050,9 +1051,12 @@ def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slic
     """The blocks of rows a tensor is merged in, so that its inputs, task vectors and result
     stay within ``memory`` bytes; None where it is merged whole (it fits, the method is not
     elementwise, or its rows are realigned to another vocabulary)."""
-    method = plan.method
-    trimmed = method.trimmed_by_magnitude and job.base is not None and plan.compute_dtype == torch.float32
-    if memory is None or not ((method.elementwise or trimmed) and job.mergeable and not job.vocabulary):
+    kind = plan.method.row_blocks
+    if kind == "magnitude_threshold" and plan.compute_dtype != torch.float32:
+        kind = "never"  # the streaming selection reads float32 bit patterns
+    if kind != "elementwise" and job.base is None:
+        kind = "never"  # the trimmed and dropped ones merge task vectors
+    if memory is None or kind == "never" or not job.mergeable or job.vocabulary:
         return None
     if len(job.shape) < 1 or job.shape[0] < 2:
         return None
@@ -1067,10 +1071,16 @@ def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slic
 def block_arguments(
     plan: MergePlan, job: TensorJob, device: torch.device, blocks: Sequence[slice]
 ) -> dict[str, object]:
-    """What the method needs of the whole tensor to merge it in ``blocks`` of rows: for a
-    method trimmed by magnitude, each task vector's threshold at its density, found exactly
-    by streaming selection over the blocks (two passes)."""
-    if not plan.method.trimmed_by_magnitude:
+    """What the method needs of the whole tensor to merge it in ``blocks`` of rows: for TIES,
+    each task vector's threshold at its density, found exactly by streaming selection over
+    the blocks (two passes); for DARE, each model's random generator where its mask starts."""
+    kind = plan.method.row_blocks
+    if kind == "random_mask":
+        seed, densities = job.params["random_seed"], job.params["density"]
+        assert isinstance(seed, int) and isinstance(densities, list)
+        floats = [float(d) for d in densities if isinstance(d, (int, float))]
+        return {"generators": mask_generators(tensor_seed(seed, job.name), floats, math.prod(job.shape))}
+    if kind != "magnitude_threshold":
         return {}
     assert job.base is not None
     base = job.base

@@ -22,16 +22,42 @@ PARAMS = (
 )
 
 
+def mask_generators(random_seed: int, density: list[float], numel: int) -> list[torch.Generator | None]:
+    """Each model's generator positioned where its mask starts in the stream that one
+    generator seeded ``random_seed`` draws for all the models in turn (None for a model
+    kept whole, which draws nothing): blocks of rows then draw their masks in order."""
+    shared = torch.Generator().manual_seed(random_seed)
+    buffer = torch.empty(min(numel, 1 << 22))
+    generators: list[torch.Generator | None] = []
+    for keep in density:
+        if keep >= 1.0:
+            generators.append(None)
+            continue
+        own = torch.Generator()
+        own.set_state(shared.get_state())
+        generators.append(own)
+        for start in range(0, numel, len(buffer)):  # past this model's draws
+            torch.rand(min(len(buffer), numel - start), generator=shared, out=buffer[: numel - start])
+    return generators
+
+
 def _drop(
-    task_vectors: list[torch.Tensor], density: list[float], rescale: bool, random_seed: int
+    task_vectors: list[torch.Tensor],
+    density: list[float],
+    rescale: bool,
+    random_seed: int,
+    generators: list[torch.Generator | None] | None = None,
 ) -> list[torch.Tensor]:
-    """The task vectors with each entry kept with probability ``density`` (and rescaled)."""
-    generator = torch.Generator().manual_seed(random_seed)
+    """The task vectors with each entry kept with probability ``density`` (and rescaled);
+    ``generators`` (from :func:`mask_generators`) when these are blocks of rows."""
+    shared = torch.Generator().manual_seed(random_seed)
+    own = generators if generators is not None else [shared] * len(task_vectors)
     dropped = []
-    for task_vector, keep in zip(task_vectors, density, strict=True):
+    for task_vector, keep, generator in zip(task_vectors, density, own, strict=True):
         if keep >= 1.0:
             dropped.append(task_vector)
             continue
+        assert generator is not None
         kept = task_vector * random_mask(task_vector.shape, keep, generator, task_vector.device)
         dropped.append(kept.div_(keep) if rescale and keep > 0.0 else kept)
     return dropped
@@ -44,9 +70,10 @@ def dare_linear(
     rescale: bool = True,
     random_seed: int = 0,
     normalize: bool = False,
+    generators: list[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """Weighted sum of the randomly dropped task vectors."""
-    return weighted_sum(_drop(task_vectors, density, rescale, random_seed), weights, normalize)
+    return weighted_sum(_drop(task_vectors, density, rescale, random_seed, generators), weights, normalize)
 
 
 def dare_ties(
@@ -56,9 +83,10 @@ def dare_ties(
     rescale: bool = True,
     random_seed: int = 0,
     normalize: bool = False,
+    generators: list[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """TIES's sign election and disjoint merge over the randomly dropped task vectors."""
-    dropped = _drop(task_vectors, density, rescale, random_seed)
+    dropped = _drop(task_vectors, density, rescale, random_seed, generators)
     return disjoint_merge(dropped, [None] * len(dropped), weights, normalize)
 
 
@@ -69,6 +97,7 @@ DARE_LINEAR = MergeMethod(
     params=PARAMS,
     space="task_vectors",
     reference="https://arxiv.org/abs/2311.03099",
+    row_blocks="random_mask",
 )
 DARE_TIES = MergeMethod(
     name="dare_ties",
@@ -77,4 +106,5 @@ DARE_TIES = MergeMethod(
     params=PARAMS,
     space="task_vectors",
     reference="https://arxiv.org/abs/2311.03099",
+    row_blocks="random_mask",
 )

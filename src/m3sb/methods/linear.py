@@ -25,5 +25,5 @@ METHOD = MergeMethod(
     params=(Param("normalize", bool, True, "divide by the sum of the weights"),),
     space="either",
     reference="https://arxiv.org/abs/2203.05482",
-    elementwise=True,
+    row_blocks="elementwise",
 )

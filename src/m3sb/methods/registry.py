@@ -108,6 +108,7 @@ class Param:
 
 
 Space = Literal["weights", "task_vectors", "either", "if_base"]
+RowBlocks = Literal["never", "elementwise", "magnitude_threshold", "random_mask"]
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,13 @@ class MergeMethod:
     tensor (``statistics``, None where a model has none) and, for ``fisher``, the norm of
     each model's whole statistics (``statistic_norms``). ``validate`` checks one tensor's
     resolved parameters together (a ConfigError naming ``where``), before any tensor is read.
-    An ``elementwise`` method (each output entry a function of the same entry of the inputs
-    and of the parameters alone) may be computed on blocks of rows: the engine does so for
-    tensors larger than its memory budget; so may one ``trimmed_by_magnitude`` (TIES), whose
-    function then receives ``thresholds``: each whole task vector's trimming magnitude at
-    its ``density``, which the engine finds in passes over the blocks.
+    ``row_blocks`` says whether the engine may merge a tensor larger than its memory budget
+    in blocks of rows, and what the function needs of the whole tensor then:
+    ``elementwise`` (each output entry a function of the same entry of the inputs: nothing),
+    ``magnitude_threshold`` (TIES: ``thresholds``, each whole task vector's trimming
+    magnitude at its ``density``, found in passes over the blocks), ``random_mask`` (DARE:
+    ``generators``, each model's random generator where its mask starts, drawn on block by
+    block) or ``never``.
     """
 
     name: str
@@ -144,8 +147,7 @@ class MergeMethod:
     scales: bool = True  # lambda scales the merged task vector (False: accepted, no effect, as mergekit's)
     validate: Callable[[Mapping[str, Any], str], None] | None = None
     statistics: Literal["gram", "gram_plusplus", "fisher"] | None = None  # per-model statistics taken
-    elementwise: bool = False  # each output entry depends on the same entry of the inputs only
-    trimmed_by_magnitude: bool = False  # elementwise once each task vector's ``density`` threshold is known
+    row_blocks: RowBlocks = "never"  # how the engine may merge a large tensor in blocks of rows
     all_params: tuple[Param, ...] = field(init=False)
     aliases: dict[str, str] = field(init=False, compare=False)  # alias -> name, from the params
 

@@ -25,5 +25,5 @@ METHOD = MergeMethod(
     ),
     space="task_vectors",
     reference="https://arxiv.org/abs/2212.04089",
-    elementwise=True,
+    row_blocks="elementwise",
 )

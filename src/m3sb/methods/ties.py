@@ -46,5 +46,5 @@ METHOD = MergeMethod(
     params=(DENSITY, Param("normalize", bool, True, "divide by the sum of the agreeing weights"), INT8_MASK),
     space="task_vectors",
     reference="https://arxiv.org/abs/2306.01708",
-    trimmed_by_magnitude=True,
+    row_blocks="magnitude_threshold",
 )

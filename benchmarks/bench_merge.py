@@ -20,6 +20,10 @@ Usage (from the repository root)::
     uv run python benchmarks/bench_merge.py
     uv run python benchmarks/bench_merge.py --tools mergekit --methods linear,ties
     uv run python benchmarks/bench_merge.py --repeat 3 --stat median
+    uv run python benchmarks/bench_merge.py --size 1.1b   # 3 x 2.2 GB bfloat16, ~9 GB of disk
+
+The floor (reading the fine-tunes from the page cache, writing one model with fsync, one
+fused float32 pass over the tensors) is measured on the same machine before the merges.
 
 The benchmark needs no network access and does not import m3sb.
 """
@@ -58,6 +62,19 @@ MODEL_CONFIG: dict[str, object] = {
     "max_position_embeddings": 2048,
     "tie_word_embeddings": False,
 }
+# The 1.1B case: TinyLlama-1.1B's shape in bfloat16 (2.2 GB per model, two shards), its
+# tensors drawn straight from a seed into safetensors (no model is built in memory).
+TINYLLAMA_CONFIG: dict[str, object] = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+SIZES = ("168m", "1.1b")
 BIN_DIR = Path(sys.prefix) / "bin"
 EXECUTABLES = {"m3sb": BIN_DIR / "m3sb", "mergekit": BIN_DIR / "mergekit-yaml"}
 
@@ -137,6 +154,109 @@ def build_checkpoints(workdir: Path) -> Checkpoints:
     return ckpts
 
 
+def llama_shapes(config: dict[str, object]) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of a ``LlamaForCausalLM`` with ``config`` (built on the
+    meta device: no memory)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**config))
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _write_shards(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    """``tensors`` as ``shards`` safetensors files with an index, as transformers writes them."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map, start = {}, 0
+    for shard in range(shards):
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        stop = start
+        size = 0
+        while stop < len(names) and (size < total / shards or shard == shards - 1):
+            size += tensors[names[stop]].numel() * tensors[names[stop]].element_size()
+            stop += 1
+        save_file({n: tensors[n] for n in names[start:stop]}, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names[start:stop], file))
+        start = stop
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_large_checkpoints(workdir: Path) -> Checkpoints:
+    """Build (or reuse) the 1.1B case under ``workdir/models-1.1b``: a bfloat16 base with
+    N(0, 0.02^2) matrices and unit norms (seed 0), and fine-tunes ``base + noise`` at
+    ``NOISE_REL_STD`` of each tensor's scale (seed ``i + 1``), two shards each."""
+    models_dir = workdir / "models-1.1b"
+    ckpts = Checkpoints(models_dir / "base", [models_dir / f"ft{i}" for i in range(N_FINETUNES)])
+    recipe = {"config": TINYLLAMA_CONFIG, "noise": NOISE_REL_STD, "n": N_FINETUNES, "version": 1}
+    marker = models_dir / "COMPLETE.json"
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        print(f"Reusing checkpoints in {models_dir}")
+        return ckpts
+    shutil.rmtree(models_dir, ignore_errors=True)
+    print(f"Building 1.1B bfloat16 checkpoints in {models_dir} ...", flush=True)
+    shapes = llama_shapes(TINYLLAMA_CONFIG)
+    config = {**TINYLLAMA_CONFIG, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    config["torch_dtype"] = "bfloat16"
+    for index, folder in enumerate(ckpts.all()):
+        generator = torch.Generator().manual_seed(0)
+        tensors = {}
+        for name, shape in shapes.items():
+            base = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
+            if index > 0:
+                noise = torch.randn(
+                    shape, generator=torch.Generator().manual_seed(index * 7919 + len(tensors))
+                )
+                base += noise * NOISE_REL_STD * (0.02 if len(shape) > 1 else 1.0)
+            tensors[name] = base.to(torch.bfloat16)
+        _write_shards(folder, tensors, shards=2)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        print(f"  wrote {folder}", flush=True)
+        del tensors
+    marker.write_text(json.dumps(recipe))
+    return ckpts
+
+
+def measure_floor(ckpts: Checkpoints, workdir: Path) -> list[str]:
+    """What no merge of the fine-tunes can beat on this machine: reading them from the page
+    cache, writing one model's bytes with fsync, and one fused float32 multiply-add pass
+    over every tensor (the arithmetic of a linear merge), each timed once."""
+    files = [f for p in ckpts.finetunes for f in sorted(p.glob("*.safetensors"))]
+    warm_page_cache(ckpts.finetunes)
+    start = time.perf_counter()
+    read = warm_page_cache(ckpts.finetunes)
+    read_s = time.perf_counter() - start
+    one_model = sum(f.stat().st_size for f in sorted(ckpts.finetunes[0].glob("*.safetensors")))
+    target = workdir / "floor-write.bin"
+    block = bytes(1 << 24)
+    start = time.perf_counter()
+    with open(target, "wb") as handle:
+        for _ in range(0, one_model, len(block)):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    write_s = time.perf_counter() - start
+    target.unlink()
+    handles = [safe_open(str(f), framework="pt") for f in files[: len(files) // N_FINETUNES]]
+    start = time.perf_counter()
+    for handle in handles:  # the first fine-tune's tensors stand for all three (same shapes)
+        for name in handle.keys():  # noqa: SIM118
+            tensor = handle.get_tensor(name)
+            total = tensor.float()
+            total.add_(tensor.float()).add_(tensor.float()).mul_(1 / 3)
+            total.to(tensor.dtype)
+    fused_s = time.perf_counter() - start
+    return [
+        f"floor: read {read / 1e9:.2f} GB from the page cache {read_s:.2f} s; "
+        f"write {one_model / 1e9:.2f} GB with fsync {write_s:.2f} s; "
+        f"one fused float32 pass (3 inputs) {fused_s:.2f} s; sum {read_s + write_s + fused_s:.2f} s",
+    ]
+
+
 def count_parameters(checkpoint: Path) -> int:
     """Return the number of scalars stored in ``checkpoint``'s safetensors files."""
     total = 0
@@ -194,6 +314,7 @@ def write_configs(
 
 
 M3SB_DEVICE = ["cpu"]  # set from --device
+M3SB_MEMORY = [""]  # set from --memory (empty: m3sb's default)
 
 
 def executable(tool: str) -> list[str]:
@@ -216,6 +337,7 @@ def tool_command(tool: str, config: Path, out: Path) -> list[str]:
             "--force",
             "--device",
             M3SB_DEVICE[0],
+            *(["--memory", M3SB_MEMORY[0]] if M3SB_MEMORY[0] else []),
         ]
     return [*executable(tool), str(config), str(out)]
 
@@ -409,6 +531,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs per method/tool")
     parser.add_argument("--stat", choices=("best", "median"), default="best", help="combine repeats")
     parser.add_argument("--device", default="cpu", help="m3sb's --device (cpu, cuda, ...)")
+    parser.add_argument("--memory", default="", help="m3sb's --memory (default: m3sb's own)")
+    parser.add_argument("--size", choices=SIZES, default="168m", help="the models: 168M float32 or 1.1B bf16")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.tools = [t for t in args.tools.split(",") if t]
@@ -425,19 +549,23 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table; exit code 1 if any run failed."""
     args = parse_args(argv)
     M3SB_DEVICE[0] = args.device
+    M3SB_MEMORY[0] = args.memory
     t_start = time.perf_counter()
     workdir: Path = args.workdir.resolve()
     print("\n".join(machine_facts()))
-    ckpts = build_checkpoints(workdir)
+    ckpts = build_checkpoints(workdir) if args.size == "168m" else build_large_checkpoints(workdir)
+    print("\n".join(measure_floor(ckpts, workdir)))
     sizes = [f.stat().st_size for p in ckpts.all() for f in p.glob("*.safetensors")]
     print(f"Parameters per model: {count_parameters(ckpts.base):,}")
     print(f"Inputs: {len(sizes)} safetensors files, {sum(sizes) / 1e9:.2f} GB total")
-    configs = write_configs(workdir, ckpts, args.methods, args.tools)
+    configs = write_configs(
+        workdir / ("" if args.size == "168m" else "1.1b"), ckpts, args.methods, args.tools
+    )
     for tool in args.tools:
         secs, rss, rc = run_measured([*executable(tool), "--help"])
         print(f"{tool} startup (--help): {secs:.2f} s, {rss / 1e9:.2f} GB, rc={rc}")
 
-    out_root = workdir / "out"
+    out_root = workdir / ("out" if args.size == "168m" else "out-1.1b")
     results: dict[tuple[str, str], Measurement] = {}
     for method in args.methods:
         for tool in args.tools:

@@ -22,6 +22,8 @@ from m3sb.merge import build_plan, merge_to_folder, row_blocks
 from m3sb.methods.sparsify import kth_largest_magnitude, streaming_kth_largest_magnitude
 from m3sb.toy import Family
 
+LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:], check=False).returncode)"
+
 
 def _read_all(folder: Path) -> dict[str, torch.Tensor]:
     checkpoint = open_checkpoint(folder)
@@ -163,7 +165,10 @@ def test_a_blocked_merge_holds_the_budget_not_the_tensor(tmp_path: Path) -> None
 
     def peak(memory: str) -> float:
         command = [sys.executable, "-m", "m3sb.cli", "merge", str(recipe), str(tmp_path / f"out{memory}")]
-        result = subprocess.run([*command, "--memory", memory], capture_output=True, text=True, check=True)
+        # through a fresh interpreter: a child forked from this large test process would inherit
+        # its peak RSS, which ru_maxrss then reports as the child's
+        launcher = [sys.executable, "-I", "-c", LAUNCHER, *command, "--memory", memory]
+        result = subprocess.run(launcher, capture_output=True, text=True, check=True)
         found = re.search(r"peak RSS ([0-9.]+) GB", result.stdout)
         assert found is not None, result.stdout
         return float(found.group(1))

@@ -36,6 +36,8 @@ from m3sb.statistics_files import MERGE_KEY, merge_settings
 from m3sb.tasks.model import TaskModel, check_shared_backbone
 from m3sb.tasks.registry import TaskSpec
 
+CACHE_ARGUMENTS = frozenset({"past_key_values", "past_key_value", "layer_past"})
+
 
 class _StackReachedError(Exception):
     """Raised by the hook on the first layer: the inputs are captured, the rest is not needed."""
@@ -88,6 +90,10 @@ def stack_inputs(
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         kwargs = dict(kwargs)
+        for cache in CACHE_ARGUMENTS & kwargs.keys():  # replayed layers must not grow a cache
+            kwargs[cache] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append(LayerInput(hidden, tuple(args[1:]), kwargs))
         raise _StackReachedError

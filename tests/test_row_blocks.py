@@ -96,7 +96,7 @@ def test_an_elementwise_merge_in_blocks_of_rows_is_the_whole_merge(
 
 
 def test_methods_that_need_the_whole_tensor_merge_it_whole(family: Family) -> None:
-    for method in ("breadcrumbs", "della", "slerp", "karcher", "tsv_m"):
+    for method in ("breadcrumbs", "della", "slerp", "model_stock", "tsv_m"):
         models = [{"model": str(m), "parameters": {"density": 0.5, "weight": 0.5}} for m in family.models[:2]]
         recipe: dict[str, object] = {"merge_method": method, "models": models, "base_model": str(family.base)}
         if method == "slerp":
@@ -120,23 +120,29 @@ def test_streaming_selection_is_the_kth_largest_magnitude(seed: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "densities"),
+    ("method", "densities", "parameters"),
     [
-        ("ties", [0.3, 0.5, 0.2]),
-        ("ties", [1.0, 0.0, 0.7]),
-        ("dare_ties", [0.3, 1.0, 0.6]),
-        ("dare_linear", [0.5, 0.2, 0.9]),
+        ("barycenter", None, {}),
+        ("barycenter", None, {"space": "task_vectors", "lambda": 0.9}),
+        ("karcher", None, {}),
+        ("ties", [0.3, 0.5, 0.2], {"lambda": 0.9}),
+        ("ties", [1.0, 0.0, 0.7], {}),
+        ("dare_ties", [0.3, 1.0, 0.6], {"random_seed": 7}),
+        ("dare_linear", [0.5, 0.2, 0.9], {"lambda": 0.9, "random_seed": 7}),
     ],
 )
-def test_trimmed_and_dropped_merges_in_blocks_of_rows_are_the_whole_merge(
-    family: Family, method: str, densities: list[float], tmp_path: Path
+def test_merges_in_blocks_of_rows_are_the_whole_merge(
+    family: Family,
+    method: str,
+    densities: list[float] | None,
+    parameters: dict[str, object],
+    tmp_path: Path,
 ) -> None:
     models = [
-        {"model": str(m), "parameters": {"density": d, "weight": w}}
-        for m, d, w in zip(family.models, densities, [1.0, 0.5, 0.8], strict=True)
+        {"model": str(m), "parameters": {"weight": w} | ({"density": densities[i]} if densities else {})}
+        for i, (m, w) in enumerate(zip(family.models, [1.0, 0.5, 0.8], strict=True))
     ]
     recipe = {"merge_method": method, "models": models, "base_model": str(family.base)}
-    parameters = {"lambda": 0.9} | ({"random_seed": 7} if method.startswith("dare") else {})
     config = parse_merge_config(recipe | {"parameters": parameters})
     plan = build_plan(config)
     assert sum(row_blocks(plan, job, 1) is not None for job in plan.jobs) >= len(plan.jobs) // 2

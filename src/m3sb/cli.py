@@ -109,7 +109,8 @@ def merge(
         str,
         typer.Option(
             help="Memory one tensor's merge may hold, e.g. 1GB; larger tensors are merged in "
-            "blocks of rows where the method allows it (linear, task_arithmetic, ties, dare_*)."
+            "blocks of rows where the method allows it (linear, task_arithmetic, ties, dare_*, "
+            "barycenter, karcher)."
         ),
     ] = "1GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,

@@ -32,19 +32,45 @@ _GRAM_CHUNK_ELEMENTS = 1 << 20  # fastest here: blocks stay in cache
 
 def gram_matrix(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Return the float64 Gram matrix ``K[i, j] = <tensor_i, tensor_j>`` of same-sized tensors."""
-    flats = [tensor.reshape(-1) for tensor in tensors]
-    count, numel = len(flats), flats[0].numel()
-    device = flats[0].device
-    gram = torch.zeros(count, count, dtype=torch.float64, device=device)
-    chunk = max(1, _GRAM_CHUNK_ELEMENTS // count)
-    block = torch.empty(count, min(chunk, numel), dtype=torch.float64, device=device)
-    for start in range(0, numel, chunk):
-        stop = min(start + chunk, numel)
-        view = block[:, : stop - start]
-        for row, flat in enumerate(flats):
-            view[row].copy_(flat[start:stop])
-        gram.addmm_(view, view.T)
-    return gram.cpu()
+    accumulator = GramAccumulator(len(tensors), tensors[0].numel(), tensors[0].device)
+    accumulator.add(tensors)
+    return accumulator.result()
+
+
+class GramAccumulator:
+    """The Gram matrix of ``count`` flat vectors of ``numel`` elements each, fed as consecutive
+    pieces (blocks of rows, say): float64 products summed over fixed chunks of the flat
+    index, so that any split into pieces sums exactly what the whole vectors do."""
+
+    def __init__(self, count: int, numel: int, device: torch.device) -> None:
+        self.gram = torch.zeros(count, count, dtype=torch.float64, device=device)
+        self.chunk = max(1, _GRAM_CHUNK_ELEMENTS // count)
+        self.buffer = torch.empty(count, max(1, min(self.chunk, numel)), dtype=torch.float64, device=device)
+        self.filled = 0  # elements of the current chunk already in the buffer
+
+    def add(self, pieces: Sequence[torch.Tensor]) -> None:
+        """Feed the next piece of every vector (same length each)."""
+        flats = [piece.reshape(-1) for piece in pieces]
+        numel, start = flats[0].numel(), 0
+        while start < numel:
+            take = min(self.buffer.shape[1] - self.filled, numel - start)
+            for row, flat in enumerate(flats):
+                self.buffer[row, self.filled : self.filled + take].copy_(flat[start : start + take])
+            self.filled += take
+            start += take
+            if self.filled == self.buffer.shape[1]:
+                self._flush()
+
+    def result(self) -> torch.Tensor:
+        """The Gram matrix of everything fed (on the CPU)."""
+        if self.filled:
+            self._flush()
+        return self.gram.cpu()
+
+    def _flush(self) -> None:
+        view = self.buffer[:, : self.filled]
+        self.gram.addmm_(view, view.T)
+        self.filled = 0
 
 
 def combine(tensors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
@@ -267,13 +293,16 @@ def karcher_mean(
     weights: Sequence[float],
     tol: float = 1e-7,
     max_iter: int = 100,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted spherical barycenter of tensors (Karcher mean of directions, mean norm)."""
+    """Weighted spherical barycenter of tensors (Karcher mean of directions, mean norm);
+    ``gram``: the Gram matrix of the whole tensors when these are blocks of their rows."""
     weight = normalized_weights(weights)
     active = [i for i, w in enumerate(weight) if w > 0.0]
     if len(active) == 1:
         return tensors[active[0]].clone()
-    coefficients, _ = karcher_coefficients(gram_matrix(tensors), weight, tol, max_iter)
+    gram = gram_matrix(tensors) if gram is None else gram
+    coefficients, _ = karcher_coefficients(gram, weight, tol, max_iter)
     return combine(tensors, coefficients)
 
 

@@ -41,6 +41,7 @@ from m3sb.config import (
 )
 from m3sb.devices import resolve_device
 from m3sb.errors import CheckpointError, ConfigError, MergeError
+from m3sb.geometry import GramAccumulator
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
 from m3sb.methods.dare import mask_generators
 from m3sb.methods.registry import ParamValue, check_weights, tensor_seed
@@ -1054,7 +1055,7 @@ def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slic
     kind = plan.method.row_blocks
     if kind == "magnitude_threshold" and plan.compute_dtype != torch.float32:
         kind = "never"  # the streaming selection reads float32 bit patterns
-    if kind != "elementwise" and job.base is None:
+    if kind in ("magnitude_threshold", "random_mask") and job.base is None:
         kind = "never"  # the trimmed and dropped ones merge task vectors
     if memory is None or kind == "never" or not job.mergeable or job.vocabulary:
         return None
@@ -1073,8 +1074,11 @@ def block_arguments(
 ) -> dict[str, object]:
     """What the method needs of the whole tensor to merge it in ``blocks`` of rows: for TIES,
     each task vector's threshold at its density, found exactly by streaming selection over
-    the blocks (two passes); for DARE, each model's random generator where its mask starts."""
+    the blocks (two passes); for DARE, each model's random generator where its mask starts;
+    for the barycenter, the inputs' Gram matrix (one pass)."""
     kind = plan.method.row_blocks
+    if kind == "gram":
+        return {"gram": _blocked_gram(plan, job, device, blocks)}
     if kind == "random_mask":
         seed, densities = job.params["random_seed"], job.params["density"]
         assert isinstance(seed, int) and isinstance(densities, list)
@@ -1102,6 +1106,24 @@ def block_arguments(
 
         thresholds.append(streaming_kth_largest_magnitude(task_vector_blocks, keep))
     return {"thresholds": thresholds}
+
+
+def _blocked_gram(
+    plan: MergePlan, job: TensorJob, device: torch.device, blocks: Sequence[slice]
+) -> torch.Tensor:
+    """The Gram matrix of the inputs the method receives (task vectors where it merges them),
+    summed over ``blocks`` of rows exactly as over the whole tensors."""
+    base = job.base
+    vectors = plan.method.merges_task_vectors(job.params.get("space"), base is not None)
+    accumulator = GramAccumulator(len(job.sources), math.prod(job.shape), device)
+    for rows in blocks:
+        pieces = [_load_rows(s.checkpoint, s.name, rows, plan.compute_dtype, device) for s in job.sources]
+        if vectors:
+            assert base is not None
+            origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device)
+            pieces = [piece.sub_(origin) for piece in pieces]
+        accumulator.add(pieces)
+    return accumulator.result()
 
 
 def merge_tensor(

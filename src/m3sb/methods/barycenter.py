@@ -37,9 +37,11 @@ def barycenter(
     weights: list[float],
     tol: float = 1e-7,
     max_iter: int = 100,
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The weighted Karcher mean of the directions, scaled by the weighted mean norm."""
-    return geometry.karcher_mean(tensors, weights, tol=tol, max_iter=max_iter)
+    """The weighted Karcher mean of the directions, scaled by the weighted mean norm (``gram``:
+    the whole tensors' Gram matrix, when these are blocks of their rows)."""
+    return geometry.karcher_mean(tensors, weights, tol=tol, max_iter=max_iter, gram=gram)
 
 
 def pairwise_slerp(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -76,6 +78,7 @@ BARYCENTER = MergeMethod(
     nonnegative_weights=True,
     space="either",
     reference="Buss & Fillmore 2001, ACM TOG 20(2)",
+    row_blocks="gram",
 )
 KARCHER = MergeMethod(
     name="karcher",
@@ -85,6 +88,7 @@ KARCHER = MergeMethod(
     base_is_input=True,
     nonnegative_weights=True,
     reference="Buss & Fillmore 2001, ACM TOG 20(2)",
+    row_blocks="gram",
 )
 PAIRWISE_SLERP = MergeMethod(
     name="pairwise_slerp",

@@ -108,7 +108,7 @@ class Param:
 
 
 Space = Literal["weights", "task_vectors", "either", "if_base"]
-RowBlocks = Literal["never", "elementwise", "magnitude_threshold", "random_mask"]
+RowBlocks = Literal["never", "elementwise", "magnitude_threshold", "random_mask", "gram"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,8 @@ class MergeMethod:
     ``magnitude_threshold`` (TIES: ``thresholds``, each whole task vector's trimming
     magnitude at its ``density``, found in passes over the blocks), ``random_mask`` (DARE:
     ``generators``, each model's random generator where its mask starts, drawn on block by
-    block) or ``never``.
+    block), ``gram`` (the barycenter: ``gram``, the Gram matrix of the whole inputs, summed
+    over the blocks exactly as over the whole) or ``never``.
     """
 
     name: str

@@ -1050,8 +1050,8 @@ def _load_rows(
 
 def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slice] | None:
     """The blocks of rows a tensor is merged in, so that its inputs, task vectors and result
-    stay within ``memory`` bytes; None where it is merged whole (it fits, the method is not
-    elementwise, or its rows are realigned to another vocabulary)."""
+    stay within ``memory`` bytes; None where it is merged whole (it fits, the method cannot
+    be merged in blocks, or its rows are realigned to another vocabulary)."""
     kind = plan.method.row_blocks
     if kind == "magnitude_threshold" and plan.compute_dtype != torch.float32:
         kind = "never"  # the streaming selection reads float32 bit patterns
@@ -1082,30 +1082,40 @@ def block_arguments(
     if kind == "random_mask":
         seed, densities = job.params["random_seed"], job.params["density"]
         assert isinstance(seed, int) and isinstance(densities, list)
-        floats = [float(d) for d in densities if isinstance(d, (int, float))]
+        floats = [float(density) for density in densities]
         return {"generators": mask_generators(tensor_seed(seed, job.name), floats, math.prod(job.shape))}
     if kind != "magnitude_threshold":
         return {}
-    assert job.base is not None
-    base = job.base
     densities = job.params["density"]
     assert isinstance(densities, list)
     numel = math.prod(job.shape)
     thresholds = []
-    for source, density in zip(job.sources, densities, strict=True):
-        assert isinstance(density, float)
-        keep = kept_count(density, numel)
+    for index, density in enumerate(densities):
+        keep = kept_count(float(density), numel)
         if keep is None or keep == 0:
             thresholds.append(0.0 if keep is None else math.inf)
             continue
 
-        def task_vector_blocks(source: TensorSource = source) -> Iterator[torch.Tensor]:
+        def task_vector_blocks(index: int = index) -> Iterator[torch.Tensor]:
             for rows in blocks:
-                model = _load_rows(source.checkpoint, source.name, rows, plan.compute_dtype, device)
-                yield model.sub_(_load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device))
+                yield _method_inputs(plan, job, device, rows, [job.sources[index]])[0]
 
         thresholds.append(streaming_kth_largest_magnitude(task_vector_blocks, keep))
     return {"thresholds": thresholds}
+
+
+def _method_inputs(
+    plan: MergePlan, job: TensorJob, device: torch.device, rows: slice, sources: Sequence[TensorSource]
+) -> list[torch.Tensor]:
+    """Rows of what the method receives from ``sources``: their task vectors where it merges
+    them (as ``apply_method`` forms them), else the tensors themselves."""
+    tensors = [_load_rows(s.checkpoint, s.name, rows, plan.compute_dtype, device) for s in sources]
+    base = job.base
+    if not plan.method.merges_task_vectors(job.params.get("space"), base is not None):
+        return tensors
+    assert base is not None
+    origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device)
+    return [tensor.sub_(origin) for tensor in tensors]
 
 
 def _blocked_gram(
@@ -1113,16 +1123,9 @@ def _blocked_gram(
 ) -> torch.Tensor:
     """The Gram matrix of the inputs the method receives (task vectors where it merges them),
     summed over ``blocks`` of rows exactly as over the whole tensors."""
-    base = job.base
-    vectors = plan.method.merges_task_vectors(job.params.get("space"), base is not None)
     accumulator = GramAccumulator(len(job.sources), math.prod(job.shape), device)
     for rows in blocks:
-        pieces = [_load_rows(s.checkpoint, s.name, rows, plan.compute_dtype, device) for s in job.sources]
-        if vectors:
-            assert base is not None
-            origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device)
-            pieces = [piece.sub_(origin) for piece in pieces]
-        accumulator.add(pieces)
+        accumulator.add(_method_inputs(plan, job, device, rows, job.sources))
     return accumulator.result()
 
 

@@ -21,6 +21,7 @@ Usage (from the repository root)::
     uv run python benchmarks/bench_merge.py --tools mergekit --methods linear,ties
     uv run python benchmarks/bench_merge.py --repeat 3 --stat median
     uv run python benchmarks/bench_merge.py --size 1.1b   # 3 x 2.2 GB bfloat16, ~9 GB of disk
+    uv run python benchmarks/bench_merge.py --size 8b-2layers --tools m3sb  # 3 x 3.0 GB, ~12 GB
 
 The floor (reading the fine-tunes from the page cache, writing one model with fsync, one
 fused float32 pass over the tensors) is measured on the same machine before the merges.
@@ -74,7 +75,29 @@ TINYLLAMA_CONFIG: dict[str, object] = {
     "max_position_embeddings": 2048,
     "tie_word_embeddings": False,
 }
-SIZES = ("168m", "1.1b")
+# A 7B-class shape for the memory ceiling: Llama-3-8B's tensors (a 128,256 x 4,096 embedding
+# and head, 14,336-wide MLPs) with 2 of its 32 layers, bfloat16 (3.0 GB per model).
+LLAMA3_8B_2_LAYERS_CONFIG: dict[str, object] = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
+}
+TINY_CONFIG: dict[str, object] = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 64,
+    "tie_word_embeddings": False,
+}
+LARGE_CONFIGS = {"1.1b": TINYLLAMA_CONFIG, "8b-2layers": LLAMA3_8B_2_LAYERS_CONFIG}
+SIZES = ("168m", *LARGE_CONFIGS)
 BIN_DIR = Path(sys.prefix) / "bin"
 EXECUTABLES = {"m3sb": BIN_DIR / "m3sb", "mergekit": BIN_DIR / "mergekit-yaml"}
 
@@ -186,21 +209,22 @@ def _write_shards(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def build_large_checkpoints(workdir: Path) -> Checkpoints:
-    """Build (or reuse) the 1.1B case under ``workdir/models-1.1b``: a bfloat16 base with
-    N(0, 0.02^2) matrices and unit norms (seed 0), and fine-tunes ``base + noise`` at
-    ``NOISE_REL_STD`` of each tensor's scale (seed ``i + 1``), two shards each."""
-    models_dir = workdir / "models-1.1b"
+def build_large_checkpoints(workdir: Path, size: str) -> Checkpoints:
+    """Build (or reuse) a bfloat16 case (``LARGE_CONFIGS[size]``) under ``workdir/models-SIZE``:
+    a base with N(0, 0.02^2) matrices and unit norms (seed 0), and fine-tunes ``base + noise``
+    at ``NOISE_REL_STD`` of each tensor's scale (seed ``i + 1``), two shards each."""
+    models_dir = workdir / f"models-{size}"
     ckpts = Checkpoints(models_dir / "base", [models_dir / f"ft{i}" for i in range(N_FINETUNES)])
-    recipe = {"config": TINYLLAMA_CONFIG, "noise": NOISE_REL_STD, "n": N_FINETUNES, "version": 1}
+    model_config = LARGE_CONFIGS[size]
+    recipe = {"config": model_config, "noise": NOISE_REL_STD, "n": N_FINETUNES, "version": 1}
     marker = models_dir / "COMPLETE.json"
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         print(f"Reusing checkpoints in {models_dir}")
         return ckpts
     shutil.rmtree(models_dir, ignore_errors=True)
-    print(f"Building 1.1B bfloat16 checkpoints in {models_dir} ...", flush=True)
-    shapes = llama_shapes(TINYLLAMA_CONFIG)
-    config = {**TINYLLAMA_CONFIG, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    print(f"Building {size} bfloat16 checkpoints in {models_dir} ...", flush=True)
+    shapes = llama_shapes(model_config)
+    config = {**model_config, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     config["torch_dtype"] = "bfloat16"
     for index, folder in enumerate(ckpts.all()):
         generator = torch.Generator().manual_seed(0)
@@ -255,6 +279,41 @@ def measure_floor(ckpts: Checkpoints, workdir: Path) -> list[str]:
         f"write {one_model / 1e9:.2f} GB with fsync {write_s:.2f} s; "
         f"one fused float32 pass (3 inputs) {fused_s:.2f} s; sum {read_s + write_s + fused_s:.2f} s",
     ]
+
+
+def measure_startup(workdir: Path, tools: list[str]) -> list[str]:
+    """Start-up costs: ``--help``, a linear merge of two tiny Llamas (one layer, width 16),
+    and ``import torch`` alone (the floor of any command that touches a tensor), each the
+    best of 3 runs."""
+    tiny = workdir / "tiny"
+    models = [tiny / f"m{i}" for i in range(2)]
+    shapes = llama_shapes(TINY_CONFIG)
+    config = {**TINY_CONFIG, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    for index, folder in enumerate(models):
+        _write_shards(folder, {name: torch.full(shape, float(index)) for name, shape in shapes.items()}, 1)
+        (folder / "config.json").write_text(json.dumps(config))
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+    }
+    (tiny / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    def best(command: list[str]) -> tuple[float, int, int]:
+        runs = []
+        for _ in range(3):
+            shutil.rmtree(tiny / "out", ignore_errors=True)
+            runs.append(run_measured(command))
+        return min(runs)
+
+    lines = []
+    secs, rss, rc = best([sys.executable, "-c", "import torch"])
+    lines.append(f"python -c 'import torch': {secs:.2f} s, {rss / 1e9:.2f} GB, rc={rc}")
+    for tool in tools:
+        secs, rss, rc = best([*executable(tool), "--help"])
+        lines.append(f"{tool} --help: {secs:.2f} s, {rss / 1e9:.2f} GB, rc={rc}")
+        secs, rss, rc = best(tool_command(tool, tiny / "recipe.yaml", tiny / "out"))
+        lines.append(f"{tool} merge of two tiny Llamas: {secs:.2f} s, {rss / 1e9:.2f} GB, rc={rc}")
+    return lines
 
 
 def count_parameters(checkpoint: Path) -> int:
@@ -532,7 +591,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stat", choices=("best", "median"), default="best", help="combine repeats")
     parser.add_argument("--device", default="cpu", help="m3sb's --device (cpu, cuda, ...)")
     parser.add_argument("--memory", default="", help="m3sb's --memory (default: m3sb's own)")
-    parser.add_argument("--size", choices=SIZES, default="168m", help="the models: 168M float32 or 1.1B bf16")
+    parser.add_argument(
+        "--size",
+        choices=SIZES,
+        default="168m",
+        help="the models: 168M float32, 1.1B bf16, or Llama-3-8B's shapes with 2 layers (bf16)",
+    )
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.tools = [t for t in args.tools.split(",") if t]
@@ -553,19 +617,17 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     workdir: Path = args.workdir.resolve()
     print("\n".join(machine_facts()))
-    ckpts = build_checkpoints(workdir) if args.size == "168m" else build_large_checkpoints(workdir)
+    ckpts = build_checkpoints(workdir) if args.size == "168m" else build_large_checkpoints(workdir, args.size)
     print("\n".join(measure_floor(ckpts, workdir)))
     sizes = [f.stat().st_size for p in ckpts.all() for f in p.glob("*.safetensors")]
     print(f"Parameters per model: {count_parameters(ckpts.base):,}")
     print(f"Inputs: {len(sizes)} safetensors files, {sum(sizes) / 1e9:.2f} GB total")
     configs = write_configs(
-        workdir / ("" if args.size == "168m" else "1.1b"), ckpts, args.methods, args.tools
+        workdir / ("" if args.size == "168m" else args.size), ckpts, args.methods, args.tools
     )
-    for tool in args.tools:
-        secs, rss, rc = run_measured([*executable(tool), "--help"])
-        print(f"{tool} startup (--help): {secs:.2f} s, {rss / 1e9:.2f} GB, rc={rc}")
+    print("\n".join(measure_startup(workdir, args.tools)))
 
-    out_root = workdir / ("out" if args.size == "168m" else "out-1.1b")
+    out_root = workdir / ("out" if args.size == "168m" else f"out-{args.size}")
     results: dict[tuple[str, str], Measurement] = {}
     for method in args.methods:
         for tool in args.tools:

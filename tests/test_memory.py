@@ -6,10 +6,15 @@ import ctypes
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
-from m3sb.memory import MMAP_THRESHOLD, steady_heap
+from m3sb.cli import app
+from m3sb.memory import MIN_TENSOR_BUDGET, MMAP_THRESHOLD, steady_heap, tensor_budget
+from m3sb.toy import Family
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
@@ -89,3 +94,80 @@ def test_a_large_block_freed_and_asked_for_again_still_gets_its_own_mapping() ->
     blocks, mapped, left = _probe("fixed")
     assert blocks == 1 and mapped >= MMAP_THRESHOLD + (1 << 20) and left == 0
     assert _probe("default")[0] == 0  # the behaviour the setting exists to avoid
+
+
+def test_the_tensor_budget_is_the_ceiling_less_what_the_process_holds() -> None:
+    assert tensor_budget(10**9, 6 * 10**8) == 4 * 10**8
+    assert tensor_budget(10**9, None) == 10**9
+    assert tensor_budget(5 * 10**8, 6 * 10**8) == MIN_TENSOR_BUDGET
+
+
+@pytest.mark.parametrize(
+    ("option", "budget", "noted"),
+    [
+        ([], 4 * 10**8, False),
+        (["--memory", "2GB"], 14 * 10**8, False),
+        (["--memory", "500MB"], 64 << 20, True),
+    ],
+)
+def test_merge_gives_each_tensor_what_the_memory_ceiling_leaves(
+    family: Family,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    option: list[str],
+    budget: int,
+    noted: bool,
+) -> None:
+    import m3sb.memory
+    import m3sb.merge
+
+    received: list[object] = []
+    real_merge = m3sb.merge.merge_to_folder
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        received.append(kwargs["memory"])
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(m3sb.memory, "resident_bytes", lambda: 6 * 10**8)
+    monkeypatch.setattr(m3sb.merge, "merge_to_folder", recording)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(m)} for m in family.models]})
+    )
+    result = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--quiet", *option])
+    assert result.exit_code == 0, result.output
+    assert received == [budget]
+    assert ("note: --memory 500MB is less than the 0.60 GB" in result.stderr) is noted
+
+
+_REUSE_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_memory import _libc
+from m3sb.memory import reused_heap
+libc = _libc()
+size = 40 << 20  # above glibc's largest mmap threshold: always mapped by default
+def mapped_blocks():
+    block = libc.malloc(size)
+    blocks = libc.mallinfo2().hblks
+    libc.free(block)
+    return blocks
+before = mapped_blocks()
+with reused_heap():
+    inside = mapped_blocks()
+after = mapped_blocks()
+print(before, inside, after)
+"""
+
+
+@glibc
+def test_a_merge_serves_large_blocks_from_the_heap_and_restores_the_default_after() -> None:
+    _libc()  # skips where there is no mallinfo2
+    done = subprocess.run(
+        [sys.executable, "-c", _REUSE_PROBE, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    before, inside, after = (int(n) for n in done.stdout.split())
+    assert (inside, after) == (before - 1, before)  # the block mapped, then from the heap, then mapped

@@ -5,6 +5,7 @@ merge holds follows the budget rather than the tensor's size."""
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import subprocess
 import sys
@@ -16,10 +17,15 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import m3sb.merge as merge_module
 from m3sb.checkpoints import SafetensorsWriter, TensorInfo, open_checkpoint
 from m3sb.config import parse_merge_config
 from m3sb.merge import build_plan, merge_to_folder, row_blocks
-from m3sb.methods.sparsify import kth_largest_magnitude, streaming_kth_largest_magnitude
+from m3sb.methods.sparsify import (
+    gathered_kth_largest_magnitude,
+    kth_largest_magnitude,
+    streaming_kth_largest_magnitude,
+)
 from m3sb.toy import Family
 
 LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:], check=False).returncode)"
@@ -117,6 +123,9 @@ def test_streaming_selection_is_the_kth_largest_magnitude(seed: int) -> None:
     for k in (1, 2, 13, 500, 97 * 13 - 9, 97 * 13):
         expected = kth_largest_magnitude(values, k)
         assert streaming_kth_largest_magnitude(lambda: iter(blocks), k) == expected, k
+        assert gathered_kth_largest_magnitude(iter(blocks), k, values.numel()) == expected, k
+    with pytest.raises(ValueError, match="not 1262"):
+        gathered_kth_largest_magnitude(iter(blocks[1:]), 1, values.numel() + 1)
 
 
 @pytest.mark.parametrize(
@@ -148,6 +157,30 @@ def test_merges_in_blocks_of_rows_are_the_whole_merge(
     assert sum(row_blocks(plan, job, 1) is not None for job in plan.jobs) >= len(plan.jobs) // 2
     whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)
     rows = _read_all(merge_to_folder(config, tmp_path / "rows", memory=1).out_dir)
+    for name, tensor in whole.items():
+        assert torch.equal(rows[name], tensor), name
+
+
+def test_ties_in_blocks_finds_a_threshold_that_fits_in_one_pass(
+    family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    densities = [0.3, 0.5, 0.2]
+    models = [
+        {"model": str(m), "parameters": {"weight": 1.0, "density": d}}
+        for m, d in zip(family.models, densities, strict=True)
+    ]
+    config = parse_merge_config({"merge_method": "ties", "models": models, "base_model": str(family.base)})
+    plan = build_plan(config)
+    largest = max(math.prod(job.shape) for job in plan.jobs)
+    memory = 12 * largest  # the largest merge (6 float32 copies) is blocked; its magnitudes fit in half
+    assert [job for job in plan.jobs if row_blocks(plan, job, memory) is not None]
+
+    def refuse(*args: object) -> float:
+        raise AssertionError("the streaming selection ran where the magnitudes fit")
+
+    monkeypatch.setattr(merge_module, "streaming_kth_largest_magnitude", refuse)
+    whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)
+    rows = _read_all(merge_to_folder(config, tmp_path / "rows", memory=memory).out_dir)
     for name, tensor in whole.items():
         assert torch.equal(rows[name], tensor), name
 

@@ -28,6 +28,7 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 T = TypeVar("T")
+DEFAULT_MEMORY_CEILING = "1GB"  # m3sb merge's --memory
 
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
@@ -106,13 +107,15 @@ def merge(
     device: DeviceOption = "cpu",
     out_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
     memory: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Memory one tensor's merge may hold, e.g. 1GB; larger tensors are merged in "
-            "blocks of rows where the method allows it (linear, task_arithmetic, ties, dare_*, "
-            "barycenter, karcher)."
+            help="Resident memory the merge aims to stay within, e.g. 1GB. What the process "
+            "already holds (Python and torch, about 0.6 GB) counts against it; the rest (at least "
+            "64MB) bounds one tensor's merge, and larger tensors are merged in blocks of rows where "
+            "the method allows it (linear, task_arithmetic, ties, dare_*, barycenter, karcher). "
+            f"Default: {DEFAULT_MEMORY_CEILING}.",
         ),
-    ] = "1GB",
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
     stages: Annotated[
         Path | None,
@@ -153,7 +156,7 @@ def merge(
         recipes = load_documents(config, strict)
         shard_bytes = parse_size(out_shard_size)
         try:
-            memory_bytes = parse_size(memory)
+            memory_bytes = parse_size(memory or DEFAULT_MEMORY_CEILING)
         except ConfigError as error:
             raise ConfigError(f"--memory: {error}") from None
 
@@ -162,6 +165,17 @@ def merge(
                 typer.echo(f"note: {note}", err=True)
 
         def merge_one(recipe: MergeConfig, destination: Path, replace: bool, extra: dict[str, str]) -> None:
+            from m3sb.memory import MIN_TENSOR_BUDGET, resident_bytes, tensor_budget
+
+            resident = resident_bytes()
+            budget = tensor_budget(memory_bytes, resident)
+            if memory is not None and resident is not None and memory_bytes - resident < MIN_TENSOR_BUDGET:
+                typer.echo(
+                    f"note: --memory {memory} is less than the {resident / 1e9:.2f} GB this process "
+                    f"already holds plus {MIN_TENSOR_BUDGET >> 20} MiB; each tensor's merge is given "
+                    f"{MIN_TENSOR_BUDGET >> 20} MiB",
+                    err=True,
+                )
             if quiet:
                 merge_to_folder(
                     recipe,
@@ -169,7 +183,7 @@ def merge(
                     device=device,
                     out_shard_size=shard_bytes,
                     force=replace,
-                    memory=memory_bytes,
+                    memory=budget,
                     on_plan=show_notes,
                     extra_files=extra,
                     strict=strict,
@@ -189,7 +203,7 @@ def merge(
                     device=device,
                     out_shard_size=shard_bytes,
                     force=replace,
-                    memory=memory_bytes,
+                    memory=budget,
                     progress=on_tensor,
                     on_plan=planned,
                     extra_files=extra,

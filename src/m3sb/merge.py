@@ -42,10 +42,11 @@ from m3sb.config import (
 from m3sb.devices import resolve_device
 from m3sb.errors import CheckpointError, ConfigError, MergeError
 from m3sb.geometry import GramAccumulator
+from m3sb.memory import reused_heap
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
 from m3sb.methods.dare import mask_generators
 from m3sb.methods.registry import ParamValue, check_weights, tensor_seed
-from m3sb.methods.sparsify import kept_count, streaming_kth_largest_magnitude
+from m3sb.methods.sparsify import gathered_kth_largest_magnitude, kept_count, streaming_kth_largest_magnitude
 from m3sb.modules import (
     ARCHITECTURE_MODULES,
     ModuleLayout,
@@ -1070,11 +1071,12 @@ def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slic
 
 
 def block_arguments(
-    plan: MergePlan, job: TensorJob, device: torch.device, blocks: Sequence[slice]
+    plan: MergePlan, job: TensorJob, device: torch.device, blocks: Sequence[slice], memory: int | None = None
 ) -> dict[str, object]:
     """What the method needs of the whole tensor to merge it in ``blocks`` of rows: for TIES,
-    each task vector's threshold at its density, found exactly by streaming selection over
-    the blocks (two passes); for DARE, each model's random generator where its mask starts;
+    each task vector's threshold at its density, found exactly over the blocks (by one pass
+    into a buffer of its magnitudes where that takes at most half of ``memory``, else by a
+    streaming selection in two passes); for DARE, each model's random generator where its mask starts;
     for the barycenter, the inputs' Gram matrix (one pass)."""
     kind = plan.method.row_blocks
     if kind == "gram":
@@ -1100,7 +1102,10 @@ def block_arguments(
             for rows in blocks:
                 yield _method_inputs(plan, job, device, rows, [job.sources[index]])[0]
 
-        thresholds.append(streaming_kth_largest_magnitude(task_vector_blocks, keep))
+        if memory is not None and numel * plan.compute_dtype.itemsize <= memory // 2:
+            thresholds.append(gathered_kth_largest_magnitude(task_vector_blocks(), keep, numel))
+        else:
+            thresholds.append(streaming_kth_largest_magnitude(task_vector_blocks, keep))
     return {"thresholds": thresholds}
 
 
@@ -1200,7 +1205,7 @@ def merge_tensors(
     (elementwise methods: the blocks are exactly the rows of the whole merge)."""
     for job in plan.jobs:
         blocks = row_blocks(plan, job, memory)
-        arguments = block_arguments(plan, job, device, blocks) if blocks is not None else None
+        arguments = block_arguments(plan, job, device, blocks, memory) if blocks is not None else None
         for rows in blocks or (None,):
             merged = merge_tensor(plan, job, device, rows, arguments)
             if progress is not None:
@@ -1258,7 +1263,7 @@ def merge_to_folder(
     if on_plan is not None:
         on_plan(plan)
     written = 0
-    with atomic_output_folder(destination, force=force) as staging:
+    with atomic_output_folder(destination, force=force) as staging, reused_heap():
         writer = SafetensorsWriter(staging, plan.layout, out_shard_size)
         try:
             for name, tensor in merge_tensors(plan, torch_device, progress, memory):

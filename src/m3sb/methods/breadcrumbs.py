@@ -29,7 +29,7 @@ def breadcrumbs_ties(
 ) -> torch.Tensor:
     """TIES's disjoint merge of the task vectors without their largest ``gamma`` and smallest entries."""
     trimmed = _trimmed(task_vectors, density, gamma)
-    return disjoint_merge(trimmed, [None] * len(trimmed), weights, normalize)
+    return disjoint_merge(trimmed, weights, normalize)
 
 
 def _trimmed(

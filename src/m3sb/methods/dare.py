@@ -87,7 +87,7 @@ def dare_ties(
 ) -> torch.Tensor:
     """TIES's sign election and disjoint merge over the randomly dropped task vectors."""
     dropped = _drop(task_vectors, density, rescale, random_seed, generators)
-    return disjoint_merge(dropped, [None] * len(dropped), weights, normalize)
+    return disjoint_merge(dropped, weights, normalize)
 
 
 DARE_LINEAR = MergeMethod(

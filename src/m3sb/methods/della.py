@@ -81,7 +81,7 @@ def della(
 ) -> torch.Tensor:
     """TIES's sign election and disjoint merge over the MAGPRUNE-dropped task vectors."""
     pruned = _pruned(task_vectors, density, epsilon, rescale, random_seed)
-    return disjoint_merge(pruned, [None] * len(pruned), weights, normalize)
+    return disjoint_merge(pruned, weights, normalize)
 
 
 def della_linear(

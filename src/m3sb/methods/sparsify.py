@@ -28,13 +28,58 @@ def _slices(numel: int, device: torch.device) -> Iterator[slice]:
 
 def kth_largest_magnitude(tensor: torch.Tensor, k: int) -> float:
     """The k-th largest absolute value (1-based) of a tensor."""
-    magnitude = tensor.detach().abs().reshape(-1)
-    position = magnitude.numel() - k
-    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
-        values = magnitude.numpy()
-        values.partition(position)  # in place: no index array, unlike torch.kthvalue
-        return float(values[position])
-    return float(magnitude.float().kthvalue(position + 1).values)
+    return _kth_largest_in_place(tensor.detach().abs().reshape(-1), k)
+
+
+_SAMPLE = 1 << 14  # elements sampled to look for a value tied around the k-th
+
+
+def _kth_largest_in_place(values: torch.Tensor, k: int) -> float:
+    """The k-th largest of a flat tensor's values (1-based), reordering them on the CPU."""
+    tied = _tied_kth_largest(values, k)
+    if tied is not None:
+        return tied
+    position = values.numel() - k
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        array = values.numpy()
+        array.partition(position)  # in place: no index array, unlike torch.kthvalue
+        return float(array[position])
+    return float(values.float().kthvalue(position + 1).values)
+
+
+def _tied_kth_largest(values: torch.Tensor, k: int) -> float | None:
+    """The k-th largest value when an evenly spaced sample shows one value filling the ranks
+    around it (task vectors of bfloat16 models hold few distinct values, and partitioning
+    them is slow), checked exactly by two counts; None otherwise."""
+    count = values.numel()
+    if count < 8 * _SAMPLE:
+        return None
+    sample = torch.sort(values[:: count // _SAMPLE], descending=True).values
+    rank = k / count * sample.numel()
+    spread = 4.0 * math.sqrt(rank * (1.0 - k / count)) + 4.0  # four standard deviations of the rank
+    upper, lower = int(rank - spread), math.ceil(rank + spread)
+    if upper < 0 or lower >= sample.numel() or bool(sample[upper] != sample[lower]):
+        return None
+    value = float(sample[upper])
+    if int(torch.count_nonzero(values > value)) < k <= int(torch.count_nonzero(values >= value)):
+        return value
+    return None
+
+
+def gathered_kth_largest_magnitude(blocks: Iterable[torch.Tensor], k: int, numel: int) -> float:
+    """The k-th largest absolute value (1-based) of the ``numel`` elements that ``blocks``
+    yields, gathered into one buffer of their magnitudes (one pass, one copy)."""
+    magnitudes: torch.Tensor | None = None
+    filled = 0
+    for block in blocks:
+        flat = block.detach().reshape(-1)
+        if magnitudes is None:
+            magnitudes = torch.empty(numel, dtype=flat.dtype, device=flat.device)
+        torch.abs(flat, out=magnitudes[filled : filled + flat.numel()])
+        filled += flat.numel()
+    if magnitudes is None or filled != numel:
+        raise ValueError(f"the blocks hold {filled} elements, not {numel}")
+    return _kth_largest_in_place(magnitudes, k)
 
 
 def kept_count(density: float, numel: int) -> int | None:
@@ -55,15 +100,9 @@ def magnitude_threshold(task_vector: torch.Tensor, density: float) -> float:
     return math.inf if keep == 0 else kth_largest_magnitude(task_vector, keep)
 
 
-def magnitude_mask(task_vector: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
-    """Boolean mask keeping the ``density`` fraction of largest-magnitude elements (at least one);
-    with ``threshold`` (what :func:`magnitude_threshold` gives for the whole tensor), the
-    mask of a block of its rows."""
-    if threshold is None:
-        if kept_count(density, task_vector.numel()) is None:
-            return torch.ones_like(task_vector, dtype=torch.bool)
-        threshold = magnitude_threshold(task_vector, density)
-    return task_vector.abs() >= threshold
+def magnitude_mask(task_vector: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask keeping the ``density`` fraction of largest-magnitude elements (at least one)."""
+    return task_vector.abs() >= magnitude_threshold(task_vector, density)
 
 
 _HIGH_BITS = 16  # a float32's bits are selected in two rounds of 16
@@ -130,51 +169,67 @@ def random_mask(
     return (torch.rand(shape, generator=generator) < density).to(device)
 
 
-def _elected_sign(
-    task_vectors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], weights: Sequence[float]
-) -> torch.Tensor:
-    """Per element, the sign (+1 or -1) of the sum of the kept, weighted entries; ties go to +1."""
-    total = torch.zeros_like(task_vectors[0])
-    for task_vector, mask, weight in zip(task_vectors, masks, weights, strict=True):
-        total.add_(task_vector if mask is None else torch.where(mask, task_vector, 0.0), alpha=weight)
-    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-
-
 def disjoint_merge(
     task_vectors: Sequence[torch.Tensor],
-    masks: Sequence[torch.Tensor | None],
     weights: Sequence[float],
     normalize: bool,
+    thresholds: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Sum the kept, weighted entries whose sign agrees with the elected one (TIES).
 
-    The elected sign of an element is that of the sum of its kept, weighted entries.
-    With ``normalize``, each element is divided by the sum of the weights of the models
-    that agree there (1 where none does), as in mergekit. Zero entries and zero-weight
-    models take no side.
+    An entry is kept where its magnitude reaches its task vector's ``thresholds`` entry
+    (every entry without thresholds). The elected sign of an element is that of the sum
+    of its kept, weighted entries (+1 where that sum is 0). With ``normalize``, each
+    element is divided by the sum of the weights of the models that agree there (1 where
+    none does), as in mergekit. Zero entries and zero-weight models take no side.
     """
+    limits: Sequence[float | None] = [None] * len(task_vectors) if thresholds is None else thresholds
     flat = [task_vector.reshape(-1) for task_vector in task_vectors]
-    flat_masks = [None if mask is None else mask.reshape(-1) for mask in masks]
     merged = torch.empty_like(flat[0])
     for part in _slices(merged.numel(), merged.device):
-        vectors = [vector[part] for vector in flat]
-        kept = [None if mask is None else mask[part] for mask in flat_masks]
-        sign = _elected_sign(vectors, kept, weights)
-        total = torch.zeros_like(sign)
-        agreeing_weight = torch.zeros_like(sign)
-        for vector, mask, weight in zip(vectors, kept, weights, strict=True):
-            if weight == 0.0:
-                continue
-            agrees = torch.sign(vector) == (sign if weight > 0 else -sign)
-            if mask is not None:
-                agrees &= mask
-            total.add_(torch.where(agrees, vector, 0.0), alpha=weight)
-            agreeing_weight.add_(agrees.to(sign.dtype), alpha=weight)
-        if normalize:
-            agreeing_weight[agreeing_weight == 0] = 1.0
-            total.div_(agreeing_weight)
-        merged[part] = total
+        kept = [_kept(vector[part], limit) for vector, limit in zip(flat, limits, strict=True)]
+        merged[part] = _disjoint_slice(kept, weights, normalize)
     return merged.reshape(task_vectors[0].shape)
+
+
+def _kept(vector: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """A fresh copy of ``vector`` with the entries below ``threshold`` in magnitude set to 0."""
+    if threshold is None or threshold <= 0.0:
+        return vector.clone()
+    if vector.dtype in (torch.float32, torch.float64):  # one pass: |x| > the value just below
+        below = torch.nextafter(
+            torch.tensor(threshold, dtype=vector.dtype), torch.tensor(0.0, dtype=vector.dtype)
+        )
+        return torch.nn.functional.hardshrink(vector, float(below))
+    return torch.where(vector.abs() >= threshold, vector, 0.0)
+
+
+def _disjoint_slice(kept: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """TIES's disjoint merge of one slice of kept entries (overwrites ``kept``).
+
+    An entry agrees with the elected sign s where ``entry * s * sign(weight) > 0``; that
+    product, clamped at 0, is the entry's magnitude where it agrees and 0 elsewhere, so
+    ``s * sum |w| * clamp(entry * s * sign(w), 0)`` is the sum of the agreeing weighted
+    entries (multiplying by +-1 is exact, so this equals summing them directly).
+    """
+    elected = torch.mul(kept[0], weights[0])
+    for entries, weight in zip(kept[1:], weights[1:], strict=True):
+        elected.add_(entries, alpha=weight)
+    sign = torch.ones_like(elected).copysign_(elected)  # -1 at -0.0 too: only where every entry is 0
+    total = torch.zeros_like(sign)
+    agreeing_weight = torch.zeros_like(sign) if normalize else None
+    for entries, weight in zip(kept, weights, strict=True):
+        if weight == 0.0:
+            continue
+        agreeing = entries.mul_(sign) if weight > 0 else entries.mul_(sign).neg_()
+        agreeing.clamp_min_(0.0)
+        total.add_(agreeing, alpha=abs(weight))
+        if agreeing_weight is not None:
+            agreeing_weight.add_(torch.sign(agreeing), alpha=weight)  # sign: 1 where it agrees, else 0
+    total.mul_(sign).add_(0.0)  # + 0.0: no negative zero where no entry agrees
+    if agreeing_weight is not None:
+        total.div_(agreeing_weight.masked_fill_(agreeing_weight == 0, 1.0))
+    return total
 
 
 def weighted_sum(

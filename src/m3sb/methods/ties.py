@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from m3sb.methods.registry import INT8_MASK, MergeMethod, Param
-from m3sb.methods.sparsify import disjoint_merge, magnitude_mask
+from m3sb.methods.sparsify import disjoint_merge, magnitude_threshold
 
 DENSITY = Param(
     "density",
@@ -31,12 +31,11 @@ def ties(
     """Disjoint merge of the task vectors trimmed to their largest ``density`` fraction
     (``thresholds``: each whole task vector's trimming magnitude, when these are blocks of
     its rows)."""
-    limits: list[float | None] = list(thresholds) if thresholds is not None else [None] * len(task_vectors)
-    masks = [
-        magnitude_mask(task_vector, keep, limit)
-        for task_vector, keep, limit in zip(task_vectors, density, limits, strict=True)
-    ]
-    return disjoint_merge(task_vectors, masks, weights, normalize)
+    if thresholds is None:
+        thresholds = [
+            magnitude_threshold(vector, keep) for vector, keep in zip(task_vectors, density, strict=True)
+        ]
+    return disjoint_merge(task_vectors, weights, normalize, thresholds)
 
 
 METHOD = MergeMethod(

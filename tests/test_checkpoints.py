@@ -15,6 +15,7 @@ from m3sb.checkpoints import (
     TensorInfo,
     atomic_output_folder,
     open_checkpoint,
+    safetensors_byte_ranges,
 )
 from m3sb.errors import CheckpointError
 
@@ -138,3 +139,29 @@ def test_atomic_folder_replaces_only_with_force(tmp_path: Path) -> None:
         (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in destination.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_byte_range_of_each_tensor_holds_its_bytes(tmp_path: Path) -> None:
+    file = tmp_path / "model.safetensors"
+    save_file(TENSORS, str(file), metadata={"format": "pt"})
+    data = file.read_bytes()
+    ranges = safetensors_byte_ranges(file)
+    assert ranges.keys() == TENSORS.keys()
+    for name, (start, stop) in ranges.items():
+        expected = TENSORS[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert data[start:stop] == expected, name
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise")
+def test_prefetch_advises_the_kernel_to_read_exactly_that_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_file(TENSORS, str(tmp_path / "model.safetensors"))
+    advised: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, offset, length, advice: advised.append((offset, length, advice))
+    )
+    checkpoint = open_checkpoint(tmp_path)
+    checkpoint.prefetch("a.weight")
+    start, stop = safetensors_byte_ranges(tmp_path / "model.safetensors")["a.weight"]
+    assert advised == [(start, stop - start, os.POSIX_FADV_WILLNEED)] and stop - start == 15 * 4

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from m3sb.cli import app
-from m3sb.memory import MIN_TENSOR_BUDGET, MMAP_THRESHOLD, steady_heap, tensor_budget
+from m3sb.memory import HEAP_SLACK, MIN_TENSOR_BUDGET, MMAP_THRESHOLD, steady_heap, tensor_budget
 from m3sb.toy import Family
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -97,16 +97,16 @@ def test_a_large_block_freed_and_asked_for_again_still_gets_its_own_mapping() ->
 
 
 def test_the_tensor_budget_is_the_ceiling_less_what_the_process_holds() -> None:
-    assert tensor_budget(10**9, 6 * 10**8) == 4 * 10**8
-    assert tensor_budget(10**9, None) == 10**9
+    assert tensor_budget(10**9, 6 * 10**8) == int(4 * 10**8 / HEAP_SLACK)
+    assert tensor_budget(10**9, None) == int(10**9 / HEAP_SLACK)
     assert tensor_budget(5 * 10**8, 6 * 10**8) == MIN_TENSOR_BUDGET
 
 
 @pytest.mark.parametrize(
     ("option", "budget", "noted"),
     [
-        ([], 4 * 10**8, False),
-        (["--memory", "2GB"], 14 * 10**8, False),
+        ([], int(4 * 10**8 / HEAP_SLACK), False),
+        (["--memory", "2GB"], int(14 * 10**8 / HEAP_SLACK), False),
         (["--memory", "500MB"], 64 << 20, True),
     ],
 )

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import m3sb.merge as merge_module
 from m3sb.checkpoints import SafetensorsWriter, TensorInfo, open_checkpoint
 from m3sb.config import parse_merge_config
-from m3sb.merge import build_plan, merge_to_folder, row_blocks
+from m3sb.merge import build_plan, bytes_per_row, merge_to_folder, row_blocks
 from m3sb.methods.sparsify import (
     gathered_kth_largest_magnitude,
     kth_largest_magnitude,
@@ -220,3 +220,66 @@ def test_a_blocked_merge_holds_the_budget_not_the_tensor(tmp_path: Path) -> None
     assert torch.equal(
         _read_all(tmp_path / "out100GB")["big.weight"], _read_all(tmp_path / "out16MB")["big.weight"]
     )
+
+
+def test_each_tensor_is_prefetched_while_the_one_before_merges(
+    family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in family.models]
+    config = parse_merge_config({"merge_method": "ties", "models": models, "base_model": str(family.base)})
+    events: list[tuple[str, str]] = []
+    checkpoint_type = type(open_checkpoint(family.base))
+    real_prefetch, real_load = checkpoint_type.prefetch, checkpoint_type.load
+
+    def prefetch(self: object, name: str) -> None:
+        events.append(("prefetch", name))
+        real_prefetch(self, name)  # type: ignore[arg-type]
+
+    def load(self: object, name: str) -> torch.Tensor:
+        events.append(("load", name))
+        return real_load(self, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint_type, "prefetch", prefetch)
+    monkeypatch.setattr(checkpoint_type, "load", load)
+    merge_to_folder(config, tmp_path / "out", memory=None)
+    names = [job.name for job in build_plan(config).jobs]
+    prefetched = [name for kind, name in events if kind == "prefetch"]
+    assert prefetched == [name for name in names[1:] for _ in range(4)]  # three fine-tunes and the base
+    for earlier, later in itertools.pairwise(names):
+        first_load_of_later = events.index(("load", later))
+        assert events.index(("prefetch", later)) < events.index(("load", earlier)) < first_load_of_later
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "barycenter"])
+@pytest.mark.parametrize("memory", [1, 3_000, 20_000])
+def test_the_blocks_cover_every_row_once_and_hold_the_budget(
+    family: Family, method: str, memory: int
+) -> None:
+    models = [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in family.models]
+    if method == "barycenter":
+        models = [{"model": str(m)} for m in family.models]
+    plan = build_plan(
+        parse_merge_config({"merge_method": method, "models": models, "base_model": str(family.base)})
+    )
+    blocked = 0
+    for job in plan.jobs:
+        blocks = row_blocks(plan, job, memory)
+        if blocks is None:
+            assert (
+                not job.mergeable or len(job.shape) < 2 or bytes_per_row(plan, job) * job.shape[0] <= memory
+            )
+            continue
+        blocked += 1
+        assert blocks[0].start == 0 and blocks[-1].stop == job.shape[0]
+        assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
+        for rows in blocks:  # within the budget, unless one row alone exceeds it
+            assert (rows.stop - rows.start) * bytes_per_row(
+                plan, job
+            ) <= memory or rows.stop - rows.start == 1
+    assert blocked >= (1 if memory > 1 else len(plan.jobs) // 2)
+    inputs = 3 + (0 if method == "barycenter" else 1)
+    job = next(job for job in plan.jobs if len(job.shape) == 2)
+    # float32 models and merge: inputs, two temporaries (three for TIES), the result waiting
+    # and the inputs' mapped bytes
+    temporaries = 3 if method == "ties" else 2
+    assert bytes_per_row(plan, job) == job.shape[1] * 4 * (inputs + temporaries + 1 + inputs)

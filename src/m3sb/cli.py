@@ -634,9 +634,11 @@ def demo(
 
 def main() -> None:
     """Entry point of the ``m3sb`` console script."""
-    # Idle OpenMP threads spin by default; on small or shared machines (2 vCPUs) the spin
-    # makes every element-wise tensor op wait milliseconds. Merging is bulk work: sleep.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Idle OpenMP threads spin before they sleep. Sleeping at once (OMP_WAIT_POLICY=PASSIVE)
+    # costs a wake-up per parallel op: TIES, thousands of small ops per tensor, took 48 s
+    # on the 1.1B case of benchmarks/bench_merge.py (2 cores); spinning without end
+    # (ACTIVE) starves the writer thread; a short spin gave linear 6.6 s, TIES 18 s.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     code: int | str | None = 0
     try:
         result = app(standalone_mode=False)

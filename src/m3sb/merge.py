@@ -1049,6 +1049,18 @@ def _load_rows(
     return tensor
 
 
+def bytes_per_row(plan: MergePlan, job: TensorJob) -> int:
+    """What merging one row of a tensor holds: its inputs and the base in the compute dtype,
+    a temporary and the result; the result in the output dtype, waiting to be written while
+    the next row merges; and the inputs' own bytes, mapped from their files as they are read.
+    TIES holds one temporary more: the magnitudes it selects its threshold from."""
+    inputs = [*job.sources, *([job.base] if job.base is not None else [])]
+    temporaries = 3 if plan.method.row_blocks == "magnitude_threshold" else 2
+    working = plan.compute_dtype.itemsize * (len(inputs) + temporaries)
+    mapped = sum(source.checkpoint.tensors[source.name].dtype.itemsize for source in inputs)
+    return max(1, math.prod(job.shape[1:])) * (working + job.out_dtype.itemsize + mapped)
+
+
 def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slice] | None:
     """The blocks of rows a tensor is merged in, so that its inputs, task vectors and result
     stay within ``memory`` bytes; None where it is merged whole (it fits, the method cannot
@@ -1062,8 +1074,7 @@ def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slic
         return None
     if len(job.shape) < 1 or job.shape[0] < 2:
         return None
-    copies = len(job.sources) + (1 if job.base is not None else 0) + 2  # inputs, base, temporaries, result
-    row_bytes = max(1, math.prod(job.shape[1:])) * plan.compute_dtype.itemsize * copies
+    row_bytes = bytes_per_row(plan, job)
     if row_bytes * job.shape[0] <= memory:
         return None
     per_block = max(1, memory // row_bytes)
@@ -1191,6 +1202,12 @@ def merge_tensor(
     return merged
 
 
+def _prefetch(job: TensorJob) -> None:
+    """Start reading a tensor's inputs into the page cache (the OS reads on while we merge)."""
+    for source in (*job.sources, *([job.base] if job.base is not None else [])):
+        source.checkpoint.prefetch(source.name)
+
+
 DEFAULT_MEMORY = 1 << 30  # bytes a tensor's merge may hold before it is merged in blocks of rows
 
 
@@ -1203,7 +1220,9 @@ def merge_tensors(
     """Yield ``(name, merged tensor)`` in the plan's order; a tensor whose merge would hold more
     than ``memory`` bytes comes as consecutive blocks of its rows, where the method allows it
     (elementwise methods: the blocks are exactly the rows of the whole merge)."""
-    for job in plan.jobs:
+    for index, job in enumerate(plan.jobs):
+        if index + 1 < len(plan.jobs):
+            _prefetch(plan.jobs[index + 1])  # read from disk while this one merges
         blocks = row_blocks(plan, job, memory)
         arguments = block_arguments(plan, job, device, blocks, memory) if blocks is not None else None
         for rows in blocks or (None,):

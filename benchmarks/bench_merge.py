@@ -24,7 +24,9 @@ Usage (from the repository root)::
     uv run python benchmarks/bench_merge.py --size 8b-2layers --tools m3sb  # 3 x 3.0 GB, ~12 GB
 
 The floor (reading the fine-tunes from the page cache, writing one model with fsync, one
-fused float32 pass over the tensors) is measured on the same machine before the merges.
+fused float32 pass over the tensors) and the start-up costs (``import torch``, ``--help``,
+a merge of two tiny Llamas) are measured on the same machine before the merges. The
+bfloat16 cases merge in float32 and write bfloat16 (``out_dtype``), as LLM merges do.
 
 The benchmark needs no network access and does not import m3sb.
 """

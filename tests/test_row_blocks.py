@@ -21,6 +21,7 @@ import m3sb.merge as merge_module
 from m3sb.checkpoints import SafetensorsWriter, TensorInfo, open_checkpoint
 from m3sb.config import parse_merge_config
 from m3sb.merge import build_plan, bytes_per_row, merge_to_folder, row_blocks
+from m3sb.methods import merge_group
 from m3sb.methods.sparsify import (
     gathered_kth_largest_magnitude,
     kth_largest_magnitude,
@@ -233,11 +234,11 @@ def test_each_tensor_is_prefetched_while_the_one_before_merges(
 
     def prefetch(self: object, name: str) -> None:
         events.append(("prefetch", name))
-        real_prefetch(self, name)  # type: ignore[arg-type]
+        real_prefetch(self, name)
 
     def load(self: object, name: str) -> torch.Tensor:
         events.append(("load", name))
-        return real_load(self, name)  # type: ignore[arg-type]
+        return real_load(self, name)
 
     monkeypatch.setattr(checkpoint_type, "prefetch", prefetch)
     monkeypatch.setattr(checkpoint_type, "load", load)
@@ -283,3 +284,55 @@ def test_the_blocks_cover_every_row_once_and_hold_the_budget(
     # and the inputs' mapped bytes
     temporaries = 3 if method == "ties" else 2
     assert bytes_per_row(plan, job) == job.shape[1] * 4 * (inputs + temporaries + 1 + inputs)
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [
+        ("ties", {"density": [0.3, 0.5, 0.8], "lambda": 0.9}),
+        ("task_arithmetic", {"lambda": 0.7}),
+        ("dare_ties", {"density": [0.5, 0.6, 0.7], "random_seed": 3}),
+    ],
+)
+@pytest.mark.parametrize("memory", [None, 1])
+def test_bfloat16_inputs_are_subtracted_as_stored_and_merge_as_in_float32(
+    family: Family, tmp_path: Path, method: str, parameters: dict[str, object], memory: int | None
+) -> None:
+    folders = []
+    for source in (family.base, *family.models):
+        folder = tmp_path / source.name
+        folder.mkdir()
+        state = {name: tensor.bfloat16() for name, tensor in _read_all(source).items()}
+        save_file(state, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text((source / "config.json").read_text())
+        folders.append(folder)
+    base, *models = folders
+    weights = [1.0, 0.5, 0.8]
+    per_model = {key: value for key, value in parameters.items() if isinstance(value, list)}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [
+            {"model": str(m), "parameters": {"weight": w} | {k: v[i] for k, v in per_model.items()}}
+            for i, (m, w) in enumerate(zip(models, weights, strict=True))
+        ],
+        "parameters": {k: v for k, v in parameters.items() if k not in per_model},
+        "dtype": "float32",
+        "out_dtype": "float32",
+    }
+    config = parse_merge_config(recipe)
+    plan = build_plan(config)
+    matrix = next(job for job in plan.jobs if len(job.shape) == 2)
+    assert merge_module._input_dtype(plan, matrix, matrix.sources[0]) == torch.bfloat16
+    merged = _read_all(merge_to_folder(config, tmp_path / "out", memory=memory).out_dir)
+    stored = {folder: _read_all(folder) for folder in folders}
+    for name, tensor in merged.items():
+        expected = merge_group(
+            method,
+            [stored[m][name].float() for m in models],
+            weights,
+            stored[base][name].float(),
+            tensor_name=name,
+            **parameters,
+        )
+        assert torch.equal(tensor, expected), name

@@ -1120,18 +1120,32 @@ def block_arguments(
     return {"thresholds": thresholds}
 
 
+def _subtracts_base(plan: MergePlan, job: TensorJob) -> bool:
+    """Whether the method receives task vectors: each input less the base."""
+    return job.base is not None and plan.method.merges_task_vectors(job.params.get("space"), True)
+
+
+def _input_dtype(plan: MergePlan, job: TensorJob, source: TensorSource) -> torch.dtype:
+    """The dtype an input is read in: as stored where the method's first step subtracts the
+    base (in the compute dtype) and that subtraction promotes it exactly (bfloat16 or float16
+    to float32: no float32 copy of the input is ever made), else the compute dtype."""
+    stored = source.checkpoint.tensors[source.name].dtype
+    exact = stored.is_floating_point and torch.promote_types(stored, plan.compute_dtype) == plan.compute_dtype
+    return stored if exact and _subtracts_base(plan, job) and not job.vocabulary else plan.compute_dtype
+
+
 def _method_inputs(
     plan: MergePlan, job: TensorJob, device: torch.device, rows: slice, sources: Sequence[TensorSource]
 ) -> list[torch.Tensor]:
     """Rows of what the method receives from ``sources``: their task vectors where it merges
     them (as ``apply_method`` forms them), else the tensors themselves."""
-    tensors = [_load_rows(s.checkpoint, s.name, rows, plan.compute_dtype, device) for s in sources]
+    tensors = [_load_rows(s.checkpoint, s.name, rows, _input_dtype(plan, job, s), device) for s in sources]
     base = job.base
-    if not plan.method.merges_task_vectors(job.params.get("space"), base is not None):
+    if not _subtracts_base(plan, job):
         return tensors
     assert base is not None
     origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device)
-    return [tensor.sub_(origin) for tensor in tensors]
+    return [torch.sub(tensor, origin) for tensor in tensors]
 
 
 def _blocked_gram(
@@ -1157,7 +1171,9 @@ def merge_tensor(
     if not job.mergeable:
         source = job.copied_from
         return source.checkpoint.load(source.name).clone()
-    tensors = [_load_rows(s.checkpoint, s.name, rows, plan.compute_dtype, device) for s in job.sources]
+    tensors = [
+        _load_rows(s.checkpoint, s.name, rows, _input_dtype(plan, job, s), device) for s in job.sources
+    ]
     base = (
         _load_rows(job.base.checkpoint, job.base.name, rows, plan.compute_dtype, device) if job.base else None
     )

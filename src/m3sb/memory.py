@@ -15,6 +15,7 @@ _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
+_NEVER_TRIM = 2**31 - 1  # mallopt takes a C int (ctypes masks a larger number to 32 bits: 1 << 62 became 0)
 MMAP_THRESHOLD = 16 << 20
 MIN_TENSOR_BUDGET = 64 << 20  # the least one tensor's merge is given, whatever the process holds
 
@@ -68,7 +69,7 @@ def reused_heap() -> Iterator[None]:
         yield
         return
     libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 62)
+    libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
     try:
         yield
     finally:

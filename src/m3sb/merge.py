@@ -45,7 +45,7 @@ from m3sb.geometry import GramAccumulator
 from m3sb.memory import reused_heap
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
 from m3sb.methods.dare import mask_generators
-from m3sb.methods.registry import ParamValue, check_weights, tensor_seed
+from m3sb.methods.registry import ParamValue, check_weights, task_vector, tensor_seed
 from m3sb.methods.sparsify import gathered_kth_largest_magnitude, kept_count, streaming_kth_largest_magnitude
 from m3sb.modules import (
     ARCHITECTURE_MODULES,
@@ -1038,13 +1038,20 @@ def _load(checkpoint: Checkpoint, name: str, dtype: torch.dtype, device: torch.d
 
 
 def _load_rows(
-    checkpoint: Checkpoint, name: str, rows: slice | None, dtype: torch.dtype, device: torch.device
+    checkpoint: Checkpoint,
+    name: str,
+    rows: slice | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    checked: bool = True,
 ) -> torch.Tensor:
-    """Read one tensor, or rows of it, to the compute device and dtype; refuse NaN or Inf."""
-    if rows is None:
+    """Read one tensor, or rows of it, to the compute device and dtype; refuse NaN or Inf
+    (unless not ``checked``: a pass before the merge, which reads and checks the same rows)."""
+    if rows is None and checked:
         return _load(checkpoint, name, dtype, device)
-    tensor = checkpoint.load_rows(name, rows.start, rows.stop).to(device=device, dtype=dtype)
-    if not _all_finite(tensor):
+    view = checkpoint.load(name) if rows is None else checkpoint.load_rows(name, rows.start, rows.stop)
+    tensor = view.to(device=device, dtype=dtype)
+    if checked and not _all_finite(tensor):
         raise MergeError(f"tensor '{name}' in {checkpoint.label} contains NaN or Inf")
     return tensor
 
@@ -1086,9 +1093,9 @@ def block_arguments(
 ) -> dict[str, object]:
     """What the method needs of the whole tensor to merge it in ``blocks`` of rows: for TIES,
     each task vector's threshold at its density, found exactly over the blocks (by one pass
-    into a buffer of its magnitudes where that takes at most half of ``memory``, else by a
-    streaming selection in two passes); for DARE, each model's random generator where its mask starts;
-    for the barycenter, the inputs' Gram matrix (one pass)."""
+    into a buffer of its magnitudes where that and a block's task vector fit in ``memory``,
+    else by a streaming selection in two passes); for DARE, each model's random generator
+    where its mask starts; for the barycenter, the inputs' Gram matrix (one pass)."""
     kind = plan.method.row_blocks
     if kind == "gram":
         return {"gram": _blocked_gram(plan, job, device, blocks)}
@@ -1111,13 +1118,27 @@ def block_arguments(
 
         def task_vector_blocks(index: int = index) -> Iterator[torch.Tensor]:
             for rows in blocks:
-                yield _method_inputs(plan, job, device, rows, [job.sources[index]])[0]
+                # unchecked: each block is read again, and checked, when it merges
+                yield _method_inputs(plan, job, device, rows, [job.sources[index]], checked=False)[0]
 
-        if memory is not None and numel * plan.compute_dtype.itemsize <= memory // 2:
+        if memory is not None and _gathered_selection_bytes(plan, job, blocks) <= memory:
             thresholds.append(gathered_kth_largest_magnitude(task_vector_blocks(), keep, numel))
         else:
             thresholds.append(streaming_kth_largest_magnitude(task_vector_blocks, keep))
     return {"thresholds": thresholds}
+
+
+def _gathered_selection_bytes(plan: MergePlan, job: TensorJob, blocks: Sequence[slice]) -> int:
+    """What finding a task vector's threshold in one gathered pass holds at most: the buffer
+    of all its magnitudes, and one block's task vector and base in the compute dtype with
+    the input's and the base's rows mapped."""
+    assert job.base is not None
+    row = max(1, math.prod(job.shape[1:]))
+    stored = max(s.checkpoint.tensors[s.name].dtype.itemsize for s in job.sources)
+    mapped = stored + job.base.checkpoint.tensors[job.base.name].dtype.itemsize
+    rows = max(block.stop - block.start for block in blocks)
+    compute = plan.compute_dtype.itemsize
+    return int(row * (job.shape[0] * compute + rows * (2 * compute + mapped)))
 
 
 def _subtracts_base(plan: MergePlan, job: TensorJob) -> bool:
@@ -1135,17 +1156,25 @@ def _input_dtype(plan: MergePlan, job: TensorJob, source: TensorSource) -> torch
 
 
 def _method_inputs(
-    plan: MergePlan, job: TensorJob, device: torch.device, rows: slice, sources: Sequence[TensorSource]
+    plan: MergePlan,
+    job: TensorJob,
+    device: torch.device,
+    rows: slice,
+    sources: Sequence[TensorSource],
+    checked: bool = True,
 ) -> list[torch.Tensor]:
     """Rows of what the method receives from ``sources``: their task vectors where it merges
-    them (as ``apply_method`` forms them), else the tensors themselves."""
-    tensors = [_load_rows(s.checkpoint, s.name, rows, _input_dtype(plan, job, s), device) for s in sources]
+    them (as ``apply_method`` forms them), else the tensors themselves (NaN and Inf refused
+    where ``checked``)."""
+    tensors = [
+        _load_rows(s.checkpoint, s.name, rows, _input_dtype(plan, job, s), device, checked) for s in sources
+    ]
     base = job.base
     if not _subtracts_base(plan, job):
         return tensors
     assert base is not None
-    origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device)
-    return [torch.sub(tensor, origin) for tensor in tensors]
+    origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device, checked)
+    return [task_vector(tensor, origin) for tensor in tensors]
 
 
 def _blocked_gram(

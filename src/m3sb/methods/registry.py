@@ -287,6 +287,15 @@ def check_weights(method: MergeMethod, weights: Sequence[float], normalize: obje
         raise ConfigError(f"weights sum to zero {what}: {list(weights)}")
 
 
+def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``tensor - base`` in the base's dtype (a narrower ``tensor``, such as bfloat16 against a
+    float32 base, is widened first: exact, and several times faster on the CPU than letting the
+    subtraction promote it element by element)."""
+    if tensor.dtype == base.dtype:
+        return torch.sub(tensor, base)
+    return tensor.to(base.dtype).sub_(base)
+
+
 def apply_method(
     method: MergeMethod,
     tensors: Sequence[torch.Tensor],
@@ -325,9 +334,9 @@ def apply_method(
     if consume_inputs and isinstance(tensors, list):
         task_vectors = []
         while tensors:
-            task_vectors.append(tensors.pop(0) - base)
+            task_vectors.append(task_vector(tensors.pop(0), base))
     else:
-        task_vectors = [tensor - base for tensor in tensors]
+        task_vectors = [task_vector(tensor, base) for tensor in tensors]
     merged = method.function(task_vectors, list(weights), **kwargs)
     scale = params["lambda"] if method.scales else 1.0
     assert isinstance(scale, float)

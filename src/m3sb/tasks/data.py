@@ -1,4 +1,6 @@
-"""Task datasets: load a split from a hub id, a ``save_to_disk`` folder or an image folder.
+"""Task datasets: load a split from a hub id, a ``save_to_disk`` folder, an image folder, or
+local data files (``.jsonl``, ``.json``, ``.csv``, ``.parquet``: one file is the split asked
+for; a folder of them holds one file per split, named after it: ``test.jsonl``).
 
 A split is a name (``test``), a slice in the ``datasets`` syntax (``train[90%:]``,
 ``train[:500]``) or a seeded random *carve* of another split: a fraction of it, capped at
@@ -91,6 +93,13 @@ class DatasetSpec(BaseModel):
     the names of the labels 0..C-1 (instead of the label column's own) or the name of a
     built-in set (the eight standard tasks: ``eurosat``, ``cars``...), and the prompts
     (each with one ``{}``) or the name of a built-in set (``sun397``, ``generic``...).
+
+    The language-model keys (kind ``causal_lm``): ``format`` (``text``: loss and
+    perplexity of ``text_col``; ``exact_match``: ``prompt_col`` answered by ``answer_col``;
+    ``multiple_choice``: ``prompt_col`` continued by each of ``choices_col``, ``label_col``
+    the right one), ``max_length`` (tokens per sequence; longer texts are cut, longer
+    prompts and choices refused), ``max_new_tokens`` (the cap on an answer's tokens) and
+    ``chat_template`` (wrap each prompt in the tokenizer's chat template).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -102,6 +111,14 @@ class DatasetSpec(BaseModel):
     max_samples: int | None = Field(default=None, gt=0)
     class_names: list[str] | str | None = Field(default=None, min_length=1)
     templates: list[str] | str | None = None
+    format: Literal["text", "exact_match", "multiple_choice"] | None = None
+    text_col: str | None = None
+    prompt_col: str | None = None
+    answer_col: str | None = None
+    choices_col: str | None = None
+    max_length: int | None = Field(default=None, gt=1)
+    max_new_tokens: int | None = Field(default=None, gt=0)
+    chat_template: bool | None = None
 
     @model_validator(mode="after")
     def _prompts(self) -> DatasetSpec:
@@ -132,6 +149,38 @@ class DatasetSpec(BaseModel):
 _SPLIT = re.compile(r"^\s*([^\[\]\s]+)\s*(\[.*\])?\s*$")
 
 
+LM_KEYS = (
+    "format",
+    "text_col",
+    "prompt_col",
+    "answer_col",
+    "choices_col",
+    "max_length",
+    "max_new_tokens",
+    "chat_template",
+)
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _data_files(path: Path, name: str) -> tuple[str, str] | None:
+    """(builder, file) of the split ``name`` where ``path`` is a data file or a folder of them."""
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{path}: not a dataset file (expected {', '.join(DATA_FILE_BUILDERS)})")
+        return builder, str(path)
+    if path.is_dir():
+        found = [
+            path / f"{name}{suffix}" for suffix in DATA_FILE_BUILDERS if (path / f"{name}{suffix}").is_file()
+        ]
+        if found:
+            return DATA_FILE_BUILDERS[found[0].suffix.lower()], str(found[0])
+        splits = sorted({f.stem for f in path.iterdir() if f.suffix.lower() in DATA_FILE_BUILDERS})
+        if splits:
+            raise DataError(f"{path}: no split '{name}'; it has {', '.join(splits)}")
+    return None
+
+
 def _named_split(dataset_name: str, name: str, subset: str | None = None) -> Any:
     """A whole named split as a ``datasets.Dataset``."""
     import datasets
@@ -145,6 +194,10 @@ def _named_split(dataset_name: str, name: str, subset: str | None = None) -> Any
                 raise DataError(f"{dataset_name}: no split '{name}'; it has {', '.join(loaded)}")
             return loaded[name]
         return loaded
+    files = _data_files(path, name)
+    if files is not None:
+        builder, file = files
+        return datasets.load_dataset(builder, data_files={name: file}, split=name)
     if path.is_dir():
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=name)
     return datasets.load_dataset(dataset_name, subset, split=name)
@@ -168,8 +221,9 @@ def _split(dataset_name: str, split: str, subset: str | None = None) -> Any:
     return whole.select(range(instruction.from_, instruction.to))
 
 
-def load_task_data(spec: DatasetSpec) -> Any:
-    """Load a task's split (named, sliced or carved), check its columns, keep at most ``max_samples`` rows."""
+def load_task_data(spec: DatasetSpec, columns: tuple[str, ...] | None = None) -> Any:
+    """Load a task's split (named, sliced or carved), check it has ``columns`` (the image and
+    label columns by default), keep at most ``max_samples`` rows."""
     carve = spec.split if isinstance(spec.split, CarveSpec) else None
     source = carve.carve if carve is not None else str(spec.split)
     try:
@@ -185,7 +239,7 @@ def load_task_data(spec: DatasetSpec) -> Any:
         raise DataError(
             f"{spec.dataset_name}: cannot load split '{source}' ({first_line(error)[:200]})"
         ) from None
-    for column in (spec.image_col, spec.label_col):
+    for column in columns if columns is not None else (spec.image_col, spec.label_col):
         if column not in dataset.column_names:
             raise DataError(
                 f"{spec.dataset_name}: no column '{column}'; columns are {', '.join(dataset.column_names)}"

@@ -20,6 +20,8 @@ class TaskModel:
     every other tensor is the backbone that merges. The family that loads the model
     decides which are which. ``extra`` holds what the family keeps beside the weights
     (for CLIP: where the text tower comes from, and the zero-shot head built from it).
+    ``aliases`` names the model's tensors tied to another one (a language model's
+    ``lm_head`` sharing its embedding): they are in neither the weights nor the backbone.
     """
 
     checkpoint: str
@@ -29,6 +31,7 @@ class TaskModel:
     own: frozenset[str] = field(default_factory=frozenset)
     processor_source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    aliases: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def backbone(self) -> dict[str, torch.Tensor]:
@@ -38,7 +41,10 @@ class TaskModel:
     def use_backbone(self, backbone: Mapping[str, torch.Tensor] | None) -> Any:
         """The model with ``backbone`` (or its own, when None) and its own tensors; in eval mode."""
         state = self.weights if backbone is None else {**self.weights, **backbone}
-        self.model.load_state_dict(state, strict=True)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if set(missing) - self.aliases or unexpected:
+            wrong = sorted(set(missing) - self.aliases) or sorted(unexpected)
+            raise MergeError(f"{self.checkpoint}: the weights do not fit the model (tensor '{wrong[0]}')")
         return self.model.eval()
 
 

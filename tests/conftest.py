@@ -47,7 +47,7 @@ def clip_zoo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def text_zoo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The text zoo, built once per test session (about 45 s on two cores)."""
+    """The text zoo, built once per test session (about 25 s on two cores)."""
     from m3sb.text_zoo import build_text_zoo
 
     return build_text_zoo(tmp_path_factory.mktemp("text_zoo"))

@@ -535,6 +535,18 @@ class ParetoTaskConfig(BaseModel):
     kind: str = "image_classification"
     control: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_in_dataset(cls, data: Any) -> Any:
+        """``kind`` may be written in the dataset entry, as experiments write it."""
+        if isinstance(data, dict) and isinstance(data.get("dataset"), dict) and "kind" in data["dataset"]:
+            dataset = dict(data["dataset"])
+            kind = dataset.pop("kind")
+            if "kind" in data and data["kind"] != kind:
+                raise ValueError(f"kind '{data['kind']}' and dataset kind '{kind}' differ")
+            data = {**data, "dataset": dataset, "kind": kind}
+        return data
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:

@@ -1,8 +1,10 @@
 """``m3sb demo``: everything offline. First the merge engine: a toy Llama family merged with
 every method. Then M3SB experiments on the digits zoo: full-weight and task-vector merges,
 each task's classifier rebuilt and scored, a results table, figures and a report. Last,
-MAP on the zoo: a two-task Pareto front and a nested search over all five tasks. Last, the
-CLIP zoo: vision towers fine-tuned against zero-shot heads, merged by MAP over three tasks."""
+MAP on the zoo: a two-task Pareto front and a nested search over all five tasks. Then the
+CLIP zoo: vision towers fine-tuned against zero-shot heads, merged by MAP over three tasks.
+Last, the text zoo: a tiny Llama's four skills merged, an experiment table and a MAP front
+over two skills."""
 
 from __future__ import annotations
 
@@ -109,6 +111,66 @@ def run_demo(out: Path, console: Console | None = None, device: str = "auto") ->
     results = experiments_demo(out, console, device)
     pareto_demo(out, console, device)
     clip_demo(out, console, device)
+    text_demo(out, console, device)
+    return results
+
+
+TEXT_DEMO_METHODS: dict[str, dict[str, Any]] = {
+    "linear": {},
+    "task_arithmetic": {"lambda": 0.5},
+    "ties": {"density": 0.3},
+    "barycenter": {},
+}
+TEXT_DEMO_FRONT = ("reverse", "sort")
+
+
+def text_demo(out: Path, console: Console | None = None, device: str = "auto") -> Any:
+    """Language models: the text zoo's four skills merged every demo way and scored by exact
+    match, then MAP over two skills."""
+    import json
+
+    from m3sb.config import ParetoConfig
+    from m3sb.experiment import TaskVectorExperiment
+    from m3sb.pareto.report import print_outcome
+    from m3sb.pareto.run import run_pareto
+    from m3sb.report import print_results
+    from m3sb.text_zoo import build_text_zoo
+
+    def say(line: str) -> None:
+        if console is not None:
+            console.print(line, highlight=False, markup=False)
+
+    say("building (or reusing) the text zoo: a tiny Llama and four skills ...")
+    zoo = json.loads(build_text_zoo(out / "text_zoo", log=say).read_text())
+    experiment = TaskVectorExperiment(
+        "text zoo",
+        [task["checkpoint"] for task in zoo["tasks"]],
+        [task["dataset"] for task in zoo["tasks"]],
+        TEXT_DEMO_METHODS,
+        zoo["base_model_checkpoint"],
+        device=device,
+        cache_dir=str(out / "cache"),
+    )
+    results = experiment.run()
+    if console is not None:
+        print_results(results, console)
+    tasks = [
+        {
+            "name": task["name"],
+            "model": task["checkpoint"],
+            "kind": "causal_lm",
+            "dataset": {**task["dataset"], "split": "validation"},
+        }
+        for task in zoo["tasks"]
+        if task["name"] in TEXT_DEMO_FRONT
+    ]
+    say(f"MAP on the text zoo over {', '.join(TEXT_DEMO_FRONT)} (exact match), every skill weighing the same")
+    config = ParetoConfig.model_validate(
+        {"base_model": zoo["base_model_checkpoint"], "tasks": tasks, "cache_dir": str(out / "cache")}
+    )
+    outcome = run_pareto(config, out / "pareto" / "text", preference=[1.0] * len(tasks), device=device)
+    if console is not None:
+        print_outcome(outcome, console)
     return results
 
 

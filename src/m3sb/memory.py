@@ -88,6 +88,16 @@ def resident_bytes() -> int | None:
         return None
 
 
+def available_bytes() -> int | None:
+    """The memory the system can give this process now, where psutil can tell; None elsewhere."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError):
+        return None
+
+
 HEAP_SLACK = 1.5  # a reused heap holds up to this much more than its live blocks (measured)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,38 @@ class Layout:
                 self.names, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True
             )
         }
+
+
+def search_memory_bytes(parameters: int, stored_itemsize: int, tasks: int) -> int:
+    """What a search over ``tasks`` task vectors of a ``parameters``-parameter model holds at
+    least: every task model and the base loaded (the module and a copy of its weights, in
+    the stored dtype) and T + 2 float32 flat vectors (the base, the task vectors, a candidate)."""
+    return parameters * ((tasks + 1) * 2 * stored_itemsize + (tasks + 2) * 4)
+
+
+def check_search_fits(base_checkpoint: str, tasks: int, available: int | None) -> None:
+    """Refuse, in one line and before any model is loaded, a search that cannot fit in
+    ``available`` bytes (nothing is checked where the base's header or the memory is unknown)."""
+    from m3sb.checkpoints import open_checkpoint
+    from m3sb.errors import CheckpointError
+
+    if available is None:
+        return
+    try:
+        infos = [
+            info for info in open_checkpoint(base_checkpoint).tensors.values() if info.dtype.is_floating_point
+        ]
+    except (CheckpointError, OSError):
+        return  # not a local checkpoint: loading it says what is wrong
+    parameters = sum(math.prod(info.shape) for info in infos)
+    itemsize = max((info.dtype.itemsize for info in infos), default=4)
+    needed = search_memory_bytes(parameters, itemsize, tasks)
+    if needed > available:
+        raise ConfigError(
+            f"{tasks} tasks of a {parameters / 1e9:.2f}B-parameter model need about {needed / 1e9:.1f} GB "
+            f"(each model loaded, and {tasks + 2} float32 flat copies), but {available / 1e9:.1f} GB is "
+            "available; search fewer tasks, or on a machine with more memory"
+        )
 
 
 @dataclass(frozen=True)

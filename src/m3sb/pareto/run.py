@@ -309,9 +309,11 @@ def _search_and_write(
 
 
 def _load_problem(config: ParetoConfig, say: Callable[[str], None], device_name: str = "cpu") -> MergeProblem:
-    from m3sb.pareto.merging import MergeProblem
+    from m3sb.memory import available_bytes
+    from m3sb.pareto.merging import MergeProblem, check_search_fits
     from m3sb.tasks.registry import LoadSettings, load_tasks
 
+    check_search_fits(config.base_model, len(config.tasks), available_bytes())
     say("loading models and validation data ...")
     settings = LoadSettings(config.trust_remote_code, config.processor_checkpoint, config.cache_dir)
     tasks, base = load_tasks(task_specs(config), config.base_model, settings, say)

@@ -99,7 +99,9 @@ class DatasetSpec(BaseModel):
     ``multiple_choice``: ``prompt_col`` continued by each of ``choices_col``, ``label_col``
     the right one), ``max_length`` (tokens per sequence; longer texts are cut, longer
     prompts and choices refused), ``max_new_tokens`` (the cap on an answer's tokens) and
-    ``chat_template`` (wrap each prompt in the tokenizer's chat template).
+    ``chat_template`` (wrap each prompt in the tokenizer's chat template). Kind ``lm_eval``
+    reads ``metric`` (lm-eval's result key, ``acc,none``), ``num_fewshot``, ``max_samples``
+    (its ``limit``) and ``chat_template``; ``dataset_name`` is the lm-eval task or its YAML.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -119,6 +121,8 @@ class DatasetSpec(BaseModel):
     max_length: int | None = Field(default=None, gt=1)
     max_new_tokens: int | None = Field(default=None, gt=0)
     chat_template: bool | None = None
+    metric: str | None = Field(default=None, min_length=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _prompts(self) -> DatasetSpec:
@@ -149,7 +153,7 @@ class DatasetSpec(BaseModel):
 _SPLIT = re.compile(r"^\s*([^\[\]\s]+)\s*(\[.*\])?\s*$")
 
 
-LM_KEYS = (
+LM_KEYS = (  # kind causal_lm's
     "format",
     "text_col",
     "prompt_col",
@@ -159,6 +163,7 @@ LM_KEYS = (
     "max_new_tokens",
     "chat_template",
 )
+HARNESS_KEYS = ("metric", "num_fewshot", "chat_template")  # kind lm_eval's
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import torch
 
 from m3sb.errors import ConfigError
-from m3sb.tasks import causal_lm, clip_zero_shot, image_classification
+from m3sb.tasks import causal_lm, clip_zero_shot, harness, image_classification
 from m3sb.tasks.cache import CachedSplit
-from m3sb.tasks.data import LM_KEYS, DatasetSpec, parse_dataset_spec
+from m3sb.tasks.data import HARNESS_KEYS, LM_KEYS, DatasetSpec, parse_dataset_spec
 from m3sb.tasks.model import TaskModel, check_shared_backbone
 
 DEFAULT_KIND = "image_classification"
@@ -76,6 +76,7 @@ FAMILIES: dict[str, Family] = {
     image_classification.KIND: image_classification,
     clip_zero_shot.KIND: clip_zero_shot,
     causal_lm.KIND: causal_lm,
+    harness.KIND: harness,
 }
 ZERO_SHOT_KEYS = ("class_names", "templates")
 
@@ -124,10 +125,12 @@ def check_kind_keys(kind: str, dataset: DatasetSpec, where: str) -> str:
         for key in ZERO_SHOT_KEYS:
             if getattr(dataset, key) is not None:
                 raise ConfigError(f"{where}: {key}: only kind {clip_zero_shot.KIND} uses {key}")
-    if kind != causal_lm.KIND:
-        for key in LM_KEYS:
-            if getattr(dataset, key) is not None:
-                raise ConfigError(f"{where}: {key}: only kind {causal_lm.KIND} uses {key}")
+    readers = {key: [causal_lm.KIND] for key in LM_KEYS}
+    for key in HARNESS_KEYS:
+        readers.setdefault(key, []).append(harness.KIND)
+    for key, kinds in readers.items():
+        if kind not in kinds and getattr(dataset, key) is not None:
+            raise ConfigError(f"{where}: {key}: only kind {' and '.join(kinds)} uses {key}")
     return kind
 
 

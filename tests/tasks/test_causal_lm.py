@@ -181,3 +181,28 @@ def test_bad_inputs_are_named_before_any_evaluation(model_dir: Path, tmp_path: P
     size = len(build_tokenizer())
     with pytest.raises(CheckpointError, match=rf"has {size} tokens but the model's vocabulary has 20"):
         load_task_model(str(small))
+
+
+def test_chat_template_wraps_each_prompt_before_its_answer(tmp_path: Path) -> None:
+    folder = _save_model(tmp_path / "chat")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}q {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} a {% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "rev ab=", "answer": "ba"}])
+    task = load_task_model(str(folder))
+    plain = prepare(DatasetSpec(dataset_name=str(data), format="exact_match"), task, tmp_path / "c")
+    chat = prepare(
+        DatasetSpec(dataset_name=str(data), format="exact_match", chat_template=True), task, tmp_path / "c"
+    )
+    assert plain.folder != chat.folder  # another cache entry
+    ids, roles = chat.values()[0, 0]
+    context = ids[roles == 1].tolist()
+    assert context == tokenizer("q rev ab= a ", add_special_tokens=False)["input_ids"]
+    assert ids[roles == 2].tolist() == [
+        *tokenizer("ba", add_special_tokens=False)["input_ids"],
+        tokenizer.eos_token_id,
+    ]
+    plain_ids, plain_roles = plain.values()[0, 0]
+    assert plain_ids[plain_roles == 1].tolist() == tokenizer("rev ab=")["input_ids"]

@@ -44,3 +44,32 @@ def test_a_search_too_large_for_the_memory_is_refused_before_loading(
     ):
         run_pareto(config, tmp_path / "out", device="cpu")
     assert not (tmp_path / "out" / "evaluations.csv").exists()
+
+
+def test_an_unmeasured_metric_is_recorded_as_nan_and_the_record_resumes(tmp_path: Path) -> None:
+    import numpy as np
+
+    from m3sb.pareto.records import EvaluationRecord
+    from m3sb.tasks.metrics import METRICS
+
+    record = EvaluationRecord(tmp_path / "r", ["lm", "img"], "accuracy", {"search": 1})
+    record.create()
+    table = np.full((len(METRICS), 2), 1.5)
+    table[1:, 0] = np.nan  # an lm_eval task: accuracy only
+    record.append("design", np.array([0.2, 0.8]), table)
+    points, _ = EvaluationRecord(tmp_path / "r", ["lm", "img"], "accuracy", {"search": 1}).load()
+    assert points[0].metrics.tolist() == [1.5, 1.5]
+    with pytest.raises(ConfigError, match="line 2 is malformed"):  # the objective itself must be measured
+        EvaluationRecord(tmp_path / "r", ["lm", "img"], "loss", {"search": 1}).load()
+
+
+def test_lm_eval_tasks_are_searched_on_accuracy_only(family: Family, tmp_path: Path) -> None:
+    from m3sb.pareto.run import check_run
+
+    tasks = [
+        {"name": f"t{i}", "model": str(m), "kind": "lm_eval", "dataset": {"dataset_name": "arc_easy"}}
+        for i, m in enumerate(family.models[:2])
+    ]
+    config = ParetoConfig.model_validate({"base_model": str(family.base), "tasks": tasks, "metric": "loss"})
+    with pytest.raises(ConfigError, match=r"^metric 'loss': lm_eval tasks \(t0, t1\) measure accuracy only"):
+        check_run(config, "map", None, None)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from m3sb.errors import CheckpointError
+from m3sb.errors import CheckpointError, ConfigError
 from m3sb.tasks.causal_lm import TokenCounts, evaluate, load_task_model, prepare, row_scores
 from m3sb.tasks.data import DataError, DatasetSpec
 from m3sb.text_zoo import TextZooRecipe, _llama, build_tokenizer
@@ -200,9 +200,77 @@ def test_chat_template_wraps_each_prompt_before_its_answer(tmp_path: Path) -> No
     ids, roles = chat.values()[0, 0]
     context = ids[roles == 1].tolist()
     assert context == tokenizer("q rev ab= a ", add_special_tokens=False)["input_ids"]
-    assert ids[roles == 2].tolist() == [
+    assert ids[roles >= 2].tolist() == [  # the answer, then its end (role 3)
         *tokenizer("ba", add_special_tokens=False)["input_ids"],
         tokenizer.eos_token_id,
     ]
     plain_ids, plain_roles = plain.values()[0, 0]
     assert plain_ids[plain_roles == 1].tolist() == tokenizer("rev ab=")["input_ids"]
+
+
+def _sentencepiece_tokenizer() -> Any:
+    """A Llama-style (Metaspace, SentencePiece-like) tokenizer: ``4`` alone encodes as ``▁4``."""
+    from transformers import LlamaTokenizer
+
+    characters = [c for c in "0123456789+=abcdefghijklmnopqrstuvwxyz"]
+    vocabulary = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    for character in characters:
+        vocabulary.setdefault(character, len(vocabulary))
+        vocabulary.setdefault("▁" + character, len(vocabulary))
+    return LlamaTokenizer(vocab=vocabulary, merges=[("▁", c) for c in characters])
+
+
+def test_a_continuation_is_encoded_after_its_prompt_as_lm_eval_does() -> None:
+    from m3sb.tasks.causal_lm import Encoder
+
+    tokenizer = _sentencepiece_tokenizer()
+    assert tokenizer.convert_ids_to_tokens(tokenizer("4", add_special_tokens=False)["input_ids"]) == ["▁4"]
+    context, answer = Encoder(tokenizer).split("add 2+2=", "4")
+    assert context + answer == tokenizer("add 2+2=4")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(answer) == ["4"]
+
+
+def test_an_end_token_the_tokenizer_appends_is_kept_out_of_the_prompt(tmp_path: Path) -> None:
+    from tokenizers import processors
+
+    folder = _save_model(tmp_path / "m")
+    tokenizer = build_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    tokenizer.save_pretrained(folder)
+    task = load_task_model(str(folder))
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "add 1+2=", "answer": 3}])
+    split = prepare(DatasetSpec(dataset_name=str(data), format="exact_match"), task, tmp_path / "c")
+    ids, roles = split.values()[0, 0]
+    tokens = task.processor.convert_ids_to_tokens(ids[roles != 0].tolist())
+    assert tokens == ["<s>", "a", "d", "d", " ", "1", "+", "2", "=", "3", "</s>"]
+    assert roles[roles != 0].tolist() == [1] * 9 + [2, 3]
+
+
+def test_any_stop_token_ends_an_exact_answer() -> None:
+    ids = torch.tensor([[1, 4, 2], [1, 4, 2]])
+    roles = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    logits = torch.full((2, 3, 8), -5.0)
+    logits[:, 0, 4] = 5.0
+    logits[0, 1, 7] = 5.0  # another stop token (a chat model's end of turn)
+    logits[1, 1, 6] = 5.0  # not a stop token
+    scores = row_scores(logits, ids, roles, torch.tensor([2, 7]))
+    assert scores.all_correct.tolist() == [True, False]
+    assert row_scores(logits, ids, roles).all_correct.tolist() == [False, False]
+
+
+def test_chat_template_without_a_template_and_nothing_to_score_are_refused(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    task = load_task_model(str(model_dir))
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "x=", "answer": "y"}])
+    with pytest.raises(ConfigError, match=r"chat_template is true but its tokenizer has no chat template"):
+        prepare(DatasetSpec(dataset_name=str(data), format="exact_match", chat_template=True), task, tmp_path)
+    empty = _write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": ""}])
+    with pytest.raises(DataError, match=r"no token to score"):
+        prepare(DatasetSpec(dataset_name=str(empty), format="text"), task, tmp_path)
+    missing = _write_jsonl(tmp_path / "null.jsonl", [{"prompt": "x=", "answer": None}])
+    with pytest.raises(DataError, match=r"row 0: column 'answer' holds NoneType, not text"):
+        prepare(DatasetSpec(dataset_name=str(missing), format="exact_match"), task, tmp_path)

@@ -67,6 +67,13 @@ def test_max_samples_and_image_folders(saved: Path, tmp_path: Path) -> None:
         (tmp_path / "folder" / "test" / label / "a.png").write_bytes(_png(10))
     folder = load_task_data(DatasetSpec(dataset_name=str(tmp_path / "folder")))
     assert sorted(folder["label"]) == [0, 1]
+    flat = tmp_path / "flat"  # images with their labels in metadata.csv: not a split file
+    flat.mkdir()
+    for index in range(3):
+        (flat / f"{index}.png").write_bytes(_png(index))
+    (flat / "metadata.csv").write_text("file_name,label\n0.png,2\n1.png,0\n2.png,1\n")
+    labelled = load_task_data(DatasetSpec(dataset_name=str(flat), split="train"))
+    assert sorted(labelled["label"]) == [0, 1, 2]
 
 
 def test_slices_follow_the_datasets_syntax(numbered: Path) -> None:

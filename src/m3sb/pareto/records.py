@@ -141,7 +141,11 @@ class EvaluationRecord:
         except (ValueError, StopIteration, csv.Error):
             return None
         count = len(self.task_names)
-        if not np.all(np.isfinite(values[count:])):
+        metrics = values[count:]
+        if np.any(np.isinf(metrics)):  # NaN: a metric the task's kind does not measure (lm_eval's loss)
+            return None
+        table = metrics.reshape(len(METRICS), len(self.all_names))
+        if not (np.isnan(values[:count]).all() or np.all(np.isfinite(self.objective(table)))):
             return None
         return fields[0], values
 

@@ -78,6 +78,12 @@ def check_run(
     from m3sb.tasks.metrics import check_metric
 
     check_metric(config.metric)
+    harness = [task.name for task in config.tasks if task.kind == "lm_eval"]
+    if harness and config.metric != "accuracy":
+        raise ConfigError(
+            f"metric '{config.metric}': lm_eval tasks ({', '.join(harness)}) measure accuracy only "
+            "(their lm-eval metric)"
+        )
     count = len(config.merged_tasks)
     check_search_method(config.merge_method, config.parameters, config.bounds, count)
     budget = config.budget if config.budget is not None else default_budget(count, cast(Mode, mode))

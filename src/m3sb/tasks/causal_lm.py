@@ -4,8 +4,10 @@ head too), scored on text in one of three formats.
 - ``text``: the mean token loss and perplexity of ``text_col``; ``accuracy`` is next-token
   accuracy, precision, recall and F1 are macro averages over the token classes.
 - ``exact_match``: a ``prompt_col`` answered by ``answer_col``. ``accuracy`` is the share
-  of prompts whose greedy continuation is exactly the answer's tokens followed by the end
-  of sequence (within ``max_new_tokens``). Greedy decoding reproduces a sequence exactly
+  of prompts whose greedy continuation is exactly the answer's tokens (at most
+  ``max_new_tokens`` of them) followed by a stop token (the tokenizer's end of sequence or
+  any of the model's ``generation_config.eos_token_id``; with no end token at all, the
+  continuation need only begin with the answer). Greedy decoding reproduces a sequence exactly
   when the most likely next token, given the prompt and the answer so far, is the
   answer's own at every step, so one batched forward pass over prompt and answer decides
   it (no token-by-token generation). Loss and perplexity are over the answer's tokens.
@@ -41,9 +43,10 @@ from m3sb.tasks.model import TaskModel, as_parameters_of, quiet_transformers
 KIND = "causal_lm"
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_MAX_NEW_TOKENS = 32
-PAD, CONTEXT, TARGET = 0, 1, 2  # a token's role
+PAD, CONTEXT, TARGET, END = 0, 1, 2, 3  # a token's role (END: the stop after an answer)
 Row = tuple[list[int], list[int]]  # a sequence's token ids and their roles
 ENCODE_BATCH = 256
+ENCODING_VERSION = 2  # how examples become ids and roles; a change makes new cache entries
 
 
 @dataclass(frozen=True)
@@ -153,48 +156,87 @@ def load_task_model(
 # --- tokenising a split ------------------------------------------------------------------
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    """A prompt's token ids: with the tokenizer's special tokens, or through its chat template."""
-    if chat:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+@dataclass(frozen=True)
+class Encoder:
+    """How prompts and their continuations become token ids with one tokenizer.
+
+    A continuation (an answer, a choice) is encoded together with its prompt, and its ids
+    are those after the prompt's, as lm-eval does: SentencePiece tokenizers encode ``4``
+    alone as ``▁4`` but ``...=4`` with a plain ``4``. A tokenizer that appends its end
+    token to every text has it removed from prompts (the end belongs after the answer)."""
+
+    tokenizer: Any
+    chat: bool = False
+
+    @property
+    def appends_end(self) -> bool:
+        """Whether the tokenizer's special tokens end every text with its end-of-sequence token."""
+        end = self.tokenizer.eos_token_id
+        if end is None:
+            return False
+        with_special = self.tokenizer("a")["input_ids"]
+        return (
+            bool(with_special)
+            and with_special[-1] == end
+            and self.tokenizer("a", add_special_tokens=False)["input_ids"][-1:] != [end]
         )
-        if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(prompt)["input_ids"]]
+
+    def ids(self, text: str, special: bool) -> list[int]:
+        """``text``'s ids, with the tokenizer's special tokens when ``special`` (no end token)."""
+        ids = [int(i) for i in self.tokenizer(text, add_special_tokens=special)["input_ids"]]
+        if special and ids and self.appends_end and ids[-1] == self.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return ids
+
+    def prompt(self, prompt: str) -> tuple[str, bool]:
+        """The prompt's text as the model reads it (through the chat template when asked), and
+        whether the tokenizer's special tokens are still to be added (a template writes its own)."""
+        if not self.chat:
+            return prompt, True
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return str(text), False
+
+    def split(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, continuation ids): the continuation encoded after the prompt."""
+        text, special = self.prompt(prompt)
+        context = self.ids(text, special)
+        whole = self.ids(text + continuation, special)
+        if len(whole) > len(context) and whole[: len(context)] == context:
+            return context, whole[len(context) :]
+        return context, self.ids(continuation, False)  # the prompt's last token merged with it
 
 
-def _continuation_ids(tokenizer: Any, text: str) -> list[int]:
-    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+def _text_of(example: Mapping[str, Any], column: str, where: str) -> str:
+    value = example[column]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{where}: column '{column}' holds {type(value).__name__}, not text")
 
 
 def _rows_of(
-    example: Mapping[str, Any], fmt: TextFormat, tokenizer: Any, where: str
+    example: Mapping[str, Any], fmt: TextFormat, encoder: Encoder, where: str
 ) -> tuple[list[Row], int]:
     """The example as (list of (ids, roles) rows, label)."""
     if fmt.format == "text":
-        text = example[fmt.columns[0]]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: column '{fmt.columns[0]}' holds {type(text).__name__}, not text")
-        ids = [int(i) for i in tokenizer(text)["input_ids"]][: fmt.max_length]
-        return [(ids, [CONTEXT] + [TARGET] * (len(ids) - 1))], 0
-    prompt = example[fmt.columns[0]]
-    if not isinstance(prompt, str):
-        raise DataError(f"{where}: column '{fmt.columns[0]}' holds {type(prompt).__name__}, not text")
-    context = _prompt_ids(tokenizer, prompt, fmt.chat_template)
+        ids = [int(i) for i in encoder.tokenizer(_text_of(example, fmt.columns[0], where))["input_ids"]]
+        ids = ids[: fmt.max_length]
+        return [(ids, [CONTEXT] * min(1, len(ids)) + [TARGET] * (len(ids) - 1))], 0
+    prompt = _text_of(example, fmt.columns[0], where)
     if fmt.format == "exact_match":
-        answer = example[fmt.columns[1]]
-        if not isinstance(answer, str):
-            answer = str(answer)
-        target = _continuation_ids(tokenizer, answer)
+        context, target = encoder.split(prompt, _text_of(example, fmt.columns[1], where))
         if len(target) > fmt.max_new_tokens:
             raise DataError(
                 f"{where}: the answer has {len(target)} tokens, more than max_new_tokens {fmt.max_new_tokens}"
             )
-        if tokenizer.eos_token_id is not None:
-            target.append(int(tokenizer.eos_token_id))
-        rows = [(context + target, [CONTEXT] * len(context) + [TARGET] * len(target))]
+        roles = [CONTEXT] * len(context) + [TARGET] * len(target)
+        end = encoder.tokenizer.eos_token_id
+        if end is not None:
+            target, roles = [*target, int(end)], [*roles, END]
+        rows = [(context + target, roles)]
         label = 0
     else:
         choices, label = example[fmt.columns[1]], example[fmt.columns[2]]
@@ -204,7 +246,7 @@ def _rows_of(
             raise DataError(f"{where}: label {label!r} is not the index of one of its {len(choices)} choices")
         rows = []
         for choice in choices:
-            target = _continuation_ids(tokenizer, str(choice))
+            context, target = encoder.split(prompt, str(choice))
             if not target:
                 raise DataError(f"{where}: an empty choice")
             rows.append((context + target, [CONTEXT] * len(context) + [TARGET] * len(target)))
@@ -212,6 +254,12 @@ def _rows_of(
     if longest > fmt.max_length:
         raise DataError(f"{where}: {longest} tokens, more than max_length {fmt.max_length}")
     return rows, label
+
+
+def check_chat_template(tokenizer: Any, asked: bool, checkpoint: str) -> None:
+    """Refuse ``chat_template: true`` where the tokenizer has no template, in one line."""
+    if asked and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{checkpoint}: chat_template is true but its tokenizer has no chat template")
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
@@ -231,8 +279,9 @@ def encode_split(
     """Every example of ``dataset`` as rows of ids and roles, checked; (examples, labels, rows, length)."""
     examples: list[list[Row]] = []
     labels: list[int] = []
+    encoder = Encoder(tokenizer, fmt.chat_template)
     for index, example in enumerate(dataset):
-        rows, label = _rows_of(example, fmt, tokenizer, f"{name}: row {index}")
+        rows, label = _rows_of(example, fmt, encoder, f"{name}: row {index}")
         top = max(max(ids, default=0) for ids, _ in rows)
         if top >= vocabulary:
             raise DataError(
@@ -243,6 +292,8 @@ def encode_split(
         labels.append(label)
     if not examples:
         raise DataError(f"{name}: the split is empty")
+    if not any(role != CONTEXT for example in examples for _, roles in example for role in roles):
+        raise DataError(f"{name}: no token to score (every text is empty or a single token)")
     most_rows = max(len(e) for e in examples)
     length = max(len(ids) for e in examples for ids, _ in e)
     return examples, labels, most_rows, length
@@ -274,6 +325,7 @@ def prepare(
     fmt = text_format(spec)
     if task.processor is None:
         raise ConfigError(f"{task.checkpoint}: a causal_lm task needs a tokenizer")
+    check_chat_template(task.processor, fmt.chat_template, task.checkpoint)
     dataset = load_task_data(spec, fmt.columns)
     describe = {
         "dataset": dataset_label(spec),
@@ -284,6 +336,7 @@ def prepare(
         "max_new_tokens": fmt.max_new_tokens,
         "chat_template": fmt.chat_template,
         "tokenizer": tokenizer_identity(task.processor),
+        "encoding": ENCODING_VERSION,
     }
     key = cache.cache_key({"kind": KIND, "data": cache.dataset_identity(dataset), **describe})
     root = cache.cache_root(cache_dir)
@@ -365,22 +418,48 @@ class RowScores:
     truth: torch.Tensor
 
 
-def row_scores(logits: torch.Tensor, ids: torch.Tensor, roles: torch.Tensor) -> RowScores:
-    """Score rows of (ids, roles) from the logits of the model on ``ids`` (rows, length, vocab)."""
-    target = roles[:, 1:] == TARGET
+def row_scores(
+    logits: torch.Tensor, ids: torch.Tensor, roles: torch.Tensor, stops: torch.Tensor | None = None
+) -> RowScores:
+    """Score rows of (ids, roles) from the logits of the model on ``ids`` (rows, length, vocab).
+
+    At an END position (the stop after an answer) greedy decoding is right when it picks any
+    of ``stops`` (the tokenizer's end token and the model's other stop tokens, such as a
+    chat model's end of turn); the likelihood is that of the stored end token."""
+    following_roles = roles[:, 1:]
+    target = (following_roles == TARGET) | (following_roles == END)
     following = ids[:, 1:].long()
     scored = logits[:, :-1][target].float()  # (targets, vocab): only where a target is predicted
     truth = following[target]
     predicted = scored.argmax(-1)
     token_ll = torch.log_softmax(scored, dim=-1).gather(-1, truth.unsqueeze(-1)).squeeze(-1)
+    right = predicted == truth
+    if stops is not None and len(stops):
+        at_end = following_roles[target] == END
+        right |= at_end & torch.isin(predicted, stops.to(predicted.device))
     owner = torch.nonzero(target)[:, 0]  # the row of each target
     count = len(ids)
     log_likelihood = torch.zeros(count, dtype=torch.float64, device=logits.device)
     log_likelihood.index_add_(0, owner, token_ll.double())
     targets = target.sum(1)
     wrong = torch.zeros(count, dtype=torch.int64, device=logits.device)
-    wrong.index_add_(0, owner, (predicted != truth).long())
+    wrong.index_add_(0, owner, (~right).long())
     return RowScores(log_likelihood, targets, (wrong == 0) & (targets > 0), predicted, truth)
+
+
+def stop_tokens(task: TaskModel) -> torch.Tensor:
+    """The ids that end greedy generation: the tokenizer's end token and the model's
+    ``generation_config.eos_token_id`` (one id or several)."""
+    found: set[int] = set()
+    end = getattr(task.processor, "eos_token_id", None)
+    if end is not None:
+        found.add(int(end))
+    configured = getattr(getattr(task.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        found.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        found.update(int(i) for i in configured)
+    return torch.tensor(sorted(found), dtype=torch.long)
 
 
 class TextTally:
@@ -453,8 +532,10 @@ def score_text(
     device: torch.device,
     batch_size: int,
     autocast_dtype: str = "none",
+    stops: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Every metric of ``logits_of`` (ids to logits) over a tokenised split, streamed."""
+    """Every metric of ``logits_of`` (ids to logits) over a tokenised split, streamed
+    (``stops``: the ids that end generation)."""
     rows, length = data.shape[0], data.shape[2]
     tally = TextTally(_format_of(data), vocabulary, rows)
     with torch.inference_mode():
@@ -465,7 +546,7 @@ def score_text(
             ids, roles = ids[:, :used], roles[:, :used]  # this batch's longest row
             with autocast(device, autocast_dtype):
                 logits = logits_of(ids)
-            tally.add(row_scores(logits, ids, roles), labels, rows)
+            tally.add(row_scores(logits, ids, roles, stops), labels, rows)
     return tally.metrics()
 
 
@@ -487,6 +568,7 @@ def evaluate(
         device,
         batch_size,
         autocast_dtype,
+        stop_tokens(task),
     )
 
 

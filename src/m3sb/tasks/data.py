@@ -178,9 +178,15 @@ def _data_files(path: Path, name: str) -> tuple[str, str] | None:
         found = [
             path / f"{name}{suffix}" for suffix in DATA_FILE_BUILDERS if (path / f"{name}{suffix}").is_file()
         ]
-        if found:
+        if found and name != "metadata":
             return DATA_FILE_BUILDERS[found[0].suffix.lower()], str(found[0])
-        splits = sorted({f.stem for f in path.iterdir() if f.suffix.lower() in DATA_FILE_BUILDERS})
+        splits = sorted(  # metadata.*: an image folder's labels, not a split
+            {
+                f.stem
+                for f in path.iterdir()
+                if f.suffix.lower() in DATA_FILE_BUILDERS and f.stem != "metadata"
+            }
+        )
         if splits:
             raise DataError(f"{path}: no split '{name}'; it has {', '.join(splits)}")
     return None

@@ -15,6 +15,7 @@ the task does not compute, is an error before any evaluation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -74,7 +75,7 @@ def _quiet() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-_TASK_KEY = re.compile(r"^task:\s*['\"]?([^'\"#\s]+)", re.MULTILINE)
+_TASK_KEY = re.compile(r"^task:[ \t]*['\"]?([^'\"#\s]+)", re.MULTILINE)
 
 
 def task_location(dataset_name: str) -> tuple[str, str | None]:
@@ -90,7 +91,9 @@ def task_location(dataset_name: str) -> tuple[str, str | None]:
     return dataset_name, None
 
 
+@functools.cache
 def _task_manager(include_path: str | None) -> Any:
+    """lm-eval's task index (seconds to build: built once per folder and process)."""
     from lm_eval.tasks import TaskManager
 
     with _quiet():
@@ -112,8 +115,9 @@ def prepare(
     log: Callable[[str], None] | None = None,
 ) -> CachedSplit:
     """The lm-eval task checked (it exists, computes the metric) and counted, before any evaluation."""
-    del task, cache_dir, workers
+    del cache_dir, workers
     _import_harness()
+    causal_lm.check_chat_template(task.processor, bool(spec.chat_template), task.checkpoint)
     name, include = task_location(spec.dataset_name)
     manager = _task_manager(include)
     if name not in manager.all_tasks:
@@ -171,8 +175,8 @@ def evaluate(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    model = task.use_backbone(backbone).to(device)
     try:
+        model = task.use_backbone(backbone).to(device)
         with _quiet():
             wrapped = HFLM(pretrained=model, tokenizer=task.processor, batch_size=batch_size)
             results = simple_evaluate(
@@ -184,6 +188,9 @@ def evaluate(
                 log_samples=False,
                 bootstrap_iters=0,
                 apply_chat_template=data.chat_template,
+                random_seed=None,  # lm-eval would reseed Python's, NumPy's and torch's generators
+                numpy_random_seed=None,
+                torch_random_seed=None,
             )
     finally:
         task.use_backbone(None)

@@ -274,3 +274,26 @@ def test_chat_template_without_a_template_and_nothing_to_score_are_refused(
     missing = _write_jsonl(tmp_path / "null.jsonl", [{"prompt": "x=", "answer": None}])
     with pytest.raises(DataError, match=r"row 0: column 'answer' holds NoneType, not text"):
         prepare(DatasetSpec(dataset_name=str(missing), format="exact_match"), task, tmp_path)
+
+
+def test_a_split_is_tokenised_a_batch_at_a_time_into_the_same_entry(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import m3sb.tasks.causal_lm as causal_lm_module
+
+    data = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in _texts(23, 5)])
+    task = load_task_model(str(model_dir))
+    spec = DatasetSpec(dataset_name=str(data), format="text")
+    whole = prepare(spec, task, tmp_path / "whole").values()
+    packed: list[int] = []
+    real_packed = causal_lm_module._packed
+
+    def counting(examples: Any, rows: int, length: int) -> Any:
+        packed.append(len(examples))
+        return real_packed(examples, rows, length)
+
+    monkeypatch.setattr(causal_lm_module, "ENCODE_BATCH", 5)
+    monkeypatch.setattr(causal_lm_module, "_packed", counting)
+    batched = prepare(spec, task, tmp_path / "batched").values()
+    assert packed == [5, 5, 5, 5, 3]
+    assert torch.equal(batched, whole)

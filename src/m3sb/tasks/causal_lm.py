@@ -17,7 +17,9 @@ head too), scored on text in one of three formats.
 
 A split is tokenised once with the model's own tokenizer (the base's when it has none)
 into the on-disk cache: each example is (rows, 2, length) int32, token ids and each
-token's role (padding, context, scored target), padded to the split's longest sequence.
+token's role (padding, context, scored target, end), padded to the split's longest
+sequence. Tokenising runs in two passes over the split (its shape, then the batches
+written), so it holds a batch of examples at a time, not the split.
 Every metric is accumulated as counts batch by batch: memory does not grow with the split.
 """
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,12 +275,10 @@ def tokenizer_identity(tokenizer: Any) -> str:
     return hashlib.sha256((text + extra).encode()).hexdigest()[:24]
 
 
-def encode_split(
+def encoded_examples(
     dataset: Any, fmt: TextFormat, tokenizer: Any, name: str, vocabulary: int
-) -> tuple[list[list[Row]], list[int], int, int]:
-    """Every example of ``dataset`` as rows of ids and roles, checked; (examples, labels, rows, length)."""
-    examples: list[list[Row]] = []
-    labels: list[int] = []
+) -> Iterator[tuple[list[Row], int]]:
+    """Each example of ``dataset`` as (rows of ids and roles, label), checked, one at a time."""
     encoder = Encoder(tokenizer, fmt.chat_template)
     for index, example in enumerate(dataset):
         rows, label = _rows_of(example, fmt, encoder, f"{name}: row {index}")
@@ -288,15 +288,33 @@ def encode_split(
                 f"{name}: row {index}: token id {top} is outside the model's vocabulary of {vocabulary}; "
                 "the tokenizer does not match the model"
             )
-        examples.append(rows)
-        labels.append(label)
-    if not examples:
+        yield rows, label
+
+
+@dataclass(frozen=True)
+class SplitShape:
+    """What padding a split's examples to one array needs: its examples, most rows, longest row."""
+
+    count: int
+    rows: int
+    length: int
+
+
+def split_shape(examples: Iterable[tuple[list[Row], int]], name: str) -> SplitShape:
+    """The shape of a split from one pass over its encoded examples (nothing kept); refuses
+    an empty split and one with nothing to score."""
+    count = rows = length = 0
+    scored = False
+    for example, _ in examples:
+        count += 1
+        rows = max(rows, len(example))
+        length = max([length, *(len(ids) for ids, _ in example)])
+        scored = scored or any(role != CONTEXT for _, roles in example for role in roles)
+    if count == 0:
         raise DataError(f"{name}: the split is empty")
-    if not any(role != CONTEXT for example in examples for _, roles in example for role in roles):
+    if not scored:
         raise DataError(f"{name}: no token to score (every text is empty or a single token)")
-    most_rows = max(len(e) for e in examples)
-    length = max(len(ids) for e in examples for ids, _ in e)
-    return examples, labels, most_rows, length
+    return SplitShape(count, rows, length)
 
 
 def _packed(examples: Sequence[list[Row]], rows: int, length: int) -> np.ndarray:
@@ -345,18 +363,27 @@ def prepare(
         return entry
     say = log or (lambda _: None)
     say(f"tokenising {len(dataset)} examples of {describe['dataset']} ({spec.split_name}) into {root}")
-    examples, labels, rows, length = encode_split(
-        dataset, fmt, task.processor, spec.dataset_name, vocabulary_size(task.model)
-    )
-    label_array = np.asarray(labels, dtype=np.int64)
+    vocabulary = vocabulary_size(task.model)
 
-    def batches() -> Iterator[cache.Preprocessed]:
-        for start in range(0, len(examples), ENCODE_BATCH):
-            part = examples[start : start + ENCODE_BATCH]
-            yield cache.Preprocessed(_packed(part, rows, length), label_array[start : start + len(part)], 0)
+    def examples() -> Iterator[tuple[list[Row], int]]:
+        return encoded_examples(dataset, fmt, task.processor, spec.dataset_name, vocabulary)
+
+    shape = split_shape(examples(), spec.dataset_name)  # a first pass: every example is checked
+
+    def batches() -> Iterator[cache.Preprocessed]:  # a second: ENCODE_BATCH examples held at a time
+        part: list[list[Row]] = []
+        labels: list[int] = []
+        for rows, label in examples():
+            part.append(rows)
+            labels.append(label)
+            if len(part) == ENCODE_BATCH:
+                yield cache.Preprocessed(_packed(part, shape.rows, shape.length), np.asarray(labels), 0)
+                part, labels = [], []
+        if part:
+            yield cache.Preprocessed(_packed(part, shape.rows, shape.length), np.asarray(labels), 0)
 
     try:
-        return cache.build_entry(root, key, len(examples), batches, describe)
+        return cache.build_entry(root, key, shape.count, batches, describe)
     except (OSError, ValueError) as error:
         raise DataError(
             f"{spec.dataset_name}: cannot write the tokenised split into {root} ({first_line(error)[:200]})"

@@ -130,3 +130,49 @@ def test_map_on_two_skills_beats_task_arithmetic_at_0_3(zoo: dict[str, Any], tmp
     searched = evaluations[evaluations["phase"] == "front check"][columns].to_numpy().mean(1)
     baseline = float(np.mean(outcome.baselines["task arithmetic (0.3)"]))
     assert searched.max() > baseline + 10.0
+
+
+def _bfloat16_copy(checkpoint: str, folder: Path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(checkpoint).to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(folder)
+    return str(folder)
+
+
+def test_candidates_in_the_models_bfloat16_take_half_the_memory_and_score_alike(
+    zoo: dict[str, Any], tmp_path: Path
+) -> None:
+    from m3sb.pareto.merging import MergeEvaluator
+    from m3sb.pareto.run import _load_problem
+
+    chosen = [t for t in zoo["tasks"] if t["name"] in ("reverse", "sort")]
+    base = _bfloat16_copy(zoo["base_model_checkpoint"], tmp_path / "base")
+    tasks = [
+        {
+            "name": t["name"],
+            "model": _bfloat16_copy(t["checkpoint"], tmp_path / t["name"]),
+            "kind": "causal_lm",
+            "dataset": {"dataset_name": t["dataset"]["dataset_name"], "format": "exact_match"},
+        }
+        for t in chosen
+    ]
+    problems = {
+        dtype: _load_problem(
+            ParetoConfig.model_validate({"base_model": base, "tasks": tasks, "candidate_dtype": dtype}),
+            lambda _: None,
+        )
+        for dtype in ("float32", "model")
+    }
+    wide, narrow = problems["float32"].flat, problems["model"].flat
+    assert narrow.dtype == torch.bfloat16 and wide.dtype == torch.float32
+    assert narrow.vectors.nbytes * 2 == wide.vectors.nbytes and narrow.base.nbytes * 2 == wide.base.nbytes
+    coefficients = np.array([0.6, 0.3])
+    evaluators = {dtype: MergeEvaluator(problem, CPU) for dtype, problem in problems.items()}
+    candidates = {dtype: evaluator.backbone(coefficients) for dtype, evaluator in evaluators.items()}
+    for name, tensor in candidates["float32"].items():
+        other = candidates["model"][name]
+        assert other.dtype == torch.bfloat16
+        assert torch.allclose(other.float(), tensor, rtol=2e-2, atol=2e-3), name
+    scores = {dtype: evaluator(coefficients) for dtype, evaluator in evaluators.items()}
+    assert np.abs(scores["model"] - scores["float32"]).max() <= 5.0

@@ -570,6 +570,7 @@ class ParetoConfig(BaseModel):
     bounds: tuple[float, float] = (0.0, 1.0)
     batch_size: int = Field(default=256, gt=0)
     candidates_per_pass: int = Field(default=1, gt=0)
+    candidate_dtype: Literal["float32", "model"] = "float32"
     autocast: Literal["none", "float16", "bfloat16"] = "none"
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None

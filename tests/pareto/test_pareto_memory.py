@@ -19,6 +19,8 @@ from m3sb.toy import Family
 def test_the_memory_rule_counts_loaded_models_and_flat_copies() -> None:
     # 7B bfloat16, 4 tasks: 5 models twice in 2 bytes + 6 float32 vectors = 44 bytes a parameter
     assert search_memory_bytes(7_000_000_000, 2, 4) == 7_000_000_000 * 44
+    # candidates in the models' bfloat16: 6 vectors of 2 bytes
+    assert search_memory_bytes(7_000_000_000, 2, 4, 2) == 7_000_000_000 * 32
 
 
 def test_a_search_too_large_for_the_memory_is_refused_before_loading(

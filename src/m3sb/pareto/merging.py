@@ -70,9 +70,11 @@ class Layout:
             offsets.append(offsets[-1] + shape.numel())
         return cls(names, shapes, tuple(offsets))
 
-    def flatten(self, backbone: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """One float32 vector of ``backbone``'s tensors, in layout order."""
-        return torch.cat([backbone[name].reshape(-1).float() for name in self.names]).to(device)
+    def flatten(
+        self, backbone: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """One vector of ``backbone``'s tensors in ``dtype``, in layout order."""
+        return torch.cat([backbone[name].reshape(-1).to(dtype) for name in self.names]).to(device)
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tensors viewing ``flat`` (no copy), by name."""
@@ -84,14 +86,19 @@ class Layout:
         }
 
 
-def search_memory_bytes(parameters: int, stored_itemsize: int, tasks: int) -> int:
+def search_memory_bytes(
+    parameters: int, stored_itemsize: int, tasks: int, candidate_itemsize: int = 4
+) -> int:
     """What a search over ``tasks`` task vectors of a ``parameters``-parameter model holds at
     least: every task model and the base loaded (the module and a copy of its weights, in
-    the stored dtype) and T + 2 float32 flat vectors (the base, the task vectors, a candidate)."""
-    return parameters * ((tasks + 1) * 2 * stored_itemsize + (tasks + 2) * 4)
+    the stored dtype) and T + 2 flat vectors in the candidates' dtype (the base, the task
+    vectors, a candidate)."""
+    return parameters * ((tasks + 1) * 2 * stored_itemsize + (tasks + 2) * candidate_itemsize)
 
 
-def check_search_fits(base_checkpoint: str, tasks: int, available: int | None) -> None:
+def check_search_fits(
+    base_checkpoint: str, tasks: int, available: int | None, candidates: str = "float32"
+) -> None:
     """Refuse, in one line and before any model is loaded, a search that cannot fit in
     ``available`` bytes (nothing is checked where the base's header or the memory is unknown)."""
     from m3sb.checkpoints import open_checkpoint
@@ -100,25 +107,36 @@ def check_search_fits(base_checkpoint: str, tasks: int, available: int | None) -
     if available is None:
         return
     try:
-        infos = [
-            info for info in open_checkpoint(base_checkpoint).tensors.values() if info.dtype.is_floating_point
-        ]
+        infos = [i for i in open_checkpoint(base_checkpoint).tensors.values() if i.dtype.is_floating_point]
     except (CheckpointError, OSError):
         return  # not a local checkpoint: loading it says what is wrong
     parameters = sum(math.prod(info.shape) for info in infos)
     itemsize = max((info.dtype.itemsize for info in infos), default=4)
-    needed = search_memory_bytes(parameters, itemsize, tasks)
+    candidate = itemsize if candidates == "model" and itemsize == 2 else 4
+    needed = search_memory_bytes(parameters, itemsize, tasks, candidate)
     if needed > available:
+        smaller = search_memory_bytes(parameters, itemsize, tasks, 2)
+        hint = (
+            f" (candidate_dtype: model would need about {smaller / 1e9:.1f} GB)"
+            if (itemsize == 2 and candidate == 4)
+            else ""
+        )
         raise ConfigError(
             f"{tasks} tasks of a {parameters / 1e9:.2f}B-parameter model need about {needed / 1e9:.1f} GB "
-            f"(each model loaded, and {tasks + 2} float32 flat copies), but {available / 1e9:.1f} GB is "
-            "available; search fewer tasks, or on a machine with more memory"
+            f"(each model loaded, and {tasks + 2} {'float32' if candidate == 4 else '16-bit'} flat copies), "
+            f"but {available / 1e9:.1f} GB is available{hint}; search fewer tasks, or on a machine with "
+            "more memory"
         )
+
+
+CANDIDATE_DTYPES = ("float32", "model")
+_STORED_AS = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: its bits are kept as int16
 
 
 @dataclass(frozen=True)
 class FlatTaskVectors:
-    """The base backbone and the T task vectors as flat float32 numpy arrays (device-free).
+    """The base backbone and the T task vectors as flat numpy arrays (device-free), in
+    float32 or in the models' 16-bit dtype (``dtype``; bfloat16's bits kept as int16).
 
     Numpy so that Ray's object store shares them zero-copy between the workers of a node.
     """
@@ -127,23 +145,52 @@ class FlatTaskVectors:
     base: np.ndarray  # (P,)
     vectors: np.ndarray  # (T, P)
     fixed: dict[str, torch.Tensor]  # integer tensors of the base backbone (position ids, ...)
+    dtype: torch.dtype = torch.float32
 
     @classmethod
     def of(
-        cls, base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]]
+        cls,
+        base: Mapping[str, torch.Tensor],
+        models: Sequence[Mapping[str, torch.Tensor]],
+        dtype: torch.dtype = torch.float32,
     ) -> FlatTaskVectors:
-        """Flatten ``base`` and every ``model - base``."""
+        """Flatten ``base`` and every ``model - base`` (each difference taken in float32, then
+        stored in ``dtype``)."""
         layout = Layout.of(base)
         cpu = torch.device("cpu")
-        flat_base = layout.flatten(base, cpu)
-        vectors = torch.stack([layout.flatten(model, cpu) - flat_base for model in models])
+        flat_base = layout.flatten(base, cpu, dtype)
+        vectors = torch.empty((len(models), len(flat_base)), dtype=dtype)
+        for index, model in enumerate(models):
+            for name, start, end in zip(layout.names, layout.offsets[:-1], layout.offsets[1:], strict=True):
+                difference = model[name].reshape(-1).float() - base[name].reshape(-1).float()
+                vectors[index, start:end] = difference.to(dtype)
         fixed = {name: tensor for name, tensor in base.items() if not tensor.is_floating_point()}
-        return cls(layout, flat_base.numpy(), vectors.numpy(), fixed)
+        return cls(layout, _as_numpy(flat_base), _as_numpy(vectors), fixed, dtype)
+
+    def tensor(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
+        """One of the arrays as a tensor of ``dtype`` on ``device`` (no copy on the CPU)."""
+        return _on_device(array, device).view(self.dtype)
 
     def gram(self) -> np.ndarray:
         """The T x T Gram matrix of the task vectors (float64), used to pair tasks in nested MAP."""
-        vectors = self.vectors.astype(np.float64)
-        return np.asarray(vectors @ vectors.T)
+        vectors = self.tensor(self.vectors, torch.device("cpu")).double()
+        return np.asarray((vectors @ vectors.T).numpy())
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    stored = _STORED_AS.get(tensor.dtype)
+    return (tensor.view(stored) if stored is not None else tensor).numpy()
+
+
+def candidate_dtype(choice: str, backbone: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype candidates are built in: float32, or (``model``) the backbone's own floating
+    dtype where it is 16-bit (float32 otherwise)."""
+    if choice not in CANDIDATE_DTYPES:
+        raise ConfigError(f"candidate_dtype '{choice}': choose one of {', '.join(CANDIDATE_DTYPES)}")
+    floats = {tensor.dtype for tensor in backbone.values() if tensor.is_floating_point()}
+    if choice == "model" and len(floats) == 1 and next(iter(floats)) in (torch.bfloat16, torch.float16):
+        return next(iter(floats))
+    return torch.float32
 
 
 def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -163,8 +210,8 @@ class TaskVectorSpace:
     def __init__(self, flat: FlatTaskVectors, device: torch.device) -> None:
         self.layout = flat.layout
         self.device = device
-        self.base = _on_device(flat.base, device)
-        self.vectors = _on_device(flat.vectors, device)
+        self.base = flat.tensor(flat.base, device)
+        self.vectors = flat.tensor(flat.vectors, device)
         self.buffer = torch.empty_like(self.base)
         self.fixed = {name: t.to(device) for name, t in flat.fixed.items()}
 
@@ -176,12 +223,12 @@ class TaskVectorSpace:
     def candidates(self, coefficients: np.ndarray) -> torch.Tensor:
         """``base + C @ tau`` for every row of ``coefficients`` (shape (B, T)): a (B, P) tensor."""
         weights = torch.as_tensor(np.asarray(coefficients, dtype=np.float32), device=self.device)
-        return torch.addmm(self.base, weights, self.vectors)
+        return torch.addmm(self.base, weights.to(self.vectors.dtype), self.vectors)
 
     def candidate(self, coefficients: np.ndarray | Sequence[float]) -> dict[str, torch.Tensor]:
         """``base + sum_i c_i tau_i`` as views of one reused buffer (valid until the next call)."""
         weights = torch.as_tensor(np.asarray(coefficients, dtype=np.float32), device=self.device)
-        torch.addmv(self.base, self.vectors.T, weights, out=self.buffer)
+        torch.addmv(self.base, self.vectors.T, weights.to(self.vectors.dtype), out=self.buffer)
         return {**self.layout.views(self.buffer), **self.fixed}
 
     def backbones(self) -> tuple[dict[str, torch.Tensor], list[_TaskBackbone]]:
@@ -286,15 +333,18 @@ class MergeProblem:
     candidates_per_pass: int = 1
     autocast: str = "none"
     statistics: list[dict[str, torch.Tensor]] = field(default_factory=list)  # data-dependent methods'
+    candidate_dtype: str = "float32"
     flat: FlatTaskVectors = field(init=False)
 
     def __post_init__(self) -> None:
-        """Checks the settings, casts the task models to float32 (in place) and flattens them
-        (a data-dependent method's shares in place of the task vectors)."""
+        """Checks the settings, casts the task models to the candidates' dtype (in place:
+        float32, or the models' own 16-bit dtype with ``candidate_dtype: model``) and
+        flattens them (a data-dependent method's shares in place of the task vectors)."""
         check_metric(self.metric)
         check_autocast(self.autocast)
-        for task in self.tasks:  # heads meet float32 candidate backbones: half-precision models too
-            task.model.model.float()
+        dtype = candidate_dtype(self.candidate_dtype, self.base.backbone)
+        for task in self.tasks:  # heads meet the candidate backbones in their dtype
+            task.model.model.to(dtype)
         models = [task.model.backbone for task in self.merged]
         if self.shares:
             if len(self.statistics) != len(models):
@@ -303,7 +353,7 @@ class MergeProblem:
                 )
             models = method_shares(self.method_name, self.params, self.base.backbone, models, self.statistics)
             self.statistics = []  # used up: workers need the shares only
-        self.flat = FlatTaskVectors.of(self.base.backbone, models)
+        self.flat = FlatTaskVectors.of(self.base.backbone, models, dtype)
 
     @property
     def shares(self) -> bool:

@@ -319,7 +319,7 @@ def _load_problem(config: ParetoConfig, say: Callable[[str], None], device_name:
     from m3sb.pareto.merging import MergeProblem, check_search_fits
     from m3sb.tasks.registry import LoadSettings, load_tasks
 
-    check_search_fits(config.base_model, len(config.tasks), available_bytes())
+    check_search_fits(config.base_model, len(config.tasks), available_bytes(), config.candidate_dtype)
     say("loading models and validation data ...")
     settings = LoadSettings(config.trust_remote_code, config.processor_checkpoint, config.cache_dir)
     tasks, base = load_tasks(task_specs(config), config.base_model, settings, say)
@@ -348,6 +348,7 @@ def _load_problem(config: ParetoConfig, say: Callable[[str], None], device_name:
         config.candidates_per_pass,
         config.autocast,
         statistics,
+        config.candidate_dtype,
     )
 
 

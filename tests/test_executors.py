@@ -3,6 +3,7 @@ in the same order, and survives a worker that dies in the middle of an item."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -181,6 +182,39 @@ def test_pareto_on_ray_writes_the_same_files_as_local(
     for kind in ("local", "ray"):
         run_pareto(config, tmp_path / kind, mode, [1.0, 2.0, 1.0], search=quick, executor=kind)
     for name in ("evaluations.csv", "front.csv", "selected.json"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_language_model_tasks_search_on_ray_as_locally(
+    cluster: None, text_zoo_manifest: Path, tmp_path: Path
+) -> None:
+    from m3sb.config import ParetoConfig
+    from m3sb.pareto import SearchSettings
+    from m3sb.pareto.run import run_pareto
+
+    zoo = json.loads(text_zoo_manifest.read_text())
+    tasks = [
+        {
+            "name": t["name"],
+            "model": t["checkpoint"],
+            "kind": "causal_lm",
+            "dataset": {
+                "dataset_name": t["dataset"]["dataset_name"],
+                "format": "exact_match",
+                "max_samples": 60,
+            },
+        }
+        for t in zoo["tasks"]
+        if t["name"] in ("reverse", "sort")
+    ]
+    config = ParetoConfig.model_validate(
+        {"base_model": zoo["base_model_checkpoint"], "tasks": tasks, "budget": 8}
+    )
+    for kind in ("local", "ray"):
+        run_pareto(
+            config, tmp_path / kind, baselines=False, search=SearchSettings(generations=10), executor=kind
+        )
+    for name in ("evaluations.csv", "front.csv"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
 
 

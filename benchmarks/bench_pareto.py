@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, logit
 
-from m3sb.pareto import Warp, amortized_pareto_front, grid
+from m3sb.pareto import SearchSettings, Warp, amortized_pareto_front, grid
 
 LANDSCAPES = ("quadratic-sigmoid", "gaussian-bumps", "cosine-interference")
 METHODS = ("map", "bayesian", "nested", "random", "grid")
@@ -391,6 +391,9 @@ def run_sampler(landscape: Landscape, points: np.ndarray) -> RunResult:
     return RunResult(non_dominated_rows(values), points, points, values, seconds, len(points))
 
 
+SEARCH = [SearchSettings()]  # how the surrogate modes search (set from the command line)
+
+
 def run_search(landscape: Landscape, mode: str, budget: int, seed: int) -> RunResult:
     """``amortized_pareto_front`` in ``mode``; its front re-evaluated on the true function."""
     calls = 0
@@ -412,6 +415,7 @@ def run_search(landscape: Landscape, mode: str, budget: int, seed: int) -> RunRe
             seed=seed,
             metric="score",
             warp=Warp("sigmoid", 0.0, 1.0),
+            search=SEARCH[0],
         )
     seconds = time.perf_counter() - start
     distinct = len({tuple(e.coefficients) for e in res.evaluated})  # a point asked again is free
@@ -558,7 +562,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--generations", type=int, default=150, help="NSGA-III generations for the true front"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: one seed, T = 2")
+    parser.add_argument(
+        "--refine", action="store_true", help="refine the surrogate modes' fronts (SearchSettings.refine)"
+    )
     args = parser.parse_args(argv)
+    SEARCH[0] = SearchSettings(refine=args.refine)
     if args.quick:
         args.seeds, args.tasks = 1, [2]
     if args.seeds < 1:

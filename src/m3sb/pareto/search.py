@@ -20,10 +20,15 @@ _PARTITIONS = {1: 1, 2: 199, 3: 19, 4: 9, 5: 6, 6: 5, 7: 4, 8: 4}
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How hard NSGA-III searches a surrogate."""
+    """How hard NSGA-III searches a surrogate, and whether its points are then refined onto
+    the surrogate's front by a local solve each (:func:`refine_front`; off by default: on
+    benchmarks/bench_pareto.py, 3 seeds, it lifts the hypervolume ratio where the surrogate
+    is exact from 0.952 to 0.964 at T = 4 but costs 2-10x the seconds per front, and lowers
+    it where the surrogate is wrong, 0.507 to 0.472 on gaussian-bumps at T = 4)."""
 
     generations: int = 100
     partitions: int | None = None  # None: 200-330 reference directions, whatever T
+    refine: bool = False
 
 
 def reference_directions(n_objectives: int, partitions: int | None = None) -> np.ndarray:
@@ -63,7 +68,7 @@ def search_front(
     """Non-dominated points of ``objectives`` (minimised) over the box, shape (K, n_var).
 
     ``seeds``, when given, join NSGA-III's first population (for instance the evaluated
-    points), so the search starts from what is known.
+    points), so the search starts from what is known, and its final candidates.
     """
     from pymoo.algorithms.moo.nsga3 import NSGA3
     from pymoo.optimize import minimize
@@ -83,9 +88,93 @@ def search_front(
     archive = _archive(settings.generations // 2)
     with threadpool_limits(limits=1, user_api="blas"):
         result = minimize(problem, algorithm, termination, seed=seed, verbose=False, callback=archive)
-    points = np.vstack([np.atleast_2d(np.asarray(result.X, dtype=float)), *archive.points])
+    known = [np.clip(seeds, bounds[0], bounds[1])] if seeds is not None and len(seeds) else []
+    # the seeds join the candidates: NSGA-III's niches can lose the corners (a task's optimum)
+    points = np.vstack([np.atleast_2d(np.asarray(result.X, dtype=float)), *archive.points, *known])
     points = _unique_rows(points)
-    return np.asarray(points[non_dominated(-objectives(points))])
+    points = points[non_dominated(-objectives(points))]
+    if settings.refine:
+        points = _unique_rows(np.vstack([points, refine_front(objectives, points, bounds)]))
+        points = points[non_dominated(-objectives(points))]
+    return np.asarray(points)
+
+
+_STEP = 1e-6  # finite-difference step of the refinement's gradients, in coefficient units
+
+
+def _values_and_jacobian(
+    objectives: Callable[[np.ndarray], np.ndarray], x: np.ndarray, bounds: Bounds
+) -> tuple[np.ndarray, np.ndarray]:
+    """The objectives at ``x`` and their Jacobian (T, n) by central differences, one batched call
+    (one-sided at the box's faces)."""
+    n = len(x)
+    low = np.maximum(x - _STEP, bounds[0])
+    high = np.minimum(x + _STEP, bounds[1])
+    probes = np.vstack([x, np.where(np.eye(n, dtype=bool), high, x), np.where(np.eye(n, dtype=bool), low, x)])
+    values = objectives(probes)
+    spans = (high - low)[:, None]
+    jacobian = (values[1 : n + 1] - values[n + 1 :]) / np.where(spans > 0, spans, 1.0)
+    return values[0], jacobian.T
+
+
+def refine_front(
+    objectives: Callable[[np.ndarray], np.ndarray], points: np.ndarray, bounds: Bounds
+) -> np.ndarray:
+    """Each point moved onto the front of ``objectives`` (minimised) by a local solve.
+
+    From a point x0 with objectives y0, SLSQP minimises t subject to (f_i(x) - y0_i) / s_i <= t
+    for every objective i, over the box (s: each objective's spread over ``points``): the
+    largest equal improvement of every objective (Pascoletti and Serafini's scalarisation),
+    so the point moves to the front where it already points and a point on the front stays
+    put. The solution is weakly Pareto-optimal for the smooth surrogate; NSGA-III's points
+    are typically 1e-3 away from it. Deterministic: no randomness.
+    """
+    if len(points) == 0:
+        return points
+    values = objectives(points)
+    scale = np.ptp(values, axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.asarray(
+        [_refined(objectives, x, y, scale, bounds) for x, y in zip(points, values, strict=True)]
+    )
+
+
+def _refined(
+    objectives: Callable[[np.ndarray], np.ndarray],
+    start: np.ndarray,
+    target: np.ndarray,
+    scale: np.ndarray,
+    bounds: Bounds,
+) -> np.ndarray:
+    """One point of :func:`refine_front`: ``start`` where the solve does not improve on it."""
+    from scipy.optimize import minimize
+
+    n = len(start)
+    cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+    def at(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = z[:n].tobytes()
+        if key not in cache:
+            cache.clear()
+            cache[key] = _values_and_jacobian(objectives, np.clip(z[:n], bounds[0], bounds[1]), bounds)
+        return cache[key]
+
+    constraint = {
+        "type": "ineq",  # t - (f(x) - y0) / s >= 0
+        "fun": lambda z: z[n] - (at(z)[0] - target) / scale,
+        "jac": lambda z: np.hstack([-at(z)[1] / scale[:, None], np.ones((len(scale), 1))]),
+    }
+    result = minimize(
+        lambda z: z[n],
+        np.append(start, 0.0),
+        jac=lambda z: np.append(np.zeros(n), 1.0),
+        method="SLSQP",
+        bounds=[(float(bounds[0]), float(bounds[1]))] * n + [(None, 0.0)],
+        constraints=[constraint],
+        options={"maxiter": 100, "ftol": 1e-12},
+    )
+    moved = np.clip(result.x[:n], bounds[0], bounds[1])
+    return moved if np.all(objectives(moved[None])[0] <= target + 1e-12) else start
 
 
 def _archive(first_generation: int) -> Any:

@@ -25,6 +25,7 @@ Every metric is accumulated as counts batch by batch: memory does not grow with 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -170,7 +171,7 @@ class Encoder:
     tokenizer: Any
     chat: bool = False
 
-    @property
+    @functools.cached_property
     def appends_end(self) -> bool:
         """Whether the tokenizer's special tokens end every text with its end-of-sequence token."""
         end = self.tokenizer.eos_token_id

@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from m3sb.zoo import IMAGE_COLUMN, LABEL_COLUMN, TASKS, pixel_values, save_dataset, splits_of, to_uint8
+from m3sb.zoo import (
+    IMAGE_COLUMN,
+    LABEL_COLUMN,
+    TASKS,
+    built_manifest,
+    pixel_values,
+    save_dataset,
+    splits_of,
+    to_uint8,
+)
 
 CLIP_ZOO_VERSION = 1
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -251,9 +260,10 @@ def build_clip_zoo(
     datasets.disable_progress_bars()
     recipe = recipe or ClipZooRecipe()
     folder = Path(folder).expanduser().absolute()
+    existing = built_manifest(folder, recipe)
+    if existing is not None:
+        return existing
     manifest = folder / "zoo.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("recipe") == asdict(recipe):
-        return manifest
     say = log or (lambda _: None)
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)

@@ -129,10 +129,7 @@ def text_demo(out: Path, console: Console | None = None, device: str = "auto") -
     match, then MAP over two skills."""
     import json
 
-    from m3sb.config import ParetoConfig
     from m3sb.experiment import TaskVectorExperiment
-    from m3sb.pareto.report import print_outcome
-    from m3sb.pareto.run import run_pareto
     from m3sb.report import print_results
     from m3sb.text_zoo import build_text_zoo
 
@@ -165,13 +162,30 @@ def text_demo(out: Path, console: Console | None = None, device: str = "auto") -
         if task["name"] in TEXT_DEMO_FRONT
     ]
     say(f"MAP on the text zoo over {', '.join(TEXT_DEMO_FRONT)} (exact match), every skill weighing the same")
+    equal_preference_search(zoo, tasks, out, "text", console, device)
+    return results
+
+
+def equal_preference_search(
+    zoo: dict[str, Any],
+    tasks: list[dict[str, Any]],
+    out: Path,
+    name: str,
+    console: Console | None,
+    device: str,
+) -> Any:
+    """MAP over ``tasks`` of a zoo, every task weighing the same, into ``out/pareto/name``; printed."""
+    from m3sb.config import ParetoConfig
+    from m3sb.pareto.report import print_outcome
+    from m3sb.pareto.run import run_pareto
+
     config = ParetoConfig.model_validate(
         {"base_model": zoo["base_model_checkpoint"], "tasks": tasks, "cache_dir": str(out / "cache")}
     )
-    outcome = run_pareto(config, out / "pareto" / "text", preference=[1.0] * len(tasks), device=device)
+    outcome = run_pareto(config, out / "pareto" / name, preference=[1.0] * len(tasks), device=device)
     if console is not None:
         print_outcome(outcome, console)
-    return results
+    return outcome
 
 
 CLIP_DEMO_TASKS = ("rotated", "mirrored", "parity")
@@ -182,9 +196,6 @@ def clip_demo(out: Path, console: Console | None = None, device: str = "auto") -
     import json
 
     from m3sb.clip_zoo import build_clip_zoo
-    from m3sb.config import ParetoConfig
-    from m3sb.pareto.report import print_outcome
-    from m3sb.pareto.run import run_pareto
 
     def say(line: str) -> None:
         if console is not None:
@@ -203,13 +214,7 @@ def clip_demo(out: Path, console: Console | None = None, device: str = "auto") -
         if task["name"] in CLIP_DEMO_TASKS
     ]
     say(f"MAP on the CLIP zoo over {', '.join(CLIP_DEMO_TASKS)}, every task weighing the same")
-    config = ParetoConfig.model_validate(
-        {"base_model": zoo["base_model_checkpoint"], "tasks": tasks, "cache_dir": str(out / "cache")}
-    )
-    outcome = run_pareto(config, out / "pareto" / "clip", preference=[1.0] * len(tasks), device=device)
-    if console is not None:
-        print_outcome(outcome, console)
-    return outcome
+    return equal_preference_search(zoo, tasks, out, "clip", console, device)
 
 
 PARETO_SAMPLES = 200  # validation images per task and evaluation in the demo's searches

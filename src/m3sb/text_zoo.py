@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from m3sb.zoo import built_manifest
+
 TEXT_ZOO_VERSION = 1
 CHARACTERS = "0123456789abcdefghijklmnopqrstuvwxyz +="
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -263,9 +265,10 @@ def build_text_zoo(
     datasets.disable_progress_bars()
     recipe = recipe or TextZooRecipe()
     folder = Path(folder).expanduser().absolute()
+    existing = built_manifest(folder, recipe)
+    if existing is not None:
+        return existing
     manifest = folder / "zoo.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("recipe") == asdict(recipe):
-        return manifest
     say = log or (lambda _: None)
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)

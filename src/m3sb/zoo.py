@@ -170,6 +170,14 @@ def _save_model(model: Any, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
+def built_manifest(folder: Path, recipe: Any) -> Path | None:
+    """``folder``'s zoo.json where a zoo was built there from ``recipe`` (a dataclass), else None."""
+    path = folder / "zoo.json"
+    if path.is_file() and json.loads(path.read_text()).get("recipe") == asdict(recipe):
+        return path
+    return None
+
+
 def build_zoo(
     folder: str | Path, recipe: ZooRecipe | None = None, log: Callable[[str], None] | None = None
 ) -> Path:
@@ -182,9 +190,10 @@ def build_zoo(
     datasets.disable_progress_bars()
     recipe = recipe or ZooRecipe()
     folder = Path(folder).expanduser().absolute()
+    existing = built_manifest(folder, recipe)
+    if existing is not None:
+        return existing
     manifest = folder / "zoo.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("recipe") == asdict(recipe):
-        return manifest
     say = log or (lambda _: None)
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)

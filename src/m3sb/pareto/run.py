@@ -30,6 +30,7 @@ from m3sb.pareto.front import (
     default_budget,
 )
 from m3sb.pareto.preference import Rule, check_preference
+from m3sb.pareto.recipe import SELECTED_RECIPE
 from m3sb.pareto.records import FRONT, SELECTED, EvaluationRecord, front_table
 from m3sb.pareto.search import SearchSettings
 from m3sb.pareto.surrogate import Warp, fit_surrogates
@@ -286,7 +287,8 @@ def _search_and_write(
     outcome.files["front"] = write_text_atomic(
         record.folder / FRONT, front_table(names, config.metric, front.coefficients, front.predicted)
     )
-    (record.folder / SELECTED).unlink(missing_ok=True)  # an earlier run's choice is not this front's
+    for stale in (SELECTED, SELECTED_RECIPE):  # an earlier run's choice is not this front's
+        (record.folder / stale).unlink(missing_ok=True)
     extra = EvaluationLog(
         evaluator, len(names), None, [*known, *front.evaluated], keep, evaluator.evaluate_many
     )
@@ -305,6 +307,9 @@ def _search_and_write(
         outcome.files["selected"] = write_text_atomic(
             record.folder / SELECTED, json.dumps(outcome.selected, indent=2) + "\n"
         )
+        recipe = _selected_recipe(config, problem, outcome.selected, say)
+        if recipe is not None:
+            outcome.files["selected_recipe"] = write_text_atomic(record.folder / SELECTED_RECIPE, recipe)
     outcome.files.update(_plots(outcome, [*front.evaluated, *extra.evaluations], config))
     if save_model:
         assert outcome.selected is not None
@@ -312,6 +317,32 @@ def _search_and_write(
         outcome.files["model"] = save_selected_models(problem, coefficients, record.folder / "model")
     outcome.new_evaluations = new
     return outcome
+
+
+def _selected_recipe(
+    config: ParetoConfig, problem: MergeProblem, selected: dict[str, Any], say: Callable[[str], None]
+) -> str | None:
+    """``selected.yaml``'s text for the selected point, or None (said why) where no recipe
+    reproduces the search's candidates."""
+    from m3sb.pareto.recipe import selected_recipe, unrecipeable_reason
+
+    reason = unrecipeable_reason(config)
+    if reason is not None:
+        say(f"no {SELECTED_RECIPE}: {reason}")
+        return None
+    names = [task.name for task in config.merged_tasks]
+    dtype = str(problem.flat.dtype).removeprefix("torch.")
+
+    def shown(values: dict[str, float]) -> str:
+        return ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+
+    comment = (
+        f"The point m3sb pareto selected for the preference {shown(selected['preference'])} "
+        f"({selected['rule']}).\nRun it with: m3sb merge {SELECTED_RECIPE} OUT_DIR\n"
+        f"Predicted {config.metric}: {shown(selected['predicted'])}\n"
+        f"Measured {config.metric}: {shown(selected['measured'])}"
+    )
+    return selected_recipe(config, [selected["coefficients"][n] for n in names], dtype, comment)
 
 
 def _load_problem(config: ParetoConfig, say: Callable[[str], None], device_name: str = "cpu") -> MergeProblem:
@@ -444,8 +475,18 @@ def _plots(outcome: ParetoOutcome, evaluations: list[Evaluation], config: Pareto
 def save_selected_models(problem: MergeProblem, coefficients: Sequence[float], folder: Path) -> Path:
     """One classifier per task (the selected merged backbone, that task's head) under ``folder/<task>``."""
     from m3sb.checkpoints import atomic_output_folder
+    from m3sb.pareto.merging import merged_backbone
 
-    merged = problem.build("cpu").backbone(coefficients)
+    if problem.shares:  # a data-dependent method's candidate: the base plus the scaled shares
+        merged = problem.build("cpu").backbone(coefficients)
+    else:  # the method itself, as `m3sb merge selected.yaml` runs it (bit for bit)
+        merged = merged_backbone(
+            problem.method_name,
+            problem.params,
+            list(coefficients),
+            [task.model.weights for task in problem.merged],
+            problem.base.backbone,
+        )
     backbone = {name: tensor.detach().clone() for name, tensor in merged.items()}
     with atomic_output_folder(folder, force=True) as staging:
         for task in problem.tasks:  # control tasks too: the merged backbone with their own head

@@ -1,0 +1,85 @@
+"""``selected.yaml``: the point a Pareto search selected, as a merge recipe that ``m3sb merge``
+runs as it is (mergekit's schema, the chosen coefficients as the models' weights)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from m3sb.config import ParetoConfig
+
+SELECTED_RECIPE = "selected.yaml"
+
+
+def method_parameters(method_name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a search merges with: the config's, and for a method that merges
+    either weights or task vectors, task vectors unless the config says otherwise."""
+    from m3sb.methods import get_method
+
+    merged = dict(params)
+    if get_method(method_name).space == "either":
+        merged.setdefault("space", "task_vectors")
+    return merged
+
+
+def unrecipeable_reason(config: ParetoConfig) -> str | None:
+    """Why no recipe reproduces the search's candidates (None when one does): a
+    data-dependent method's coefficients scale shares of its merge, which no recipe states."""
+    from m3sb.methods import get_method
+
+    if get_method(config.merge_method).statistics is not None:
+        return (
+            f"merge_method '{config.merge_method}' is data-dependent: the coefficients scale each "
+            "model's share of its merge, which a merge recipe cannot state"
+        )
+    return _differing_tensor(config.base_model, [task.model for task in config.merged_tasks])
+
+
+def _differing_tensor(base: str, models: Sequence[str]) -> str | None:
+    """A tensor whose shape differs between the checkpoints (task-specific heads: ``m3sb merge``
+    would refuse it), said in a line; None when they line up or a checkpoint is not local."""
+    from m3sb.checkpoints import open_checkpoint
+
+    local = [Path(location).expanduser() for location in (base, *models)]
+    if not all(path.exists() for path in local):
+        return None  # a hub id: merging it says what is wrong, if anything
+    shapes = open_checkpoint(base).tensors
+    for location in models:
+        for name, info in open_checkpoint(location).tensors.items():
+            if name in shapes and tuple(info.shape) != tuple(shapes[name].shape):
+                return (
+                    f"tensor '{name}' has shape {list(info.shape)} in {location} but "
+                    f"{list(shapes[name].shape)} in {base} (a task-specific head), so one merged "
+                    "checkpoint cannot hold it; --save-model writes one model per task"
+                )
+    return None
+
+
+def selected_recipe(
+    config: ParetoConfig, coefficients: Sequence[float], out_dtype: str | None = None, comment: str = ""
+) -> str:
+    """The YAML recipe merging the search's task models with ``coefficients`` as their
+    weights (one per merged task, in order), computed in float32 and written in
+    ``out_dtype`` (float32 when None); ``comment`` lines head the file."""
+    tasks = config.merged_tasks
+    if len(coefficients) != len(tasks):
+        raise ValueError(f"{len(coefficients)} coefficients for {len(tasks)} merged tasks")
+    recipe: dict[str, Any] = {
+        "merge_method": config.merge_method,
+        "base_model": config.base_model,
+        "models": [
+            {"model": task.model, "parameters": {"weight": float(weight)}}
+            for task, weight in zip(tasks, coefficients, strict=True)
+        ],
+    }
+    parameters = method_parameters(config.merge_method, config.parameters)
+    if parameters:
+        recipe["parameters"] = parameters
+    recipe["dtype"] = "float32"
+    if out_dtype is not None and out_dtype != "float32":
+        recipe["out_dtype"] = out_dtype
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    return header + yaml.safe_dump(recipe, sort_keys=False)

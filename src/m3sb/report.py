@@ -212,7 +212,7 @@ def interactive_figures(figures: Mapping[str, Any]) -> str:
         parts += [
             f"<h2>{html.escape(title)}</h2>",
             f'<div class="m3sb-plot" id="{figure_id}"></div>',
-            f'<script type="application/json" id="{figure_id}-json">{_script_json(text)}</script>',
+            f'<script type="application/json" id="{figure_id}-json">{script_json(text)}</script>',
         ]
     parts.append(f"<script>{PLOT_SCRIPT}</script>")
     return "\n".join(parts)
@@ -232,7 +232,7 @@ def plotly_javascript() -> str:
     )
 
 
-def _script_json(text: str) -> str:
+def script_json(text: str) -> str:
     """JSON ``text`` that cannot end its ``<script>`` element: every ``<`` (only ever inside a
     string) as ``\\u003c``."""
     return text.replace("<", "\\u003c")

@@ -459,9 +459,13 @@ def _finetuned(
 
 
 def _plots(outcome: ParetoOutcome, evaluations: list[Evaluation], config: ParetoConfig) -> dict[str, Path]:
+    from m3sb.pareto.html import front_html
     from m3sb.plots import landscape_plot, pareto_front_plot
 
-    files = {"front_plot": pareto_front_plot(outcome, evaluations, outcome.folder / "front.png")}
+    files = {
+        "front_plot": pareto_front_plot(outcome, evaluations, outcome.folder / "front.png"),
+        "front_page": front_html(outcome, evaluations, outcome.folder / "front.html"),
+    }
     if len(outcome.task_names) == 2:
         points = np.array([e.coefficients for e in evaluations])
         metrics = np.array([e.metrics for e in evaluations])

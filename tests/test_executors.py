@@ -242,9 +242,9 @@ def test_a_search_whose_worker_dies_finishes_with_the_same_evaluations(
     import numpy as np
 
     from m3sb.pareto import SearchSettings, amortized_pareto_front
-    from m3sb.pareto.run import PoolEvaluator, _load_problem
+    from m3sb.pareto.run import PoolEvaluator, load_problem
 
-    problem = _load_problem(_pareto_config(zoo_manifest), lambda _: None)
+    problem = load_problem(_pareto_config(zoo_manifest), lambda _: None)
     quick = SearchSettings(generations=20)
 
     def search(pool: Any) -> Any:

@@ -22,7 +22,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def problem(zoo_manifest: Path) -> Any:
     from m3sb.config import ParetoConfig
-    from m3sb.pareto.run import _load_problem
+    from m3sb.pareto.run import load_problem
 
     zoo = json.loads(zoo_manifest.read_text())
     tasks = [
@@ -30,7 +30,7 @@ def problem(zoo_manifest: Path) -> Any:
         for t in zoo["tasks"]
     ]
     config = ParetoConfig.model_validate({"base_model": zoo["base_model_checkpoint"], "tasks": tasks})
-    return _load_problem(config, lambda _: None)
+    return load_problem(config, lambda _: None)
 
 
 def _points(count: int = 6) -> np.ndarray:

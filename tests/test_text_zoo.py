@@ -144,7 +144,7 @@ def test_candidates_in_the_models_bfloat16_take_half_the_memory_and_score_alike(
     zoo: dict[str, Any], tmp_path: Path
 ) -> None:
     from m3sb.pareto.merging import MergeEvaluator
-    from m3sb.pareto.run import _load_problem
+    from m3sb.pareto.run import load_problem
 
     chosen = [t for t in zoo["tasks"] if t["name"] in ("reverse", "sort")]
     base = _bfloat16_copy(zoo["base_model_checkpoint"], tmp_path / "base")
@@ -158,7 +158,7 @@ def test_candidates_in_the_models_bfloat16_take_half_the_memory_and_score_alike(
         for t in chosen
     ]
     problems = {
-        dtype: _load_problem(
+        dtype: load_problem(
             ParetoConfig.model_validate({"base_model": base, "tasks": tasks, "candidate_dtype": dtype}),
             lambda _: None,
         )

@@ -400,6 +400,102 @@ def pareto(
 
 
 @app.command()
+def evolve(
+    config: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CONFIG", help="Pareto YAML (base model, tasks, method, metric; an evolve: section)."
+        ),
+    ],
+    results_path: Annotated[
+        Path,
+        typer.Option("--results-path", help="Folder for evaluations.csv and best.json (resumable)."),
+    ],
+    preference: Annotated[
+        Path | None,
+        typer.Option("--preference", help="YAML mapping task name to weight (the objective's weights)."),
+    ] = None,
+    generations: Annotated[
+        int | None,
+        typer.Option("--generations", help="CMA-ES generations. \\[default: the config's, else 10]"),
+    ] = None,
+    population: Annotated[
+        int | None,
+        typer.Option("--population", help="Genomes per generation. \\[default: the config's, else CMA-ES's]"),
+    ] = None,
+    layer_groups: Annotated[
+        int | None,
+        typer.Option(
+            "--layer-groups",
+            help="Weights per model, read as a gradient over the layers. \\[default: the config's, else 1]",
+        ),
+    ] = None,
+    density: Annotated[
+        str | None,
+        typer.Option(
+            "--density",
+            help="Evolve the method's density: auto, per_model, global or fixed. "
+            "\\[default: the config's, else auto]",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of CMA-ES's samples.")] = 0,
+    save_model: Annotated[
+        bool,
+        typer.Option("--save-model", help="Save the best merge (one model per task) in DIR/model."),
+    ] = False,
+    device: EvalDeviceOption = "auto",
+    executor: ExecutorOption = None,
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = None,
+    autocast: AutocastOption = None,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Evolve a merge's weights (and density) with CMA-ES for one preference-weighted objective."""
+
+    def run() -> None:
+        from m3sb.config import load_pareto_config, load_preference
+        from m3sb.pareto.evolve_run import run_evolve
+
+        spec = load_pareto_config(config)
+        if autocast is not None:
+            from m3sb.tasks.metrics import check_autocast
+
+            spec = spec.model_copy(update={"autocast": check_autocast(autocast)})
+        weights = load_preference(preference, [t.name for t in spec.merged_tasks]) if preference else None
+        outcome = run_evolve(
+            spec,
+            results_path,
+            preference=weights,
+            seed=seed,
+            generations=generations,
+            population=population,
+            layer_groups=layer_groups,
+            density=density,
+            save_model=save_model,
+            device=device,
+            executor=executor,
+            ray_address=ray_address,
+            workers=workers,
+            log=None if quiet else (lambda line: console.print(line, highlight=False, markup=False)),
+        )
+        if not quiet:
+            evolution = outcome.evolution
+            console.print(
+                f"{outcome.metric} objective: start {evolution.start_objective:.4f} -> best "
+                f"{evolution.best_objective:.4f} ({outcome.best['phase']}); {outcome.new_evaluations} new "
+                f"evaluations, {outcome.reused_evaluations} reused"
+                + (f"; CMA-ES stopped early ({evolution.stopped})" if evolution.stopped else ""),
+                highlight=False,
+                markup=False,
+            )
+            for label, path in outcome.files.items():
+                console.print(f"{label}: {path}", highlight=False, markup=False)
+
+    guarded(run, debug, f"finished evaluations are kept in {results_path}/evaluations.csv; rerun to resume")
+
+
+@app.command()
 def compare(
     folders: Annotated[
         list[Path] | None,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -558,6 +558,30 @@ class ParetoTaskConfig(BaseModel):
         return name
 
 
+DensityGenes = Literal["auto", "per_model", "global", "fixed"]
+DENSITY_GENES: tuple[str, ...] = get_args(DensityGenes)
+
+
+class EvolveSettings(BaseModel):
+    """How ``m3sb evolve`` searches (the ``evolve:`` section of a Pareto config; ``m3sb pareto``
+    ignores it): CMA-ES over per-model weights, read as gradients over ``layer_groups``
+    evenly spaced points of the layers, and the method's density.
+
+    ``density``: ``per_model`` (one gene per model), ``global`` (one gene), ``fixed`` (the
+    config's parameters), or ``auto`` (per model where the method has a density, else fixed).
+    ``sigma`` is CMA-ES's initial step, as a fraction of each gene's range. ``start_weight``:
+    every weight's starting value (0.3, clipped to ``bounds``, by default).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    generations: int = Field(default=10, gt=0)
+    population: int | None = Field(default=None, ge=2)
+    layer_groups: int = Field(default=1, gt=0, le=64)
+    density: DensityGenes = "auto"
+    sigma: float = Field(default=0.2, gt=0.0, le=1.0)
+    start_weight: float | None = None
+
+
 class ParetoConfig(BaseModel):
     """A MAP search over the coefficients of the task vectors (``m3sb pareto``)."""
 
@@ -579,6 +603,7 @@ class ParetoConfig(BaseModel):
     cache_dir: str | None = Field(default=None, min_length=1)
     statistics: StatisticsSettings = Field(default_factory=StatisticsSettings)
     tasks: list[ParetoTaskConfig] = Field(min_length=2)
+    evolve: EvolveSettings = Field(default_factory=EvolveSettings)  # read by m3sb evolve only
 
     @field_validator("tasks")
     @classmethod

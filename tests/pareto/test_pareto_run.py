@@ -310,9 +310,9 @@ def test_a_search_over_a_data_dependent_method_scales_its_shares(zoo_manifest: P
     outcome = run_pareto(config, tmp_path / "run", baselines=False, search=QUICK)
     assert outcome.front.coefficients.shape[1] == 2
     from m3sb.experiment import Experiment
-    from m3sb.pareto.run import _load_problem
+    from m3sb.pareto.run import load_problem
 
-    problem = _load_problem(config, lambda _: None)
+    problem = load_problem(config, lambda _: None)
     evaluator = MergeEvaluator(problem, torch.device("cpu"))
     at_ones = evaluator.backbone([1.0, 1.0])
     zoo = json.loads(zoo_manifest.read_text())

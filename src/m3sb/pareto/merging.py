@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from m3sb.errors import ConfigError
-from m3sb.methods import get_method, merge_backbones
+from m3sb.methods import get_method, merge_backbones, merge_group
 from m3sb.methods.registry import check_param_values
 from m3sb.tasks.metrics import METRICS, check_autocast, check_metric
 from m3sb.tasks.model import TaskModel
@@ -231,6 +231,22 @@ class TaskVectorSpace:
         torch.addmv(self.base, self.vectors.T, weights.to(self.vectors.dtype), out=self.buffer)
         return {**self.layout.views(self.buffer), **self.fixed}
 
+    def candidate_per_tensor(
+        self, coefficients_of: Callable[[str], Sequence[float]]
+    ) -> dict[str, torch.Tensor]:
+        """``base + sum_i c_i tau_i`` with each tensor's own coefficients (``coefficients_of(name)``,
+        as a gradient gives them), as views of one reused buffer (valid until the next call)."""
+        layout = self.layout
+        for name, start, end in zip(layout.names, layout.offsets[:-1], layout.offsets[1:], strict=True):
+            weights = torch.as_tensor(np.asarray(coefficients_of(name), dtype=np.float32), device=self.device)
+            torch.addmv(
+                self.base[start:end],
+                self.vectors[:, start:end].T,
+                weights.to(self.vectors.dtype),
+                out=self.buffer[start:end],
+            )
+        return {**layout.views(self.buffer), **self.fixed}
+
     def backbones(self) -> tuple[dict[str, torch.Tensor], list[_TaskBackbone]]:
         """The base backbone (views) and each task model's backbone (``base + tau_i``, made
         tensor by tensor on access): what whole-model baselines merge, workers included."""
@@ -273,10 +289,32 @@ def merged_backbone(
 
     ``base`` is the base backbone; ``models`` map at least its names to tensors.
     """
-    extra = dict(params)
-    if get_method(method_name).space == "either":
-        extra.setdefault("space", "task_vectors")
+    from m3sb.pareto.recipe import method_parameters
+
+    extra = method_parameters(method_name, dict(params))
     return merge_backbones(method_name, base, models, list(coefficients), base, **extra)
+
+
+def merged_backbone_per_tensor(
+    method_name: str,
+    params: Mapping[str, Any],
+    weights_of: Callable[[str], Sequence[float]],
+    models: Sequence[Mapping[str, torch.Tensor]],
+    base: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """:func:`merged_backbone` with each tensor's own weights (``weights_of(name)``, as a
+    gradient gives them): any weighted method, tensor by tensor through ``merge_group``."""
+    from m3sb.pareto.recipe import method_parameters
+
+    extra = method_parameters(method_name, dict(params))
+    merged = {}
+    for name, tensor in base.items():
+        if not tensor.is_floating_point():
+            merged[name] = tensor
+            continue
+        group = [model[name] for model in models]
+        merged[name] = merge_group(method_name, group, list(weights_of(name)), tensor, name, **extra)
+    return merged
 
 
 def method_shares(

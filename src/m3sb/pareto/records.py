@@ -28,10 +28,11 @@ EVALUATIONS, RUN, FRONT, SELECTED = "evaluations.csv", "run.json", "front.csv", 
 class EvaluationRecord:
     """``evaluations.csv`` in a results folder: one row per evaluated candidate.
 
-    Columns: ``phase``, ``c_<task>`` for each merged task (empty for baselines, which are
-    not points of the coefficient space), then ``<metric>_<task>`` for every metric of
-    :data:`METRICS` and every task, control tasks included. Every metric is recorded, so
-    a search with another ``metric`` in the same folder reuses the evaluations.
+    Columns: ``phase``, ``c_<task>`` for each merged task (or the given point columns;
+    empty for baselines, which are not points of the coefficient space), then
+    ``<metric>_<task>`` for every metric of :data:`METRICS` and every task, control tasks
+    included. Every metric is recorded, so a search with another ``metric`` in the same
+    folder reuses the evaluations.
     """
 
     def __init__(
@@ -41,18 +42,20 @@ class EvaluationRecord:
         metric: str,
         fingerprint: Mapping[str, Any],
         controls: Sequence[bool] | None = None,
+        point_columns: Sequence[str] | None = None,
     ):
+        """``point_columns`` name the columns of a point (``c_<task>`` for each merged task
+        by default; an evolution's genes)."""
         self.folder = folder
         self.path = folder / EVALUATIONS
         self.all_names = list(task_names)
         self.controls = list(controls) if controls is not None else [False] * len(self.all_names)
         self.task_names = [n for n, c in zip(self.all_names, self.controls, strict=True) if not c]
         self.metric = metric
-        self.columns = [
-            "phase",
-            *(f"c_{n}" for n in self.task_names),
-            *(f"{m}_{n}" for m in METRICS for n in self.all_names),
-        ]
+        self.point_columns = (
+            [f"c_{n}" for n in self.task_names] if point_columns is None else list(point_columns)
+        )
+        self.columns = ["phase", *self.point_columns, *(f"{m}_{n}" for m in METRICS for n in self.all_names)]
         self.fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True))
 
     def objective(self, table: np.ndarray) -> np.ndarray:
@@ -113,7 +116,7 @@ class EvaluationRecord:
             )
         points: list[Evaluation] = []
         labelled: dict[str, np.ndarray] = {}
-        count = len(self.task_names)
+        count = len(self.point_columns)
         for number, line in enumerate(lines[1:], start=2):
             row = self._parse(line)
             if row is None:
@@ -140,7 +143,7 @@ class EvaluationRecord:
             values = np.array([float(v) if v else np.nan for v in fields[1:]])
         except (ValueError, StopIteration, csv.Error):
             return None
-        count = len(self.task_names)
+        count = len(self.point_columns)
         metrics = values[count:]
         if np.any(np.isinf(metrics)):  # NaN: a metric the task's kind does not measure (lm_eval's loss)
             return None
@@ -156,7 +159,7 @@ class EvaluationRecord:
     def append(self, phase: str, coefficients: np.ndarray | None, table: np.ndarray) -> None:
         """Append one evaluation (its whole (metrics, tasks) table) and make it durable before returning."""
         values = (
-            [""] * len(self.task_names) if coefficients is None else [repr(float(v)) for v in coefficients]
+            [""] * len(self.point_columns) if coefficients is None else [repr(float(v)) for v in coefficients]
         )
         line = _csv_line([phase, *values, *(repr(float(v)) for v in np.asarray(table).reshape(-1))])
         append_text_durably(self.path, line)

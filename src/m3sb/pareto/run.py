@@ -9,7 +9,7 @@ models and their validation splits once, runs :func:`amortized_pareto_front` wit
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -36,6 +36,8 @@ from m3sb.pareto.search import SearchSettings
 from m3sb.pareto.surrogate import Warp, fit_surrogates
 
 if TYPE_CHECKING:
+    import torch
+
     from m3sb.pareto.merging import MergeProblem
 
 MAX_GRID_POINTS = 10_000
@@ -173,7 +175,7 @@ def run_pareto(
     if known or labelled:
         say(f"resuming: {len(known) + len(labelled)} evaluations found in {record.path}")
     with open_executor(kind, device, address, workers) as pool:  # device and cluster checked first
-        problem = _load_problem(config, say, device)
+        problem = load_problem(config, say, device)
         pool.start(problem.for_workers() if kind == "ray" else problem)
         if kind == "ray":
             say(f"evaluating on {pool.workers} Ray workers")
@@ -345,7 +347,8 @@ def _selected_recipe(
     return selected_recipe(config, [selected["coefficients"][n] for n in names], dtype, comment)
 
 
-def _load_problem(config: ParetoConfig, say: Callable[[str], None], device_name: str = "cpu") -> MergeProblem:
+def load_problem(config: ParetoConfig, say: Callable[[str], None], device_name: str = "cpu") -> MergeProblem:
+    """The search's models, validation splits and statistics, loaded once (after the memory check)."""
     from m3sb.memory import available_bytes
     from m3sb.pareto.merging import MergeProblem, check_search_fits
     from m3sb.tasks.registry import LoadSettings, load_tasks
@@ -478,7 +481,6 @@ def _plots(outcome: ParetoOutcome, evaluations: list[Evaluation], config: Pareto
 
 def save_selected_models(problem: MergeProblem, coefficients: Sequence[float], folder: Path) -> Path:
     """One classifier per task (the selected merged backbone, that task's head) under ``folder/<task>``."""
-    from m3sb.checkpoints import atomic_output_folder
     from m3sb.pareto.merging import merged_backbone
 
     if problem.shares:  # a data-dependent method's candidate: the base plus the scaled shares
@@ -491,6 +493,14 @@ def save_selected_models(problem: MergeProblem, coefficients: Sequence[float], f
             [task.model.weights for task in problem.merged],
             problem.base.backbone,
         )
+    return save_task_models(problem, merged, folder)
+
+
+def save_task_models(problem: MergeProblem, merged: Mapping[str, torch.Tensor], folder: Path) -> Path:
+    """One model per task (``merged`` as the backbone, the task's own head) under ``folder/<task>``,
+    written atomically."""
+    from m3sb.checkpoints import atomic_output_folder
+
     backbone = {name: tensor.detach().clone() for name, tensor in merged.items()}
     with atomic_output_folder(folder, force=True) as staging:
         for task in problem.tasks:  # control tasks too: the merged backbone with their own head

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from m3sb.pareto.merging import MergeEvaluator, MergeProblem
 
-BEST = "best.json"
+BEST, BEST_RECIPE = "best.json", "best.yaml"
 DENSITY_MARGIN = 0.01  # della's keep probabilities density +- epsilon must stay inside (0, 1)
 MAX_LAYER_GROUPS = 64
 
@@ -207,8 +207,6 @@ class GenomeEvaluator:
     def backbone(self, genes: np.ndarray) -> dict[str, torch.Tensor]:
         """The candidate backbone of ``genes``: each tensor merged with the weights its layer
         reads from the gradients, and the genome's density, by the problem's method."""
-        from m3sb.pareto.merging import merged_backbone_per_tensor
-
         evaluator, genome = self.evaluator, self.genome
         if genome.plain:  # one weight per model: the coefficients of m3sb pareto
             return evaluator.backbone(genome.check(genes))
@@ -217,18 +215,25 @@ class GenomeEvaluator:
         if problem.fast:
             scale = problem.scale
             return evaluator.space.candidate_per_tensor(lambda name: [scale * w for w in weights_of(name)])
+        return {name: tensor.to(evaluator.device) for name, tensor in self.method_backbone(genes).items()}
+
+    def method_backbone(self, genes: np.ndarray) -> dict[str, torch.Tensor]:
+        """The genome's merge by the problem's method itself, tensor by tensor, on the CPU (what
+        ``m3sb merge best.yaml`` computes; not for data-dependent methods' shares)."""
+        from m3sb.pareto.merging import merged_backbone_per_tensor
+
+        problem, genome = self.evaluator.problem, self.genome
         params = dict(problem.params)
         density = genome.density_parameter(genes)
         if density is not None:
             params["density"] = density
-        merged = merged_backbone_per_tensor(
+        return merged_backbone_per_tensor(
             problem.method_name,
             params,
-            weights_of,
+            genome.weights_of(genes, self.tensor_names),
             [task.model.weights for task in problem.merged],
             problem.base.backbone,
         )
-        return {name: tensor.to(evaluator.device) for name, tensor in merged.items()}
 
     def run(self, item: np.ndarray) -> list[np.ndarray]:
         """The metrics table of each genome (row) of ``item``, in order."""
@@ -330,6 +335,10 @@ def run_evolve(
         outcome = EvolveOutcome(evolution, names, config.metric, record.folder, best)
         outcome.files["evaluations"] = record.path
         outcome.files["best"] = write_text_atomic(record.folder / BEST, json.dumps(best, indent=2) + "\n")
+        (record.folder / BEST_RECIPE).unlink(missing_ok=True)  # an earlier run's best is not this one's
+        recipe = best_recipe(config, problem, evolution, say)
+        if recipe is not None:
+            outcome.files["best_recipe"] = write_text_atomic(record.folder / BEST_RECIPE, recipe)
         if save_model:
             outcome.files["model"] = save_best_models(
                 EvolveProblem(problem, genome), evolution.best.coefficients, record.folder / "model"
@@ -337,6 +346,30 @@ def run_evolve(
     outcome.new_evaluations = new
     outcome.reused_evaluations = evolution.reused
     return outcome
+
+
+def best_recipe(
+    config: ParetoConfig, problem: MergeProblem, evolution: Evolution, say: Callable[[str], None]
+) -> str | None:
+    """``best.yaml``: the best genome as a recipe ``m3sb merge`` runs (its weights, gradients
+    over the layers where there are several groups, and its density), or None (said why)
+    where no recipe states the search's merge."""
+    from m3sb.pareto.recipe import merge_recipe, unrecipeable_reason
+
+    reason = unrecipeable_reason(config)
+    if reason is not None:
+        say(f"no {BEST_RECIPE}: {reason}")
+        return None
+    genome, genes = evolution.genome, evolution.best.coefficients
+    rows = genome.weights(genes)
+    weights = [float(row[0]) if genome.layer_groups == 1 else [float(v) for v in row] for row in rows]
+    comment = (
+        f"The best merge m3sb evolve found ({evolution.best.phase}): {config.metric} objective "
+        f"{evolution.best_objective:.4g} (start {evolution.start_objective:.4g}).\n"
+        f"Run it with: m3sb merge {BEST_RECIPE} OUT_DIR"
+    )
+    dtype = str(problem.flat.dtype).removeprefix("torch.")
+    return merge_recipe(config, weights, genome.density_parameter(genes), dtype, comment)
 
 
 def best_summary(
@@ -382,4 +415,7 @@ def save_best_models(problem: EvolveProblem, genes: np.ndarray, folder: Path) ->
     """One model per task (the best genome's merged backbone, the task's own head) in ``folder/<task>``."""
     from m3sb.pareto.run import save_task_models
 
-    return save_task_models(problem.problem, problem.build("cpu").backbone(genes), folder)
+    evaluator = problem.build("cpu")
+    if problem.problem.shares:  # a data-dependent method's candidate: the base plus the scaled shares
+        return save_task_models(problem.problem, evaluator.backbone(genes), folder)
+    return save_task_models(problem.problem, evaluator.method_backbone(genes), folder)

@@ -64,18 +64,44 @@ def selected_recipe(
     """The YAML recipe merging the search's task models with ``coefficients`` as their
     weights (one per merged task, in order), computed in float32 and written in
     ``out_dtype`` (float32 when None); ``comment`` lines head the file."""
+    return merge_recipe(config, list(coefficients), None, out_dtype, comment)
+
+
+def merge_recipe(
+    config: ParetoConfig,
+    weights: Sequence[float | Sequence[float]],
+    density: float | Sequence[float] | None = None,
+    out_dtype: str | None = None,
+    comment: str = "",
+) -> str:
+    """The YAML recipe merging the config's task models by its method: each model at its
+    ``weights`` entry (a number, or a gradient over the layers), with ``density`` (one for
+    all, or one per model) where given, computed in float32 and written in ``out_dtype``
+    (float32 when None); ``comment`` lines head the file."""
     tasks = config.merged_tasks
-    if len(coefficients) != len(tasks):
-        raise ValueError(f"{len(coefficients)} coefficients for {len(tasks)} merged tasks")
+    if len(weights) != len(tasks):
+        raise ValueError(f"{len(weights)} coefficients for {len(tasks)} merged tasks")
+    per_model = isinstance(density, Sequence)
+    models = []
+    for index, (task, weight) in enumerate(zip(tasks, weights, strict=True)):
+        own: dict[str, Any] = {
+            "weight": [float(v) for v in weight] if isinstance(weight, Sequence) else float(weight)
+        }
+        if per_model:
+            assert isinstance(density, Sequence)
+            own["density"] = float(density[index])
+        models.append({"model": task.model, "parameters": own})
     recipe: dict[str, Any] = {
         "merge_method": config.merge_method,
         "base_model": config.base_model,
-        "models": [
-            {"model": task.model, "parameters": {"weight": float(weight)}}
-            for task, weight in zip(tasks, coefficients, strict=True)
-        ],
+        "models": models,
     }
     parameters = method_parameters(config.merge_method, config.parameters)
+    if density is not None:
+        parameters.pop("density", None)
+        if not per_model:
+            assert not isinstance(density, Sequence)
+            parameters["density"] = float(density)
     if parameters:
         recipe["parameters"] = parameters
     recipe["dtype"] = "float32"

@@ -21,7 +21,7 @@ import pytest
 
 from m3sb.pareto.evaluations import Evaluation
 from m3sb.pareto.front import MetricSense, ParetoFront
-from m3sb.pareto.html import SELECT_SCRIPT, front_html
+from m3sb.pareto.html import SELECT_SCRIPT, SHOWN_POINTS, front_html, shown_front
 from m3sb.pareto.preference import Rule, select_index
 from m3sb.pareto.run import ParetoOutcome
 from m3sb.report import plotly_javascript
@@ -193,6 +193,34 @@ def test_the_browser_plots_every_front_point_and_picks_as_python_does(case: str,
             for task, name in enumerate(names):
                 assert f"{name}: c = {front.coefficients[hover, task]:.4f}" in text
                 assert f"predicted {front.predicted[hover, task]:.4g}" in text
+
+
+def test_a_large_front_is_shown_as_a_spread_subset_that_keeps_the_selected_point() -> None:
+    outcome, _ = _outcome(3, 400, seed=5, chosen=([1.0, 4.0, 2.0], "chebyshev"))
+    shown = shown_front(outcome, limit=60)
+    front, thinned = outcome.front, shown.front
+    assert thinned.coefficients.shape == (60, 3) and thinned.predicted.shape == (60, 3)
+    rows = [int(np.flatnonzero((front.coefficients == row).all(axis=1))[0]) for row in thinned.coefficients]
+    assert len(set(rows)) == 60  # distinct rows of the front, each with its own predictions
+    assert np.array_equal(front.predicted[rows], thinned.predicted)
+    assert outcome.selected is not None
+    chosen = [outcome.selected["coefficients"][name] for name in outcome.task_names]
+    assert rows[0] == int(np.flatnonzero((front.coefficients == chosen).all(axis=1))[0])
+    # spread: the subset reaches every task's best within 2% of the front's range of that task
+    span = np.ptp(front.predicted, axis=0)
+    assert np.all(front.predicted.max(axis=0) - thinned.predicted.max(axis=0) <= 0.02 * span)
+    assert shown_front(outcome, limit=400) is outcome  # small enough: the front itself
+
+
+@pytest.mark.slow
+def test_the_page_of_a_large_front_draws_its_subset(tmp_path: Path) -> None:
+    outcome, evaluations = _outcome(2, SHOWN_POINTS + 500, seed=3, chosen=([1.0, 2.0], "weighted_sum"))
+    page = front_html(outcome, evaluations, tmp_path / "front.html")
+    state = _load(page, "", tmp_path / "profile")
+    assert int(state["data-front-points"]) == SHOWN_POINTS
+    assert f"{SHOWN_POINTS} of the {SHOWN_POINTS + 500} (spread evenly) front points" in page.read_text()
+    shown = shown_front(outcome).front
+    assert int(state["data-selected-index"]) == 0 == shown.select_index([1.0, 2.0])  # the run's choice
 
 
 @pytest.mark.slow

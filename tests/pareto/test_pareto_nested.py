@@ -92,6 +92,50 @@ def test_without_similarity_the_closest_profiles_pair_up() -> None:
     assert [node.tasks for node in rest] == [(1,)]
 
 
+def test_accuracy_pairing_pairs_the_closest_own_metrics() -> None:
+    """Own metrics (each leaf on its own task) 0.9, 0.5, 0.88, 0.45, 0.7: (0, 2) differ by 0.02,
+    (1, 3) by 0.05; 4 waits. The profiles elsewhere would pair otherwise."""
+    own = [0.9, 0.5, 0.88, 0.45, 0.7]
+    profiles = np.full((5, 5), 0.3)
+    profiles[[0, 1], [1, 0]] = 0.31  # 0 and 1 have the closest profiles overall
+    np.fill_diagonal(profiles, own)
+    nodes = [_leaf(i, 5, profiles[i]) for i in range(5)]
+    pairs, rest = pair_greedily(nodes, None, np.ones(5))
+    assert [(a.tasks, b.tasks) for a, b in pairs] == [((0,), (2,)), ((1,), (3,))]
+    assert [node.tasks for node in rest] == [(4,)]
+
+
+def test_accuracy_pairing_weighs_a_merged_node_by_the_preference() -> None:
+    """Node {0,1} with own metrics 0.9 and 0.5: 0.8 under weights 3:1, 0.6 under 1:3."""
+    merged = Node((0, 1), np.array([1.0, 1.0, 0.0, 0.0]), np.array([0.9, 0.5, 0.0, 0.0]))
+    leaves = [_leaf(2, 4, np.array([0.0, 0.0, 0.79, 0.0])), _leaf(3, 4, np.array([0.0, 0.0, 0.0, 0.61]))]
+    pairs, _ = pair_greedily([merged, *leaves], None, np.array([3.0, 1.0, 1.0, 1.0]))
+    assert [(a.tasks, b.tasks) for a, b in pairs] == [((0, 1), (2,))]
+    pairs, _ = pair_greedily([merged, *leaves], None, np.array([1.0, 3.0, 1.0, 1.0]))
+    assert [(a.tasks, b.tasks) for a, b in pairs] == [((0, 1), (3,))]
+
+
+def test_nested_by_accuracy_measures_the_leaves_pairs_them_and_keeps_the_budget() -> None:
+    """Leaves of ``four`` score 1 on their own task: the own metrics tie, so the stable order
+    pairs (0, 1) and (2, 3); the budget is 4 + 3 x 10."""
+    recorder = Recorder()
+    settings = SearchSettings(generations=30, partitions=49, pairing="accuracy")
+    front = amortized_pareto_front(recorder, T, mode="nested", search=settings)
+    assert len(recorder.points) <= default_budget(T, "nested")
+    phases = list(Counter(e.phase for e in front.evaluated))
+    assert phases == [
+        "nested: each task alone",
+        "nested 1.1: {0} + {1}",
+        "nested 1.2: {2} + {3}",
+        "nested 2.1: {0,1} + {2,3}",
+    ]
+    truth = four(front.coefficients)
+    assert np.max(np.abs(front.predicted - truth)) < 0.05  # the per-task surrogates still report
+    side_a, side_b = truth[:, :2].mean(axis=1), truth[:, 2:].mean(axis=1)
+    assert side_a.max() > 0.7 and side_b.max() > 0.7  # the last front reaches both sides' ends
+    assert side_b[np.argmax(side_a)] < 0.2 and side_a[np.argmax(side_b)] < 0.2
+
+
 def test_side_weights_reference_values() -> None:
     preference = np.array([1.0, 3.0, 0.0, 4.0])
     assert np.allclose(side_weights(preference, (1, 3)), [3 / 7, 4 / 7], rtol=0, atol=1e-15)

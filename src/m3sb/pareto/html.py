@@ -19,7 +19,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from m3sb.report import html_page, plotly_javascript, script_json
 if TYPE_CHECKING:
     from m3sb.pareto.run import ParetoOutcome
 
+SHOWN_POINTS = 1500  # the page draws at most this many front points (front.csv has them all)
 MEASURED_KINDS = ("grid", "search", "front check", "selected")  # drawn in this order
 MEASURED_LABELS = {
     "grid": "grid (measured)",
@@ -294,9 +295,11 @@ def front_html(outcome: ParetoOutcome, evaluations: Sequence[Evaluation], path: 
     """Write ``front.html`` at ``path`` (atomically): the interactive front of ``outcome`` with the
     measured ``evaluations``, self-contained (plotly.js inline, no network). Returns ``path``;
     a ValueError for a front without points."""
-    front, names = outcome.front, list(outcome.task_names)
-    if len(front.coefficients) == 0:
+    if len(outcome.front.coefficients) == 0:
         raise ValueError("the front has no points to show")
+    whole = len(outcome.front.coefficients)
+    outcome = shown_front(outcome)
+    front, names = outcome.front, list(outcome.task_names)
     measured = _measured_by_point(evaluations)
     at_front = [measured.get(point_key(row)) for row in front.coefficients]
     figure, panels = front_figure(outcome, evaluations)
@@ -331,7 +334,7 @@ def front_html(outcome: ParetoOutcome, evaluations: Sequence[Evaluation], path: 
         [
             PAGE_STYLE,
             f"<h1>m3sb pareto: amortized front ({html.escape(front.mode)})</h1>",
-            _summary(outcome, evaluations),
+            _summary(outcome, evaluations, whole),
             "<h2>Preference</h2>",
             _controls(names),
             '<p id="m3sb-front-error" role="alert"></p>',
@@ -552,15 +555,35 @@ def _initial_choice(outcome: ParetoOutcome) -> tuple[list[float], str]:
     return [float(weights[name]) for name in outcome.task_names], str(selected.get("rule", "weighted_sum"))
 
 
-def _summary(outcome: ParetoOutcome, evaluations: Sequence[Evaluation]) -> str:
+def shown_front(outcome: ParetoOutcome, limit: int | None = None) -> ParetoOutcome:
+    """``outcome`` with at most ``limit`` (default :data:`SHOWN_POINTS`) front points, spread
+    evenly over the front's metrics; the selected point is among them."""
+    from m3sb.pareto.search import spread_subset
+
+    front = outcome.front
+    limit = SHOWN_POINTS if limit is None else limit
+    if len(front.coefficients) <= limit:
+        return outcome
+    first = []
+    if outcome.selected is not None and "coefficients" in outcome.selected:
+        chosen = np.array([outcome.selected["coefficients"][name] for name in outcome.task_names])
+        first = [int(np.argmin(np.abs(front.coefficients - chosen).sum(axis=1)))]
+    rows = spread_subset(front.sign * front.predicted, limit, first)
+    thinned = replace(front, coefficients=front.coefficients[rows], predicted=front.predicted[rows])
+    return replace(outcome, front=thinned)
+
+
+def _summary(outcome: ParetoOutcome, evaluations: Sequence[Evaluation], whole: int | None = None) -> str:
     """One paragraph: the front's size, the tasks, the metric, the evaluations, the surrogates' R^2."""
     front = outcome.front
+    count = len(front.coefficients)
+    size = f"{count}" if whole is None or whole == count else f"{count} of the {whole} (spread evenly)"
     better = "lower" if outcome.metric == "loss" else "higher"
     fitted = ", ".join(
         f"{html.escape(name)} {value:.3f}" for name, value in zip(outcome.task_names, front.r2, strict=False)
     )
     return (
-        f"<p>{len(front.coefficients)} front points over {len(outcome.task_names)} tasks; "
+        f"<p>{size} front points over {len(outcome.task_names)} tasks; "
         f"{html.escape(outcome.metric)} ({better} is better); {len(evaluations)} measured points "
         f"shown. Surrogate R<sup>2</sup> (cross-validated): {fitted}. Hover over a point for its "
         "coefficients and metrics.</p>"

@@ -6,8 +6,12 @@ top of the box times a one-hot vector). A pair (A, B) is searched in the 2-D spa
 one objective per side: the preference-weighted mean of that side's task metrics. The
 pair is merged at the point the preference picks (a side weighs the sum of its tasks'
 weights) and becomes a node of the next level, until one node is left. Pairs are formed
-greedily: most similar task vectors first when their Gram matrix is given, otherwise the
-nodes whose predicted metrics across all tasks are closest.
+greedily (``SearchSettings.pairing``): with ``similarity``, most similar task vectors first
+when their Gram matrix is given, otherwise the nodes whose predicted metrics across all
+tasks are closest; with ``accuracy`` (MAP's published procedure), the nodes whose own
+metrics (a fine-tuned model's on its task; a merged node's preference-weighted mean over
+its tasks) are closest, and each side's surrogate is fitted on its preference-weighted
+metric rather than combined from per-task surrogates.
 """
 
 from __future__ import annotations
@@ -57,15 +61,27 @@ def side_weights(preference: np.ndarray, tasks: Sequence[int]) -> np.ndarray:
     return inside / inside.sum() if inside.sum() > 0 else np.full(len(tasks), 1.0 / len(tasks))
 
 
+def own_metric(node: Node, weights: np.ndarray) -> float:
+    """A node's metric on its own tasks: the preference-weighted mean of its profile there."""
+    return float(node.profile[list(node.tasks)] @ side_weights(weights, node.tasks))
+
+
 def pair_greedily(
-    nodes: list[Node], similarity: np.ndarray | None
+    nodes: list[Node], similarity: np.ndarray | None, weights: np.ndarray | None = None
 ) -> tuple[list[tuple[Node, Node]], list[Node]]:
-    """Disjoint pairs, most similar first; an odd node out waits for the next level."""
+    """Disjoint pairs, most similar first; an odd node out waits for the next level.
+
+    With ``weights`` (a preference), the closest own metrics (:func:`own_metric`) pair first.
+    """
     count = len(nodes)
     closeness = np.full((count, count), -np.inf)
     for i in range(count):
         for j in range(i + 1, count):
-            closeness[i, j] = _closeness(nodes[i], nodes[j], similarity)
+            closeness[i, j] = (
+                -abs(own_metric(nodes[i], weights) - own_metric(nodes[j], weights))
+                if weights is not None
+                else _closeness(nodes[i], nodes[j], similarity)
+            )
     pairs: list[tuple[Node, Node]] = []
     used: set[int] = set()
     for flat in np.argsort(-closeness, axis=None, kind="stable"):
@@ -107,6 +123,9 @@ def nested_front(
         raise SearchError(
             f"similarity must be a {n_tasks} x {n_tasks} matrix, got shape {np.shape(similarity)}"
         )
+    by_accuracy = settings.pairing == "accuracy"
+    if by_accuracy:
+        similarity = None  # the fine-tuned accuracies pair the tasks: each is measured alone
     budget = log.remaining
     pair_budget = (budget - (0 if similarity is not None else n_tasks)) // (n_tasks - 1)
     if pair_budget < 3:
@@ -119,7 +138,7 @@ def nested_front(
     level, last = 0, None
     while len(nodes) > 1:
         level += 1
-        pairs, rest = pair_greedily(nodes, similarity)
+        pairs, rest = pair_greedily(nodes, similarity, weights if by_accuracy else None)
         merged = []
         for number, (a, b) in enumerate(pairs):
             phase = f"nested {level}.{number + 1}: {_name(a)} + {_name(b)}"
@@ -173,9 +192,19 @@ def _pair_front(
     mixes = [side_weights(weights, node.tasks) for node in (a, b)]
     tasks = [list(node.tasks) for node in (a, b)]
 
-    def objectives(x: np.ndarray) -> np.ndarray:
-        predicted = surrogates.predict(x)
-        return -sign * np.stack([predicted[:, t] @ m for t, m in zip(tasks, mixes, strict=True)], axis=1)
+    def sides(per_task: np.ndarray) -> np.ndarray:
+        return np.stack([per_task[:, t] @ m for t, m in zip(tasks, mixes, strict=True)], axis=1)
+
+    if settings.pairing == "accuracy":  # one surrogate per side, on its weighted metric
+        side_surrogates = fit_surrogates(points, sides(metrics), warp, "quadratic", seed=seed, with_r2=False)
+
+        def objectives(x: np.ndarray) -> np.ndarray:
+            return -sign * side_surrogates.predict(x)
+
+    else:
+
+        def objectives(x: np.ndarray) -> np.ndarray:
+            return -sign * sides(surrogates.predict(x))
 
     found = search_front(objectives, 2, PAIR_BOUNDS, seed, settings, seeds=points)  # non-dominated already
     found = found[np.argsort(found[:, 0], kind="stable")]

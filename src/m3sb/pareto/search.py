@@ -6,13 +6,21 @@ the problem is the surrogate seen as T objectives to minimise (scores are negate
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from m3sb.pareto.design import Bounds
+
+Pairing = Literal["similarity", "accuracy"]
+PAIRINGS: tuple[str, ...] = ("similarity", "accuracy")
+
+# NSGA-III's generations, then the densifying rounds' candidates, by objective count: measured
+# on benchmarks/bench_pareto.py, where the surrogate is exact (see SearchSettings).
+GENERATIONS = {2: 100, 3: 100, 4: 100, 5: 60, 6: 50, 7: 40, 8: 30}
+DENSIFY = {2: 1000, 3: 2000, 4: 4000, 5: 8000, 6: 16000, 7: 20000, 8: 20000}
 
 # Reference directions per objective count: das-dennis partitions giving 200-330 directions.
 _PARTITIONS = {1: 1, 2: 199, 3: 19, 4: 9, 5: 6, 6: 5, 7: 4, 8: 4}
@@ -26,9 +34,27 @@ class SearchSettings:
     is exact from 0.952 to 0.964 at T = 4 but costs 2-10x the seconds per front, and lowers
     it where the surrogate is wrong, 0.507 to 0.472 on gaussian-bumps at T = 4)."""
 
-    generations: int = 100
+    generations: int | None = None  # None: by the objective count (GENERATIONS)
     partitions: int | None = None  # None: 200-330 reference directions, whatever T
     refine: bool = False
+    # nested mode: "similarity" pairs the most similar task vectors (closest predicted profiles
+    # without a Gram matrix) and searches per-task surrogates; "accuracy" is MAP's published
+    # procedure: the closest fine-tuned accuracies pair, each side's surrogate is fitted on its
+    # preference-weighted metric.
+    pairing: Pairing = "similarity"
+    densify: int | None = 0  # candidates per densifying round (0: none; None: DENSIFY by objectives)
+
+    def generations_for(self, n_objectives: int) -> int:
+        """NSGA-III's generations for ``n_objectives`` objectives."""
+        if self.generations is not None:
+            return self.generations
+        return GENERATIONS.get(n_objectives, GENERATIONS[max(GENERATIONS)])
+
+    def densify_for(self, n_objectives: int) -> int:
+        """Candidates per densifying round for ``n_objectives`` objectives (0: none)."""
+        if self.densify is not None:
+            return self.densify
+        return DENSIFY.get(n_objectives, DENSIFY[max(DENSIFY)])
 
 
 def reference_directions(n_objectives: int, partitions: int | None = None) -> np.ndarray:
@@ -84,8 +110,9 @@ def search_front(
         rest = rng.uniform(bounds[0], bounds[1], size=(max(pop_size - len(seeds), 0), n_var))
         options["sampling"] = np.vstack([seeds[:pop_size], rest])
     algorithm = NSGA3(ref_dirs=directions, pop_size=pop_size, **options)
-    termination = get_termination("n_gen", settings.generations)  # never the clock: runs are reproducible
-    archive = _archive(settings.generations // 2)
+    generations = settings.generations_for(problem.n_obj)
+    termination = get_termination("n_gen", generations)  # never the clock: runs are reproducible
+    archive = _archive(generations // 2)
     with threadpool_limits(limits=1, user_api="blas"):
         result = minimize(problem, algorithm, termination, seed=seed, verbose=False, callback=archive)
     known = [np.clip(seeds, bounds[0], bounds[1])] if seeds is not None and len(seeds) else []
@@ -96,7 +123,35 @@ def search_front(
     if settings.refine:
         points = _unique_rows(np.vstack([points, refine_front(objectives, points, bounds)]))
         points = points[non_dominated(-objectives(points))]
+    candidates = settings.densify_for(problem.n_obj)
+    if candidates:
+        points = densify_front(objectives, points, bounds, np.random.default_rng([seed, 1]), candidates)
     return np.asarray(points)
+
+
+DENSIFY_SIGMAS = (0.03, 0.01, 0.003)  # jitter per round, as a share of the box's side
+
+
+def densify_front(
+    objectives: Callable[[np.ndarray], np.ndarray],
+    points: np.ndarray,
+    bounds: Bounds,
+    rng: np.random.Generator,
+    count: int,
+) -> np.ndarray:
+    """The front of ``objectives`` (minimised) filled in: per round, ``count`` jittered copies
+    of its points and ``count`` convex mixes of two of them join it, and the non-dominated
+    ones are kept."""
+    low, high = bounds
+    for sigma in DENSIFY_SIGMAS:
+        first, second = rng.integers(len(points), size=(2, count))
+        noise = rng.normal(0.0, sigma * (high - low), (count, points.shape[1]))
+        jittered = np.clip(points[first] + noise, low, high)
+        share = rng.uniform(size=(count, 1))
+        mixed = share * points[first] + (1 - share) * points[second]
+        candidates = np.vstack([points, jittered, mixed])
+        points = candidates[non_dominated(-objectives(candidates))]
+    return points
 
 
 _STEP = 1e-6  # finite-difference step of the refinement's gradients, in coefficient units
@@ -195,6 +250,23 @@ def _archive(first_generation: int) -> Any:
                 self.points.append(np.atleast_2d(np.asarray(algorithm.opt.get("X"), dtype=float)))
 
     return Archive()
+
+
+def spread_subset(values: np.ndarray, count: int, first: Sequence[int] = ()) -> np.ndarray:
+    """Indices of at most ``count`` rows of ``values`` spread over them: ``first`` (kept), then
+    repeatedly the row farthest from those taken, each column scaled to [0, 1]
+    (farthest-point sampling; deterministic)."""
+    if len(values) <= count:
+        return np.arange(len(values))
+    span = np.ptp(values, axis=0)
+    scaled = (values - values.min(axis=0)) / np.where(span > 0, span, 1.0)
+    taken = list(dict.fromkeys(int(i) for i in first)) or [int(np.argmax(scaled.sum(axis=1)))]
+    nearest = np.min(np.linalg.norm(scaled[:, None, :] - scaled[taken][None], axis=2), axis=1)
+    while len(taken) < count:
+        index = int(np.argmax(nearest))
+        taken.append(index)
+        nearest = np.minimum(nearest, np.linalg.norm(scaled - scaled[index], axis=1))
+    return np.asarray(taken[:count])
 
 
 def _unique_rows(points: np.ndarray) -> np.ndarray:

@@ -336,6 +336,14 @@ def pareto(
         str, typer.Option("--rule", help="How a preference picks: weighted_sum (the seed's) or chebyshev.")
     ] = "weighted_sum",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the design and the search.")] = 0,
+    pairing: Annotated[
+        str,
+        typer.Option(
+            "--pairing",
+            help="nested mode: similarity (most alike task vectors pair) or accuracy (MAP's procedure: "
+            "closest fine-tuned accuracies pair, one surrogate per side on its weighted metric).",
+        ),
+    ] = "similarity",
     grid: Annotated[
         int | None, typer.Option("--grid", help="Also evaluate an N-per-axis grid (ground truth).")
     ] = None,
@@ -369,6 +377,10 @@ def pareto(
             raise ConfigError(f"--mode {mode}: choose one of {', '.join(MODES)}")
         if rule not in ("weighted_sum", "chebyshev"):
             raise ConfigError(f"--rule {rule}: choose weighted_sum or chebyshev")
+        from m3sb.pareto.search import PAIRINGS, SearchSettings
+
+        if pairing not in PAIRINGS:
+            raise ConfigError(f"--pairing {pairing}: choose one of {', '.join(PAIRINGS)}")
         spec = load_pareto_config(config)
         if autocast is not None:
             from m3sb.tasks.metrics import check_autocast
@@ -386,6 +398,7 @@ def pareto(
             device=device,
             rule=rule,  # type: ignore[arg-type]
             baselines=baselines,
+            search=SearchSettings(pairing=pairing),  # type: ignore[arg-type]
             executor=executor,
             ray_address=ray_address,
             workers=workers,

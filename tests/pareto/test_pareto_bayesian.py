@@ -19,12 +19,12 @@ from m3sb.pareto import (
     ParetoFront,
     SearchSettings,
     Warp,
+    acquisition,
     amortized_pareto_front,
     grid,
     initial_design,
 )
-from m3sb.pareto.front import uncertain_batch
-from m3sb.pareto.surrogate import TaskSurrogates, fit_surrogates
+from m3sb.pareto.acquisition import SAME_POINT, propose_batch
 
 # NSGA-III with 50 reference directions instead of 200: bayesian runs in about 2 s instead of 6
 SMALL = SearchSettings(generations=30, partitions=49)
@@ -136,7 +136,8 @@ def _mean_hypervolumes(function: Callable[[np.ndarray], np.ndarray], runs) -> di
 
 
 def test_bayesian_front_beats_map_on_a_plateau_landscape(plateau_runs) -> None:
-    """Within 1% of the 201 x 201 grid's hypervolume (3.0884); measured 3.066 against map's ~3.05."""
+    """Within 1% of the 201 x 201 grid's hypervolume (3.0884); measured ~3.075 (qLogNEHVI batches) against
+    map's ~3.054 (the earlier spread-near-the-front batches: 3.066)."""
     volumes = _mean_hypervolumes(plateau, plateau_runs)
     best = hypervolume(plateau, grid(201, 2, (0.0, 1.0)))
     assert volumes["map"] + 0.01 < volumes["bayesian"] <= best + 1e-9
@@ -155,10 +156,9 @@ def test_bayesian_predictions_are_close_at_its_evaluated_points(plateau_runs) ->
 
 @pytest.mark.xfail(
     strict=True,
-    reason="front._bayesian_front: with NSGA-III's default 200 reference directions, bayesian's front on the "
-    "bumpy landscape has a lower true hypervolume than map's at the same budget (seed 0 at 30 generations: "
-    "0.6061 against 0.6322; seeds 0-5: 0.6209 against 0.6270; seeds 0-4 at the default 100 generations: "
-    "0.6195 against 0.6268; with 50 directions bayesian wins on average, 0.6230 against 0.6081)",
+    reason="front._bayesian_front (qLogNEHVI batches): with NSGA-III's default 200 reference directions, "
+    "bayesian's front on the bumpy landscape has a lower true hypervolume than map's at the same budget "
+    "(seed 0 at 30 generations: 0.6157 against 0.6245)",
 )
 def test_bayesian_front_is_at_least_as_good_as_map_on_a_bumpy_landscape() -> None:
     settings = SearchSettings(generations=30)
@@ -178,64 +178,71 @@ def test_bayesian_with_the_smallest_budget_is_the_design_alone() -> None:
     assert [e.phase for e in front.evaluated] == ["design"] * 3
 
 
-class _Spread:
-    """A stand-in GP: mean 0, standard deviation given by a function of the point."""
-
-    def __init__(self, spread: Callable[[np.ndarray], np.ndarray]) -> None:
-        self.spread = spread
-
-    def predict(self, points: np.ndarray) -> np.ndarray:
-        return np.zeros(len(points))
-
-    def predict_std(self, points: np.ndarray) -> np.ndarray:
-        return self.spread(points)
+def _distinct(points: np.ndarray) -> bool:
+    """Whether no two rows are within the search's SAME_POINT of each other."""
+    distances = np.linalg.norm(points[:, None, :] - points[None], axis=2)
+    return bool(np.all(distances[np.triu_indices(len(points), 1)] > SAME_POINT))
 
 
-def _line(count: int = 101) -> np.ndarray:
-    t = np.linspace(0.0, 1.0, count)
-    return np.stack([t, np.full_like(t, 0.5)], axis=1)
+def saturating(points: np.ndarray) -> np.ndarray:
+    """Both tasks best at (1, 1): no trade-off, so the acquisition keeps returning to that corner."""
+    c = np.atleast_2d(points)
+    return np.stack([c[:, 0] + 0.5 * c[:, 1], c[:, 1] + 0.5 * c[:, 0]], axis=1)
 
 
-def test_uncertain_batch_starts_where_the_spread_is_largest_and_keeps_points_apart() -> None:
-    """Spread = c1 along c2 = 0.5: picks fall from c1 = 1 in steps of the exclusion radius, 0.1 sqrt 2."""
-    surrogates = TaskSurrogates(
-        [_Spread(lambda x: x[:, 0]), _Spread(lambda x: 0 * x[:, 0])], Warp(), "quadratic+gp"
+def test_propose_batch_replaces_points_already_evaluated(monkeypatch) -> None:
+    """(1, 1) is evaluated and best for both tasks: the optimiser proposes it again, and it is replaced."""
+    replaced: list[int] = []
+    best_fresh = acquisition._best_fresh
+
+    def counting(*args, **kwargs):
+        replaced.append(1)
+        return best_fresh(*args, **kwargs)
+
+    monkeypatch.setattr(acquisition, "_best_fresh", counting)
+    points = np.vstack([initial_design(2, 6, (0.0, 1.0), seed=0), [[1.0, 1.0]]])
+    chosen = propose_batch(points, saturating(points), Warp(), 1.0, (0.0, 1.0), 3, seed=0)
+    assert replaced and chosen.shape == (3, 2)
+    assert _distinct(np.vstack([points, chosen]))
+    assert np.all((chosen >= 0.0) & (chosen <= 1.0))
+
+
+def test_propose_batch_in_a_tiny_box_keeps_its_points_apart() -> None:
+    low, high = 0.5, 0.5 + 1e-7
+    points = initial_design(2, 6, (low, high), seed=0)
+    metrics = plateau((points - low) / (high - low))
+    chosen = propose_batch(points, metrics, Warp(), 1.0, (low, high), 4, seed=0)
+    assert len(chosen) == 4
+    assert _distinct(np.vstack([points, chosen]))
+    assert np.all((chosen >= low) & (chosen <= high))
+
+
+def test_propose_batch_returns_fewer_points_when_the_box_has_no_new_ones() -> None:
+    """A box 1e-9 wide: its corners are all the distinct points there are."""
+    bounds = (0.0, 1e-9)
+    points = grid(2, 2, bounds)
+    chosen = propose_batch(points, plateau(points), Warp(), 1.0, bounds, 2, seed=0)
+    assert len(chosen) == 0
+
+
+def test_bayesian_with_a_budget_beyond_its_useful_points_evaluates_distinct_points() -> None:
+    """Budget 20 on a landscape whose front is one corner: every evaluation is a new point."""
+    recorder = Recorder(saturating)
+    front = amortized_pareto_front(
+        recorder, 2, budget=20, mode="bayesian", search=SearchSettings(generations=5, partitions=9)
     )
-    evaluated = np.array([[0.0, 0.0], [0.0, 1.0]])
-    chosen = uncertain_batch(
-        _line(), surrogates, evaluated, np.array([[0.0, 1.0], [1.0, 0.0]]), (0.0, 1.0), 4
+    points = np.stack([e.coefficients for e in front.evaluated])
+    assert recorder.calls == 20 == len(points) and front.reused == 0
+    assert _distinct(points)
+
+
+def test_propose_batch_is_reproducible_for_a_seed() -> None:
+    points = initial_design(2, 8, (0.0, 1.0), seed=0)
+    first, again, other = (
+        propose_batch(points, bumpy(points), Warp(), 1.0, (0.0, 1.0), 2, seed=seed) for seed in (3, 3, 4)
     )
-    assert np.array_equal(chosen[0], [1.0, 0.5])
-    steps = -np.diff(chosen[:, 0])
-    assert np.all((steps > 0.13) & (steps < 0.15))
-    assert np.all(chosen[:, 1] == 0.5)
-
-
-def test_uncertain_batch_skips_candidates_that_were_already_evaluated() -> None:
-    surrogates = TaskSurrogates([_Spread(lambda x: 1.0 + 0 * x[:, 0])] * 2, Warp(), "quadratic+gp")
-    candidates = _line(11)
-    evaluated = candidates[::2]  # every other candidate: c1 = 0, 0.2, ..., 1
-    chosen = uncertain_batch(candidates, surrogates, evaluated, np.eye(2)[[0, 1, 0, 1, 0, 1]], (0.0, 1.0), 3)
-    distances = np.linalg.norm(chosen[:, None, :] - evaluated[None], axis=2)
-    assert np.all(distances.min(axis=1) > 0.05)
-
-
-def _few_candidates_batch() -> tuple[np.ndarray, np.ndarray]:
-    points = initial_design(2, 6, (0.0, 1.0), seed=0)
-    metrics = np.stack([points[:, 0], points[:, 1]], axis=1)
-    surrogates = fit_surrogates(points, metrics, with_r2=False)
-    return uncertain_batch(points[:1], surrogates, points, metrics, (0.0, 1.0), 3), points
-
-
-def test_uncertain_batch_filler_points_are_all_different() -> None:
-    chosen, _ = _few_candidates_batch()
-    assert len(np.unique(chosen[1:], axis=0)) == len(chosen) - 1
-
-
-def test_uncertain_batch_never_returns_an_evaluated_point() -> None:
-    chosen, points = _few_candidates_batch()
-    distances = np.linalg.norm(chosen[:, None, :] - points[None], axis=2)
-    assert np.all(distances.min(axis=1) > 0)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
 
 
 def _same_evaluations(first: list[Evaluation], second: list[Evaluation]) -> bool:

@@ -1,16 +1,17 @@
 """MAP: an amortized Pareto front of a black-box ``evaluate(c) -> metrics`` from few evaluations.
 
 ``map`` evaluates a one-hot plus Halton-sequence design, fits a quadratic surrogate per
-task and searches it with NSGA-III. ``bayesian`` spends the same budget in batches placed
-where a quadratic-plus-Gaussian-process surrogate is unsure near its predicted front,
-refitting on every new point. ``nested`` merges tasks pairwise along 2-task fronts
+task and searches it with NSGA-III. ``bayesian`` spends 60% of the same budget on that
+design and the rest in batches that maximise the expected hypervolume improvement under
+per-task Gaussian processes with a quadratic mean (:mod:`m3sb.pareto.acquisition`),
+refitted before every batch. ``nested`` merges tasks pairwise along 2-task fronts
 (see :mod:`m3sb.pareto.nested`). Nothing here knows about models.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -19,12 +20,13 @@ from m3sb.pareto.design import Bounds, initial_design
 from m3sb.pareto.evaluations import Evaluate, EvaluateMany, Evaluation, EvaluationLog, SearchError
 from m3sb.pareto.preference import Rule, select_index
 from m3sb.pareto.search import SearchSettings, search_front
-from m3sb.pareto.surrogate import SurrogateKind, TaskSurrogates, Warp, fit_surrogates
+from m3sb.pareto.surrogate import TaskSurrogates, Warp, fit_surrogates
 
 Mode = Literal["map", "bayesian", "nested"]
 MetricSense = Literal["score", "loss"]
 MODES: tuple[str, ...] = ("map", "bayesian", "nested")
 ADAPTIVE_ROUNDS = 4  # bayesian: the adaptive part of the budget is spent in this many batches
+DESIGN_SHARE_PERCENT = 60  # bayesian: this share of the budget (rounded up) goes to the initial design
 
 
 @dataclass
@@ -164,70 +166,29 @@ def _bayesian_front(
     sign: float,
     settings: SearchSettings,
 ) -> ParetoFront:
-    """60% of the budget on the initial design, the rest in batches where the surrogate is unsure.
+    """60% of the budget on the initial design, the rest in ``ADAPTIVE_ROUNDS`` batches that
+    maximise the expected hypervolume improvement of per-task GPs refitted before each
+    (:func:`m3sb.pareto.acquisition.propose_batch`).
 
     The last fit takes, per task, the quadratic or the quadratic-plus-GP, whichever
-    predicts held-out evaluations better.
+    predicts held-out evaluations better, and its front is searched as map's is.
     """
-    kind: SurrogateKind = "quadratic+gp"
+    from m3sb.pareto.acquisition import propose_batch
+
     # More than a quadratic's parameters, so its residuals (what the GP sees) are not all zero.
-    first = min(budget, max(n_tasks + 1, -(-3 * budget // 5)))
+    first = min(budget, max(n_tasks + 1, -(-budget * DESIGN_SHARE_PERCENT // 100)))
     points = initial_design(n_tasks, first, bounds, seed)
     metrics = log(points, "design")
     batch = max(1, -(-(budget - first) // ADAPTIVE_ROUNDS))
-    quick = replace(settings, generations=max(10, settings.generations // 2))
     round_number = 0
     while log.remaining > 0:
         round_number += 1
-        surrogates = fit_surrogates(points, metrics, warp, kind, seed=seed, with_r2=False)
-        candidates = _searched_front(surrogates, n_tasks, bounds, sign, seed + round_number, quick, points)
-        chosen = uncertain_batch(
-            candidates.coefficients, surrogates, points, metrics, bounds, min(batch, log.remaining)
+        chosen = propose_batch(
+            points, metrics, warp, sign, bounds, min(batch, log.remaining), seed + round_number
         )
+        if len(chosen) == 0:  # no point of the box is new any more (a box narrower than 1e-9)
+            break
         points = np.vstack([points, chosen])
         metrics = np.vstack([metrics, log(chosen, f"adaptive {round_number}")])
     surrogates = fit_surrogates(points, metrics, warp, "best", seed=seed)
     return _searched_front(surrogates, n_tasks, bounds, sign, seed, settings, points)
-
-
-def uncertain_batch(
-    candidates: np.ndarray,
-    surrogates: TaskSurrogates,
-    evaluated: np.ndarray,
-    metrics: np.ndarray,
-    bounds: Bounds,
-    size: int,
-) -> np.ndarray:
-    """``size`` candidates where the surrogates are least sure, kept apart from each other.
-
-    Each task's predictive spread is scaled by the spread of its measured metrics; a
-    candidate's score shrinks as it comes within a tenth of the box of an evaluated or
-    already chosen point, so a batch covers different parts of the front.
-    """
-    scale = np.maximum(metrics.std(axis=0), 1e-12)
-    uncertainty = (surrogates.predict_std(candidates) / scale).sum(axis=1) + 1e-9
-    radius = 0.1 * (bounds[1] - bounds[0]) * np.sqrt(candidates.shape[1])
-    rng = np.random.default_rng(len(evaluated))
-    fresh = rng.uniform(bounds[0], bounds[1], size=(256, candidates.shape[1]))
-    taken: list[np.ndarray] = list(evaluated)
-    chosen: list[np.ndarray] = []
-    for _ in range(size):
-        pool = candidates if len(candidates) else fresh
-        nearest = _distance_to(pool, taken)
-        score = (
-            uncertainty * np.minimum(1.0, nearest / radius) + 1e-12 * nearest
-            if pool is candidates
-            else nearest
-        )
-        score = np.where(nearest > 1e-9, score, -np.inf)  # never a point already evaluated or chosen
-        if not np.isfinite(score.max()):  # the front is used up: the fresh point farthest from all taken
-            pool, score = fresh, _distance_to(fresh, taken)
-        best = pool[int(np.argmax(score))]
-        chosen.append(best)
-        taken.append(best)
-    return np.asarray(chosen)
-
-
-def _distance_to(points: np.ndarray, taken: Sequence[np.ndarray]) -> np.ndarray:
-    """Each point's distance to the nearest of ``taken``."""
-    return np.asarray(np.min(np.linalg.norm(points[:, None, :] - np.asarray(taken)[None], axis=2), axis=1))

@@ -25,7 +25,7 @@ from m3sb.pareto import (
 )
 from m3sb.pareto.search import non_dominated, search_front, spread_subset
 
-QUICK = SearchSettings(generations=30, refine=True)
+QUICK = SearchSettings(generations=30, refine=True, densify=0)  # the refined points alone
 
 
 def toy(points: np.ndarray) -> np.ndarray:
@@ -140,7 +140,7 @@ def test_refinement_moves_points_onto_the_front_and_leaves_front_points_put() ->
 
 def test_a_front_without_refinement_is_nsga3s_own(map_run: Run) -> None:
     plain = amortized_pareto_front(
-        toy_evaluate, 2, seed=0, search=SearchSettings(generations=30, refine=False)
+        toy_evaluate, 2, seed=0, search=SearchSettings(generations=30, refine=False, densify=0)
     )
     assert np.max(domination_margin(toy(plain.coefficients), true_pareto_values())) > 1e-4
 

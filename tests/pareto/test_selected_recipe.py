@@ -94,8 +94,9 @@ def test_the_recipe_states_weights_method_parameters_and_dtypes(zoo_manifest: Pa
     text = selected_recipe(config, [0.25, 0.5], "bfloat16", comment="chosen\nby a test")
     assert text.startswith("# chosen\n# by a test\n")
     recipe = yaml.safe_load(text)
-    assert recipe["base_model"] == config.base_model
-    assert [m["model"] for m in recipe["models"]] == [t.model for t in config.merged_tasks]
+    assert recipe["base_model"] == str(Path(config.base_model).resolve())  # runs from any folder
+    models = [str(Path(task.model).resolve()) for task in config.merged_tasks]
+    assert [m["model"] for m in recipe["models"]] == models
     assert [m["parameters"]["weight"] for m in recipe["models"]] == [0.25, 0.5]
     assert recipe["parameters"] == {"space": "task_vectors"}  # as the search merges it
     assert (recipe["dtype"], recipe["out_dtype"]) == ("float32", "bfloat16")

@@ -25,6 +25,12 @@ def method_parameters(method_name: str, params: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+def _located(location: str) -> str:
+    """A local checkpoint as an absolute path (the recipe is run from anywhere); a hub id as it is."""
+    path = Path(location).expanduser()
+    return str(path.resolve()) if path.exists() else location
+
+
 def unrecipeable_reason(config: ParetoConfig) -> str | None:
     """Why no recipe reproduces the search's candidates (None when one does): a
     data-dependent method's coefficients scale shares of its merge, which no recipe states."""
@@ -90,10 +96,10 @@ def merge_recipe(
         if per_model:
             assert isinstance(density, Sequence)
             own["density"] = float(density[index])
-        models.append({"model": task.model, "parameters": own})
+        models.append({"model": _located(task.model), "parameters": own})
     recipe: dict[str, Any] = {
         "merge_method": config.merge_method,
-        "base_model": config.base_model,
+        "base_model": _located(config.base_model),
         "models": models,
     }
     parameters = method_parameters(config.merge_method, config.parameters)

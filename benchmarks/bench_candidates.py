@@ -58,7 +58,7 @@ def _time(action: Callable[[], Any], device: torch.device, repeat: int) -> float
 def load_zoo_problem(workdir: Path, samples: int, tasks: int) -> Any:
     """The zoo's MergeProblem (accuracy) over its first ``tasks`` tasks."""
     from m3sb.config import ParetoConfig
-    from m3sb.pareto.run import _load_problem
+    from m3sb.pareto.run import load_problem
     from m3sb.zoo import build_zoo
 
     zoo = json.loads(build_zoo(workdir / "zoo").read_text())
@@ -75,7 +75,7 @@ def load_zoo_problem(workdir: Path, samples: int, tasks: int) -> Any:
             ],
         }
     )
-    return _load_problem(config, lambda _: None)
+    return load_problem(config, lambda _: None)
 
 
 def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:

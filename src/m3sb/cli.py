@@ -381,6 +381,8 @@ def pareto(
 
         if pairing not in PAIRINGS:
             raise ConfigError(f"--pairing {pairing}: choose one of {', '.join(PAIRINGS)}")
+        if pairing != "similarity" and mode != "nested":
+            raise ConfigError(f"--pairing {pairing}: pairs tasks in nested mode only, not --mode {mode}")
         spec = load_pareto_config(config)
         if autocast is not None:
             from m3sb.tasks.metrics import check_autocast

@@ -210,6 +210,10 @@ def test_a_large_front_is_shown_as_a_spread_subset_that_keeps_the_selected_point
     span = np.ptp(front.predicted, axis=0)
     assert np.all(front.predicted.max(axis=0) - thinned.predicted.max(axis=0) <= 0.02 * span)
     assert shown_front(outcome, limit=400) is outcome  # small enough: the front itself
+    scores = front.sign * front.predicted  # each task's best and worst: Chebyshev scales by them
+    assert set(np.argmax(scores, axis=0)) | set(np.argmin(scores, axis=0)) <= set(rows)
+    low, high = scores[rows].min(axis=0), scores[rows].max(axis=0)
+    assert np.array_equal(low, scores.min(axis=0)) and np.array_equal(high, scores.max(axis=0))
 
 
 @pytest.mark.slow

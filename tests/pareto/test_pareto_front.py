@@ -380,3 +380,23 @@ def test_a_spread_subset_keeps_the_first_rows_and_covers_the_rest() -> None:
     assert rows[0] == 3 and len(set(rows.tolist())) == 5
     assert {500, 501} <= set(rows.tolist())  # the far ends come before more of the clump
     assert np.array_equal(spread_subset(values, 600), np.arange(502))
+
+
+def test_a_spread_subset_never_repeats_a_row() -> None:
+    same = np.ones((10, 2))
+    assert spread_subset(same, 3).tolist() == [0]  # equal rows add nothing
+    rows = spread_subset(np.vstack([same, [[2.0, 0.0]]]), 5, first=[4])
+    assert rows.tolist() == [4, 10]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"pairing": "cosine"}, "pairing 'cosine': choose one of similarity, accuracy"),
+        ({"densify": -1}, "densify -1: needs a whole number >= 0"),
+        ({"generations": 0}, "generations 0: needs a whole number >= 1"),
+    ],
+)
+def test_bad_search_settings_are_search_errors(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(SearchError, match=message):
+        SearchSettings(**settings)

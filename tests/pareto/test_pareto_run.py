@@ -219,6 +219,7 @@ def test_bad_options_fail_in_one_line(zoo_manifest: Path, tmp_path: Path) -> Non
         "--grid 1: needs 2 <= N": ["--grid", "1"],
         "--rule best: choose weighted_sum or chebyshev": ["--rule", "best"],
         "--pairing cosine: choose one of similarity, accuracy": ["--pairing", "cosine"],
+        "--pairing accuracy: pairs tasks in nested mode only, not --mode map": ["--pairing", "accuracy"],
     }
     for message, options in cases.items():
         result = runner.invoke(app, ["pareto", str(config), "--results-path", str(tmp_path / "o"), *options])

@@ -41,7 +41,12 @@ def _config(zoo_manifest: Path, **overrides: Any) -> ParetoConfig:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "parameters"),
-    [("task_arithmetic", {"lambda": 0.8}), ("ties", {"density": 0.5}), ("linear", {})],
+    [
+        ("task_arithmetic", {"lambda": 0.8}),
+        ("ties", {"density": 0.5}),
+        ("linear", {}),
+        ("ties", {"density": [0.2, 0.9]}),  # per model: in each model's entry, not a gradient
+    ],
 )
 def test_merging_selected_yaml_reproduces_the_saved_backbone_bit_for_bit(
     zoo_manifest: Path, tmp_path: Path, method: str, parameters: dict[str, Any]
@@ -58,7 +63,12 @@ def test_merging_selected_yaml_reproduces_the_saved_backbone_bit_for_bit(
         chosen[task.name] for task in config.merged_tasks
     ]
     assert recipe["merge_method"] == method
-    assert {k: v for k, v in recipe.get("parameters", {}).items() if k != "space"} == parameters
+    given = {k: v for k, v in recipe.get("parameters", {}).items() if k != "space"}
+    for entry in recipe["models"]:
+        for key, value in entry["parameters"].items():
+            if key != "weight":
+                given.setdefault(key, []).append(value)
+    assert given == parameters
 
     result = runner.invoke(app, ["merge", str(folder / SELECTED_RECIPE), str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 0, result.output

@@ -557,7 +557,8 @@ def _initial_choice(outcome: ParetoOutcome) -> tuple[list[float], str]:
 
 def shown_front(outcome: ParetoOutcome, limit: int | None = None) -> ParetoOutcome:
     """``outcome`` with at most ``limit`` (default :data:`SHOWN_POINTS`) front points, spread
-    evenly over the front's metrics; the selected point is among them."""
+    evenly over the front's metrics; the selected point and each task's best and worst are
+    among them (so the page's Chebyshev rule scales as Python's does)."""
     from m3sb.pareto.search import spread_subset
 
     front = outcome.front
@@ -568,7 +569,10 @@ def shown_front(outcome: ParetoOutcome, limit: int | None = None) -> ParetoOutco
     if outcome.selected is not None and "coefficients" in outcome.selected:
         chosen = np.array([outcome.selected["coefficients"][name] for name in outcome.task_names])
         first = [int(np.argmin(np.abs(front.coefficients - chosen).sum(axis=1)))]
-    rows = spread_subset(front.sign * front.predicted, limit, first)
+    # each task's best and worst rows too: Chebyshev's rule scales by the range of what is drawn
+    scores = front.sign * front.predicted
+    first += [*np.argmax(scores, axis=0).tolist(), *np.argmin(scores, axis=0).tolist()]
+    rows = spread_subset(scores, limit, first)
     thinned = replace(front, coefficients=front.coefficients[rows], predicted=front.predicted[rows])
     return replace(outcome, front=thinned)
 

@@ -25,6 +25,19 @@ def method_parameters(method_name: str, params: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+def _per_model_lists(method_name: str, parameters: dict[str, Any]) -> list[str]:
+    """The parameters given one value per model (a list): the search reads them per model,
+    while a recipe reads a top-level list as a gradient over the layers."""
+    from m3sb.methods import get_method
+
+    method = get_method(method_name)
+    return [
+        name
+        for name, value in parameters.items()
+        if isinstance(value, list) and (param := method.param(name)) is not None and param.per_model
+    ]
+
+
 def _located(location: str) -> str:
     """A local checkpoint as an absolute path (the recipe is run from anywhere); a hub id as it is."""
     path = Path(location).expanduser()
@@ -52,13 +65,14 @@ def _differing_tensor(base: str, models: Sequence[str]) -> str | None:
     local = [Path(location).expanduser() for location in (base, *models)]
     if not all(path.exists() for path in local):
         return None  # a hub id: merging it says what is wrong, if anything
-    shapes = open_checkpoint(base).tensors
+    seen = {name: (tuple(info.shape), base) for name, info in open_checkpoint(base).tensors.items()}
     for location in models:
         for name, info in open_checkpoint(location).tensors.items():
-            if name in shapes and tuple(info.shape) != tuple(shapes[name].shape):
+            shape, where = seen.setdefault(name, (tuple(info.shape), location))
+            if tuple(info.shape) != shape:
                 return (
                     f"tensor '{name}' has shape {list(info.shape)} in {location} but "
-                    f"{list(shapes[name].shape)} in {base} (a task-specific head), so one merged "
+                    f"{list(shape)} in {where} (a task-specific head), so one merged "
                     "checkpoint cannot hold it; --save-model writes one model per task"
                 )
     return None
@@ -88,7 +102,7 @@ def merge_recipe(
     if len(weights) != len(tasks):
         raise ValueError(f"{len(weights)} coefficients for {len(tasks)} merged tasks")
     per_model = isinstance(density, Sequence)
-    models = []
+    models: list[dict[str, Any]] = []
     for index, (task, weight) in enumerate(zip(tasks, weights, strict=True)):
         own: dict[str, Any] = {
             "weight": [float(v) for v in weight] if isinstance(weight, Sequence) else float(weight)
@@ -108,6 +122,9 @@ def merge_recipe(
         if not per_model:
             assert not isinstance(density, Sequence)
             parameters["density"] = float(density)
+    for name in _per_model_lists(config.merge_method, parameters):  # a top-level list is a gradient
+        for entry, value in zip(models, parameters.pop(name), strict=True):
+            entry["parameters"][name] = value
     if parameters:
         recipe["parameters"] = parameters
     recipe["dtype"] = "float32"

@@ -103,8 +103,8 @@ class EvaluationRecord:
             recorded = None
         if recorded != self.fingerprint:
             raise ConfigError(
-                f"{self.folder}: holds evaluations of a different search (models, datasets, metric or method "
-                "differ, or run.json is missing); choose another --results-path"
+                f"{self.folder}: holds evaluations of a different search (models, datasets, metric, method "
+                "or an evolution's genes differ, or run.json is missing); choose another --results-path"
             )
 
     def _load(self) -> tuple[list[Evaluation], dict[str, np.ndarray]]:

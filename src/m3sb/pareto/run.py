@@ -3,7 +3,8 @@
 Validates everything it can before loading a model, then loads the base, the task
 models and their validation splits once, runs :func:`amortized_pareto_front` with a
 :class:`MergeEvaluator`, and writes ``evaluations.csv`` (as it goes), ``front.csv``,
-``selected.json``, the plots and, when asked, the selected model.
+``selected.json`` and ``selected.yaml`` (the chosen merge as a recipe), the plots,
+``front.html`` and, when asked, the selected model.
 """
 
 from __future__ import annotations
@@ -340,7 +341,8 @@ def _selected_recipe(
 
     comment = (
         f"The point m3sb pareto selected for the preference {shown(selected['preference'])} "
-        f"({selected['rule']}).\nRun it with: m3sb merge {SELECTED_RECIPE} OUT_DIR\n"
+        f"({selected['rule']}).\nRun it with: m3sb merge {SELECTED_RECIPE} OUT_DIR (tensors outside the "
+        "backbone, such as heads, are merged too; --save-model keeps each task's own)\n"
         f"Predicted {config.metric}: {shown(selected['predicted'])}\n"
         f"Measured {config.metric}: {shown(selected['measured'])}"
     )

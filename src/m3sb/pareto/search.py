@@ -47,6 +47,16 @@ class SearchSettings:
     pairing: Pairing = "similarity"
     densify: int | None = None  # candidates per densifying round (0: none; None: DENSIFY by objectives)
 
+    def __post_init__(self) -> None:
+        from m3sb.pareto.evaluations import SearchError
+
+        if self.pairing not in PAIRINGS:
+            raise SearchError(f"pairing '{self.pairing}': choose one of {', '.join(PAIRINGS)}")
+        for name, least in (("generations", 1), ("partitions", 1), ("densify", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < least):
+                raise SearchError(f"{name} {value!r}: needs a whole number >= {least}")
+
     def generations_for(self, n_objectives: int) -> int:
         """NSGA-III's generations for ``n_objectives`` objectives."""
         if self.generations is not None:
@@ -128,7 +138,8 @@ def search_front(
         points = points[non_dominated(-objectives(points))]
     candidates = settings.densify_for(problem.n_obj)
     if candidates:
-        points = densify_front(objectives, points, bounds, np.random.default_rng([seed, 1]), candidates)
+        with threadpool_limits(limits=1, user_api="blas"):
+            points = densify_front(objectives, points, bounds, np.random.default_rng([seed, 1]), candidates)
     return np.asarray(points)
 
 
@@ -152,7 +163,7 @@ def densify_front(
         jittered = np.clip(points[first] + noise, low, high)
         share = rng.uniform(size=(count, 1))
         mixed = share * points[first] + (1 - share) * points[second]
-        candidates = np.vstack([points, jittered, mixed])
+        candidates = _unique_rows(np.vstack([points, jittered, mixed]))  # clipping repeats corners
         points = candidates[non_dominated(-objectives(candidates))]
     return points
 
@@ -265,10 +276,12 @@ def spread_subset(values: np.ndarray, count: int, first: Sequence[int] = ()) -> 
     scaled = (values - values.min(axis=0)) / np.where(span > 0, span, 1.0)
     taken = list(dict.fromkeys(int(i) for i in first)) or [int(np.argmax(scaled.sum(axis=1)))]
     nearest = np.min(np.linalg.norm(scaled[:, None, :] - scaled[taken][None], axis=2), axis=1)
-    while len(taken) < count:
+    nearest[taken] = -np.inf
+    while len(taken) < count and nearest.max() > 0:  # rows equal to one taken add nothing
         index = int(np.argmax(nearest))
         taken.append(index)
         nearest = np.minimum(nearest, np.linalg.norm(scaled - scaled[index], axis=1))
+        nearest[index] = -np.inf
     return np.asarray(taken[:count])
 
 

@@ -558,8 +558,8 @@ class ParetoTaskConfig(BaseModel):
         return name
 
 
-DensityGenes = Literal["auto", "per_model", "global", "fixed"]
-DENSITY_GENES: tuple[str, ...] = get_args(DensityGenes)
+DensityChoice = Literal["auto", "per_model", "global", "fixed"]
+DENSITY_CHOICES: tuple[str, ...] = get_args(DensityChoice)
 
 
 class EvolveSettings(BaseModel):
@@ -577,7 +577,7 @@ class EvolveSettings(BaseModel):
     generations: int = Field(default=10, gt=0)
     population: int | None = Field(default=None, ge=2)
     layer_groups: int = Field(default=1, gt=0, le=64)
-    density: DensityGenes = "auto"
+    density: DensityChoice = "auto"
     sigma: float = Field(default=0.2, gt=0.0, le=1.0)
     start_weight: float | None = None
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from m3sb.checkpoints import write_text_atomic
-from m3sb.config import DENSITY_GENES, EvolveSettings, ParetoConfig
+from m3sb.config import DENSITY_CHOICES, EvolveSettings, ParetoConfig
 from m3sb.errors import ConfigError
 from m3sb.pareto.evaluations import Evaluation
 from m3sb.pareto.evolve import (
@@ -66,8 +66,8 @@ def evolve_settings(
 ) -> EvolveSettings:
     """The config's ``evolve`` settings with the command line's on top; a one-line ConfigError
     naming the option for a value that cannot be used."""
-    if density is not None and density not in DENSITY_GENES:
-        raise ConfigError(f"--density {density}: choose one of {', '.join(DENSITY_GENES)}")
+    if density is not None and density not in DENSITY_CHOICES:
+        raise ConfigError(f"--density {density}: choose one of {', '.join(DENSITY_CHOICES)}")
     if layer_groups is not None and not 1 <= layer_groups <= MAX_LAYER_GROUPS:
         raise ConfigError(f"--layer-groups {layer_groups}: needs 1 <= G <= {MAX_LAYER_GROUPS}")
     updates = {

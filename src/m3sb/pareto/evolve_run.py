@@ -158,15 +158,9 @@ def check_evolve(
     """Every error that needs no model (metric, method, density, preference, tasks); the genome."""
     from m3sb.pareto.merging import check_search_method
     from m3sb.pareto.preference import check_preference
-    from m3sb.pareto.run import task_specs
-    from m3sb.tasks.metrics import check_metric
+    from m3sb.pareto.run import check_search_metric, task_specs
 
-    check_metric(config.metric)
-    harness = [task.name for task in config.tasks if task.kind == "lm_eval"]
-    if harness and config.metric != "accuracy":
-        raise ConfigError(
-            f"metric '{config.metric}': lm_eval tasks ({', '.join(harness)}) measure accuracy only"
-        )
+    check_search_metric(config)
     count = len(config.merged_tasks)
     check_search_method(config.merge_method, config.parameters, config.bounds, count)
     genome = evolve_genome(config, settings)

@@ -464,14 +464,19 @@ class MergeEvaluator:
         problem = self.problem
         if problem.fast:
             return self.space.candidate(problem.scale * np.asarray(coefficients, dtype=float))
-        merged = merged_backbone(
+        return {name: tensor.to(self.device) for name, tensor in self.method_backbone(coefficients).items()}
+
+    def method_backbone(self, coefficients: Sequence[float] | np.ndarray) -> dict[str, torch.Tensor]:
+        """The merge by the problem's method itself, tensor by tensor on the CPU (what ``m3sb
+        merge`` computes from the same recipe; not for data-dependent methods' shares)."""
+        problem = self.problem
+        return merged_backbone(
             problem.method_name,
             problem.params,
             list(coefficients),
             [task.model.weights for task in problem.merged],
             problem.base.backbone,
         )
-        return {name: tensor.to(self.device) for name, tensor in merged.items()}
 
     def score(self, backbone: Mapping[str, torch.Tensor]) -> np.ndarray:
         """Every metric of every task with ``backbone`` and each task's own head: a (metrics, tasks) table."""

@@ -79,15 +79,8 @@ def check_run(
 ) -> None:
     """Every error that needs no model: metric, method, budget, preference, grid size."""
     from m3sb.pareto.merging import check_search_method
-    from m3sb.tasks.metrics import check_metric
 
-    check_metric(config.metric)
-    harness = [task.name for task in config.tasks if task.kind == "lm_eval"]
-    if harness and config.metric != "accuracy":
-        raise ConfigError(
-            f"metric '{config.metric}': lm_eval tasks ({', '.join(harness)}) measure accuracy only "
-            "(their lm-eval metric)"
-        )
+    check_search_metric(config)
     count = len(config.merged_tasks)
     check_search_method(config.merge_method, config.parameters, config.bounds, count)
     budget = config.budget if config.budget is not None else default_budget(count, cast(Mode, mode))
@@ -99,6 +92,19 @@ def check_run(
             f"--grid {grid_points}: needs 2 <= N and N^T <= {MAX_GRID_POINTS} points (T = {count} tasks)"
         )
     task_specs(config)
+
+
+def check_search_metric(config: ParetoConfig) -> None:
+    """The metric must be known, and accuracy where a task is an lm_eval one."""
+    from m3sb.tasks.metrics import check_metric
+
+    check_metric(config.metric)
+    harness = [task.name for task in config.tasks if task.kind == "lm_eval"]
+    if harness and config.metric != "accuracy":
+        raise ConfigError(
+            f"metric '{config.metric}': lm_eval tasks ({', '.join(harness)}) measure accuracy only "
+            "(their lm-eval metric)"
+        )
 
 
 def task_specs(config: ParetoConfig) -> list[Any]:
@@ -483,19 +489,11 @@ def _plots(outcome: ParetoOutcome, evaluations: list[Evaluation], config: Pareto
 
 def save_selected_models(problem: MergeProblem, coefficients: Sequence[float], folder: Path) -> Path:
     """One classifier per task (the selected merged backbone, that task's head) under ``folder/<task>``."""
-    from m3sb.pareto.merging import merged_backbone
-
+    evaluator = problem.build("cpu")
     if problem.shares:  # a data-dependent method's candidate: the base plus the scaled shares
-        merged = problem.build("cpu").backbone(coefficients)
-    else:  # the method itself, as `m3sb merge selected.yaml` runs it (bit for bit)
-        merged = merged_backbone(
-            problem.method_name,
-            problem.params,
-            list(coefficients),
-            [task.model.weights for task in problem.merged],
-            problem.base.backbone,
-        )
-    return save_task_models(problem, merged, folder)
+        return save_task_models(problem, evaluator.backbone(coefficients), folder)
+    # the method itself, as `m3sb merge selected.yaml` runs it (bit for bit)
+    return save_task_models(problem, evaluator.method_backbone(coefficients), folder)
 
 
 def save_task_models(problem: MergeProblem, merged: Mapping[str, torch.Tensor], folder: Path) -> Path:

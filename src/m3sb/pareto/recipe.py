@@ -1,5 +1,6 @@
-"""``selected.yaml``: the point a Pareto search selected, as a merge recipe that ``m3sb merge``
-runs as it is (mergekit's schema, the chosen coefficients as the models' weights)."""
+"""``selected.yaml`` (the point a Pareto search selected) and ``best.yaml`` (an evolution's best
+genome) as merge recipes that ``m3sb merge`` runs as they are: mergekit's schema, the chosen
+coefficients as the models' weights."""
 
 from __future__ import annotations
 

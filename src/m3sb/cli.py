@@ -11,12 +11,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.exceptions import TyperException
+
+if TYPE_CHECKING:
+    from m3sb.config import ParetoConfig
 
 app = typer.Typer(
     name="m3sb",
@@ -368,7 +371,6 @@ def pareto(
     """Search the trade-off between tasks (MAP): an amortized Pareto front over task-vector coefficients."""
 
     def run() -> None:
-        from m3sb.config import load_pareto_config, load_preference
         from m3sb.errors import ConfigError
         from m3sb.pareto.front import MODES
         from m3sb.pareto.run import run_pareto
@@ -383,12 +385,7 @@ def pareto(
             raise ConfigError(f"--pairing {pairing}: choose one of {', '.join(PAIRINGS)}")
         if pairing != "similarity" and mode != "nested":
             raise ConfigError(f"--pairing {pairing}: pairs tasks in nested mode only, not --mode {mode}")
-        spec = load_pareto_config(config)
-        if autocast is not None:
-            from m3sb.tasks.metrics import check_autocast
-
-            spec = spec.model_copy(update={"autocast": check_autocast(autocast)})
-        weights = load_preference(preference, [t.name for t in spec.merged_tasks]) if preference else None
+        spec, weights = _search_spec(config, autocast, preference)
         outcome = run_pareto(
             spec,
             results_path,
@@ -469,15 +466,9 @@ def evolve(
     """Evolve a merge's weights (and density) with CMA-ES for one preference-weighted objective."""
 
     def run() -> None:
-        from m3sb.config import load_pareto_config, load_preference
         from m3sb.pareto.evolve_run import run_evolve
 
-        spec = load_pareto_config(config)
-        if autocast is not None:
-            from m3sb.tasks.metrics import check_autocast
-
-            spec = spec.model_copy(update={"autocast": check_autocast(autocast)})
-        weights = load_preference(preference, [t.name for t in spec.merged_tasks]) if preference else None
+        spec, weights = _search_spec(config, autocast, preference)
         outcome = run_evolve(
             spec,
             results_path,
@@ -674,6 +665,22 @@ def statistics(
             )
 
     guarded(run, debug)
+
+
+def _search_spec(
+    config: Path, autocast: str | None, preference: Path | None
+) -> tuple[ParetoConfig, list[float] | None]:
+    """A Pareto config (``pareto`` and ``evolve``) with ``--autocast`` applied, and the
+    ``--preference`` file's weights over its merged tasks (None without one)."""
+    from m3sb.config import load_pareto_config, load_preference
+
+    spec = load_pareto_config(config)
+    if autocast is not None:
+        from m3sb.tasks.metrics import check_autocast
+
+        spec = spec.model_copy(update={"autocast": check_autocast(autocast)})
+    weights = load_preference(preference, [t.name for t in spec.merged_tasks]) if preference else None
+    return spec, weights
 
 
 def _numbers(text: str, option: str) -> list[float]:

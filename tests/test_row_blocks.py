@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 import m3sb.merge as merge_module
 from m3sb.checkpoints import SafetensorsWriter, TensorInfo, open_checkpoint
 from m3sb.config import parse_merge_config
+from m3sb.errors import MergeError
 from m3sb.merge import build_plan, bytes_per_row, merge_to_folder, row_blocks
 from m3sb.methods import merge_group
 from m3sb.methods.sparsify import (
@@ -336,3 +338,96 @@ def test_bfloat16_inputs_are_subtracted_as_stored_and_merge_as_in_float32(
             **parameters,
         )
         assert torch.equal(tensor, expected), name
+
+
+def _bfloat16_family(folder: Path, nan_in: int | None = None) -> tuple[Path, list[Path]]:
+    """A base and three fine-tunes of one 1024 x 1024 bfloat16 matrix (and a small vector),
+    large enough for the one-pass selection to sample its first block; ``nan_in``: the
+    fine-tune with a NaN in its first row."""
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(1024, 1024, generator=generator) * 0.02
+    tensors = [base, *(base + torch.randn(1024, 1024, generator=generator) * 2e-3 for _ in range(3))]
+    folders = []
+    for index, tensor in enumerate(tensors):
+        matrix = tensor.bfloat16()
+        if nan_in is not None and index == nan_in + 1:
+            matrix[0, 5] = math.nan
+        model = folder / f"model{index}"
+        model.mkdir()
+        save_file({"big.weight": matrix, "norm.weight": matrix[0].clone()}, str(model / "model.safetensors"))
+        folders.append(model)
+    return folders[0], folders[1:]
+
+
+def _bfloat16_ties(folder: Path, nan_in: int | None = None) -> dict[str, object]:
+    base, models = _bfloat16_family(folder, nan_in)
+    return {
+        "merge_method": "ties",
+        "models": [
+            {"model": str(m), "parameters": {"weight": w, "density": d}}
+            for m, w, d in zip(models, [1.0, 0.6, -0.3], [0.5, 0.2, 0.9], strict=True)
+        ],
+        "base_model": str(base),
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+
+
+def test_ties_in_two_blocks_selects_in_one_pass_and_reads_the_first_block_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = parse_merge_config(_bfloat16_ties(tmp_path))
+    plan = build_plan(config)
+    job = next(job for job in plan.jobs if job.name == "big.weight")
+    memory = 512 * bytes_per_row(plan, job)
+    assert row_blocks(plan, job, memory) == [slice(0, 512), slice(512, 1024)]
+    whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)
+
+    def refuse(*args: object) -> float:
+        raise AssertionError("another selection ran where the one-pass selection finds the thresholds")
+
+    monkeypatch.setattr(merge_module, "gathered_kth_largest_magnitude", refuse)
+    monkeypatch.setattr(merge_module, "streaming_kth_largest_magnitude", refuse)
+    checkpoint_type = type(open_checkpoint(tmp_path / "model0"))
+    real_load_rows = checkpoint_type.load_rows
+    reads: list[tuple[str, int]] = []
+
+    def load_rows(self: Any, name: str, start: int, stop: int) -> torch.Tensor:
+        reads.append((name, start))
+        tensor: torch.Tensor = real_load_rows(self, name, start, stop)
+        return tensor
+
+    monkeypatch.setattr(checkpoint_type, "load_rows", load_rows)
+    blocked = _read_all(merge_to_folder(config, tmp_path / "blocked", memory=memory).out_dir)
+    for name, tensor in whole.items():
+        assert torch.equal(blocked[name].view(torch.int16), tensor.view(torch.int16)), name
+    # the base and three fine-tunes: the last block read for the thresholds and again to merge,
+    # the first block read once, for the thresholds, and merged as it was read
+    assert sorted(reads) == sorted([("big.weight", 512)] * 8 + [("big.weight", 0)] * 4)
+
+
+def test_ties_in_blocks_selects_another_way_where_the_bracket_misses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = parse_merge_config(_bfloat16_ties(tmp_path))
+    plan = build_plan(config)
+    job = next(job for job in plan.jobs if job.name == "big.weight")
+    memory = 512 * bytes_per_row(plan, job)
+    whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)
+    monkeypatch.setattr(merge_module.BracketedSelection, "result", lambda self: None)
+    blocked = _read_all(merge_to_folder(config, tmp_path / "blocked", memory=memory).out_dir)
+    for name, tensor in whole.items():
+        assert torch.equal(blocked[name].view(torch.int16), tensor.view(torch.int16)), name
+
+
+def test_a_nan_in_a_block_held_from_the_selection_is_refused_as_when_read(tmp_path: Path) -> None:
+    config = parse_merge_config(_bfloat16_ties(tmp_path, nan_in=1))
+    plan = build_plan(config)
+    job = next(job for job in plan.jobs if job.name == "big.weight")
+    messages = []
+    for memory in (None, 512 * bytes_per_row(plan, job)):
+        with pytest.raises(MergeError) as error:
+            merge_to_folder(config, tmp_path / f"out{memory}", memory=memory)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+    assert "contains NaN or Inf" in messages[0] and "model2" in messages[0]

@@ -46,7 +46,12 @@ from m3sb.memory import reused_heap
 from m3sb.methods import MergeMethod, apply_method, canonical_params, get_method
 from m3sb.methods.dare import mask_generators
 from m3sb.methods.registry import ParamValue, check_weights, task_vector, tensor_seed
-from m3sb.methods.sparsify import gathered_kth_largest_magnitude, kept_count, streaming_kth_largest_magnitude
+from m3sb.methods.sparsify import (
+    BracketedSelection,
+    gathered_kth_largest_magnitude,
+    kept_count,
+    streaming_kth_largest_magnitude,
+)
 from m3sb.modules import (
     ARCHITECTURE_MODULES,
     ModuleLayout,
@@ -1088,33 +1093,59 @@ def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slic
     return [slice(start, min(start + per_block, job.shape[0])) for start in range(0, job.shape[0], per_block)]
 
 
+@dataclass
+class LoadedRows:
+    """A block's inputs as :func:`merge_tensor` reads them (unchecked): each source's rows in
+    its input dtype and the base's in the compute dtype, with the task vectors the method
+    receives (each source's rows less the base's) where they were formed. The merge takes
+    them out, so that each is freed as soon as the merge is done with it."""
+
+    rows: slice
+    tensors: list[torch.Tensor]
+    base: torch.Tensor | None
+    task_vectors: list[torch.Tensor] | None = None
+
+
 def block_arguments(
     plan: MergePlan, job: TensorJob, device: torch.device, blocks: Sequence[slice], memory: int | None = None
 ) -> dict[str, object]:
     """What the method needs of the whole tensor to merge it in ``blocks`` of rows: for TIES,
-    each task vector's threshold at its density, found exactly over the blocks (by one pass
-    into a buffer of its magnitudes where that and a block's task vector fit in ``memory``,
-    else by a streaming selection in two passes); for DARE, each model's random generator
-    where its mask starts; for the barycenter, the inputs' Gram matrix (one pass)."""
+    each task vector's threshold at its density, found exactly over the blocks (in one pass
+    that reads the base once per block where a sample of the first block read brackets the
+    threshold, :class:`BracketedSelection`; else by one pass into a buffer of its magnitudes
+    where that and a block's task vector fit in ``memory``, or by a streaming selection in
+    two passes); for DARE, each model's random generator where its mask starts; for the
+    barycenter, the inputs' Gram matrix (one pass)."""
+    return _block_pass(plan, job, device, blocks, memory)[0]
+
+
+def _block_pass(
+    plan: MergePlan, job: TensorJob, device: torch.device, blocks: Sequence[slice], memory: int | None
+) -> tuple[dict[str, object], LoadedRows | None]:
+    """:func:`block_arguments`, and the first block's inputs where the pass that found them
+    read that block last and holds it (TIES: the block then merges without being read again)."""
     kind = plan.method.row_blocks
     if kind == "gram":
-        return {"gram": _blocked_gram(plan, job, device, blocks)}
+        return {"gram": _blocked_gram(plan, job, device, blocks)}, None
     if kind == "random_mask":
         seed, densities = job.params["random_seed"], job.params["density"]
         assert isinstance(seed, int) and isinstance(densities, list)
         floats = [float(density) for density in densities]
-        return {"generators": mask_generators(tensor_seed(seed, job.name), floats, math.prod(job.shape))}
+        generators = mask_generators(tensor_seed(seed, job.name), floats, math.prod(job.shape))
+        return {"generators": generators}, None
     if kind != "magnitude_threshold":
-        return {}
+        return {}, None
     densities = job.params["density"]
     assert isinstance(densities, list)
     numel = math.prod(job.shape)
-    thresholds = []
-    for index, density in enumerate(densities):
-        keep = kept_count(float(density), numel)
-        if keep is None or keep == 0:
-            thresholds.append(0.0 if keep is None else math.inf)
+    keeps = [kept_count(float(density), numel) for density in densities]
+    thresholds, first = _bracketed_thresholds(plan, job, device, blocks, keeps, memory)
+    if any(threshold is None for threshold in thresholds):
+        first = None  # not held through the passes that follow
+    for index, keep in enumerate(keeps):
+        if thresholds[index] is not None:
             continue
+        assert keep is not None
 
         def task_vector_blocks(index: int = index) -> Iterator[torch.Tensor]:
             for rows in blocks:
@@ -1122,10 +1153,70 @@ def block_arguments(
                 yield _method_inputs(plan, job, device, rows, [job.sources[index]], checked=False)[0]
 
         if memory is not None and _gathered_selection_bytes(plan, job, blocks) <= memory:
-            thresholds.append(gathered_kth_largest_magnitude(task_vector_blocks(), keep, numel))
+            thresholds[index] = gathered_kth_largest_magnitude(task_vector_blocks(), keep, numel)
         else:
-            thresholds.append(streaming_kth_largest_magnitude(task_vector_blocks, keep))
-    return {"thresholds": thresholds}
+            thresholds[index] = streaming_kth_largest_magnitude(task_vector_blocks, keep)
+    return {"thresholds": thresholds}, first
+
+
+def _bracketed_thresholds(
+    plan: MergePlan,
+    job: TensorJob,
+    device: torch.device,
+    blocks: Sequence[slice],
+    keeps: Sequence[int | None],
+    memory: int | None,
+) -> tuple[list[float | None], LoadedRows | None]:
+    """Each task vector's trimming magnitude (``keeps``: how many entries it keeps by rank,
+    None for all), found in one pass over the blocks that reads the base once per block
+    (:class:`BracketedSelection`, bracketed by a sample of the block read first); None for
+    those whose bracket missed, or that it cannot find (not on the CPU), for another pass to
+    find. The pass reads the blocks last to first and returns the first block's inputs, so
+    that the merge, which starts there, need not read them again."""
+    numel = math.prod(job.shape)
+    thresholds: list[float | None] = [
+        0.0 if keep is None else math.inf if keep == 0 else None for keep in keeps
+    ]
+    base = job.base
+    wanted = [index for index, threshold in enumerate(thresholds) if threshold is None]
+    if not wanted or base is None or device.type != "cpu" or not _subtracts_base(plan, job):
+        return thresholds, None
+    # the magnitudes gathered inside the brackets may hold an eighth of the budget
+    share = 8 * plan.compute_dtype.itemsize * len(wanted)
+    limit = None if memory is None else max(1 << 16, memory // share)
+    selections = {}
+    for index in wanted:
+        keep = keeps[index]
+        assert keep is not None
+        selections[index] = BracketedSelection(keep, numel, limit)
+    first: LoadedRows | None = None
+    for rows in reversed(blocks):
+        if all(selection.failed for selection in selections.values()):
+            return thresholds, None
+        # unchecked: each block is checked when it merges
+        origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device, checked=False)
+        held = rows == blocks[0]
+        tensors, task_vectors = [], []
+        for index, source in enumerate(job.sources):
+            selection = selections.get(index)
+            if selection is None and not held:
+                continue
+            dtype = _input_dtype(plan, job, source)
+            tensor = _load_rows(source.checkpoint, source.name, rows, dtype, device, checked=False)
+            if held:  # formed once, for the selection and for the merge
+                tensors.append(tensor)
+                task_vectors.append(task_vector(tensor, origin))
+                if selection is not None and not selection.failed:
+                    selection.add(task_vectors[-1])
+            elif selection is not None and not selection.failed:
+                selection.add_task_vector(tensor, origin)
+            del tensor
+        if held:
+            first = LoadedRows(rows, tensors, origin, task_vectors)
+        del origin, tensors, task_vectors
+    for index, selection in selections.items():
+        thresholds[index] = selection.result()
+    return thresholds, first
 
 
 def _gathered_selection_bytes(plan: MergePlan, job: TensorJob, blocks: Sequence[slice]) -> int:
@@ -1194,18 +1285,36 @@ def merge_tensor(
     device: torch.device,
     rows: slice | None = None,
     arguments: Mapping[str, object] | None = None,
+    held: LoadedRows | None = None,
 ) -> torch.Tensor:
     """Compute one merged tensor, or the block ``rows`` of it (on the CPU, in its output dtype;
-    ``arguments``: what :func:`block_arguments` found of the whole tensor)."""
+    ``arguments``: what :func:`block_arguments` found of the whole tensor; ``held``: the
+    block's inputs, already read, checked here as they would be when read)."""
     if not job.mergeable:
         source = job.copied_from
         return source.checkpoint.load(source.name).clone()
-    tensors = [
-        _load_rows(s.checkpoint, s.name, rows, _input_dtype(plan, job, s), device) for s in job.sources
-    ]
-    base = (
-        _load_rows(job.base.checkpoint, job.base.name, rows, plan.compute_dtype, device) if job.base else None
-    )
+    if held is not None:
+        if held.rows != rows or len(held.tensors) != len(job.sources):
+            raise ValueError(f"tensor '{job.name}': the inputs held are not those of rows {rows}")
+        every = [*job.sources, *([job.base] if job.base else [])]
+        for source, tensor in zip(every, [*held.tensors, *([held.base] if job.base else [])], strict=True):
+            if tensor is None or not _all_finite(tensor):
+                raise MergeError(f"tensor '{source.name}' in {source.checkpoint.label} contains NaN or Inf")
+        tensors = held.task_vectors if held.task_vectors is not None else held.tensors
+        base = held.base
+        formed = held.task_vectors is not None
+        held.tensors, held.base, held.task_vectors = [], None, None
+    else:
+        formed = False
+        tensors = [
+            _load_rows(s.checkpoint, s.name, rows, _input_dtype(plan, job, s), device) for s in job.sources
+        ]
+        base = (
+            _load_rows(job.base.checkpoint, job.base.name, rows, plan.compute_dtype, device)
+            if job.base
+            else None
+        )
+    del held
     if job.vocabulary and plan.vocabulary is not None:
         every = [*job.sources, *([job.base] if job.base else [])]
         loaded = [*tensors, *([base] if base is not None else [])]
@@ -1232,6 +1341,7 @@ def merge_tensor(
             statistics=statistics,
             statistic_norms=plan.statistic_norms,
             block_arguments=arguments,
+            formed=formed,
         )
     except MergeError as error:
         raise MergeError(f"tensor '{job.name}': {error}") from None
@@ -1269,9 +1379,12 @@ def merge_tensors(
         if index + 1 < len(plan.jobs):
             _prefetch(plan.jobs[index + 1])  # read from disk while this one merges
         blocks = row_blocks(plan, job, memory)
-        arguments = block_arguments(plan, job, device, blocks, memory) if blocks is not None else None
+        arguments, first = (
+            _block_pass(plan, job, device, blocks, memory) if blocks is not None else (None, None)
+        )
         for rows in blocks or (None,):
-            merged = merge_tensor(plan, job, device, rows, arguments)
+            merged = merge_tensor(plan, job, device, rows, arguments, first)
+            first = None
             if progress is not None:
                 progress(job.name, merged.numel() * merged.element_size())
             yield job.name, merged

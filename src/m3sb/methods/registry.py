@@ -307,13 +307,15 @@ def apply_method(
     statistics: Sequence[torch.Tensor | None] = (),
     statistic_norms: Sequence[float] = (),
     block_arguments: Mapping[str, Any] | None = None,
+    formed: bool = False,
 ) -> torch.Tensor:
     """Merge one tensor group with ``method``: task vectors, ``lambda`` and per-tensor seeds
     (``block_arguments``: what the function needs of the whole tensor when these are blocks).
 
     With ``consume_inputs`` (a list the engine filled for this call alone) each input is
     dropped from the list as soon as its task vector exists, so that at most one extra
-    tensor is alive while task vectors are formed.
+    tensor is alive while task vectors are formed. With ``formed``, where the method merges
+    task vectors, ``tensors`` are already the task vectors against ``base``.
     """
     kwargs: dict[str, Any] = {p.argument: params[p.name] for p in method.params if not p.inert}
     kwargs.update(block_arguments or {})
@@ -331,7 +333,11 @@ def apply_method(
         return method.function(list(tensors), list(weights), **kwargs)
     if base is None:
         raise MergeError(f"method '{method.name}' merges task vectors and needs a base_model")
-    if consume_inputs and isinstance(tensors, list):
+    if formed:
+        task_vectors = list(tensors)
+        if consume_inputs and isinstance(tensors, list):
+            tensors.clear()
+    elif consume_inputs and isinstance(tensors, list):
         task_vectors = []
         while tensors:
             task_vectors.append(task_vector(tensors.pop(0), base))

@@ -616,8 +616,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="candidates per densifying round of the surrogate modes' fronts (0: none; default: by T)",
     )
+    parser.add_argument(
+        "--scalarise",
+        type=int,
+        default=None,
+        help="weighted-sum sub-problems of the quadratic surrogates' fronts (0: none; default: by T)",
+    )
     args = parser.parse_args(argv)
-    SEARCH[0] = SearchSettings(generations=args.search_generations, refine=args.refine, densify=args.densify)
+    SEARCH[0] = SearchSettings(
+        generations=args.search_generations,
+        refine=args.refine,
+        densify=args.densify,
+        scalarise=args.scalarise,
+    )
     if args.quick:
         args.seeds, args.tasks = 1, [2]
     if args.seeds < 1:

@@ -579,7 +579,7 @@ class EvolveSettings(BaseModel):
     layer_groups: int = Field(default=1, gt=0, le=64)
     density: DensityChoice = "auto"
     sigma: float = Field(default=0.2, gt=0.0, le=1.0)
-    start_weight: float | None = None
+    start_weight: float | None = Field(default=None, allow_inf_nan=False)
 
 
 class ParetoConfig(BaseModel):

@@ -276,6 +276,10 @@ def test_bad_input_is_one_line_and_writes_nothing(zoo_manifest: Path, tmp_path: 
         "executor 'slurm': choose one of local, ray": (good, ["--executor", "slurm"]),
         "evolve.generations: Input should be greater than 0": (good | {"evolve": {"generations": 0}}, []),
         "unknown key 'evolve.generatoins'": (good | {"evolve": {"generatoins": 3}}, []),
+        "evolve.start_weight: Input should be a finite number": (
+            good | {"evolve": {"start_weight": float("nan")}},
+            [],
+        ),
     }
     for message, (data, options) in cases.items():
         config = tmp_path / "config.yaml"

@@ -140,7 +140,7 @@ def test_refinement_moves_points_onto_the_front_and_leaves_front_points_put() ->
 
 def test_a_front_without_refinement_is_nsga3s_own(map_run: Run) -> None:
     plain = amortized_pareto_front(
-        toy_evaluate, 2, seed=0, search=SearchSettings(generations=30, refine=False, densify=0)
+        toy_evaluate, 2, seed=0, search=SearchSettings(generations=30, refine=False, densify=0, scalarise=0)
     )
     assert np.max(domination_margin(toy(plain.coefficients), true_pareto_values())) > 1e-4
 
@@ -400,3 +400,33 @@ def test_a_spread_subset_never_repeats_a_row() -> None:
 def test_bad_search_settings_are_search_errors(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(SearchError, match=message):
         SearchSettings(**settings)
+
+
+@pytest.mark.parametrize("tasks", [2, 4, 8])
+def test_weighted_sum_solves_land_on_the_analytic_front(tasks: int) -> None:
+    """-|c - e_t|^2 weighted by w is maximised at c = w / sum(w): every solve lands on the
+    simplex (the Pareto set) at its own weights, each task alone at its optimum e_t."""
+    from m3sb.pareto.search import scalarised_front
+    from m3sb.pareto.surrogate import QuadraticForms
+
+    eye = np.eye(tasks)
+    forms = QuadraticForms(-np.stack([eye] * tasks), 2 * eye, -np.ones(tasks))
+    assert np.allclose(forms.values(eye * 0.5), _simplex_scores(tasks)(eye * 0.5), atol=1e-12)
+    points = scalarised_front(forms, (0.0, 1.0), np.random.default_rng(0), 500)
+    assert points.shape == (500, tasks)
+    assert np.allclose(points[:tasks], eye, atol=1e-9)
+    assert np.max(np.abs(points.sum(axis=1) - 1.0)) < 1e-6 and np.min(points) >= 0.0
+    again = scalarised_front(forms, (0.0, 1.0), np.random.default_rng(0), 500)
+    assert np.array_equal(points, again)
+
+
+def test_weighted_sum_solves_reach_the_box_faces_of_a_non_concave_problem() -> None:
+    """q = x1^2 - x2 (convex in x1): its maximisers over [0, 1]^2 sit at x1 in {0, 1}, x2 = 0;
+    the accelerated ascent with restarts must end there, not between."""
+    from m3sb.pareto.search import scalarised_front
+    from m3sb.pareto.surrogate import QuadraticForms
+
+    curvature = np.array([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    forms = QuadraticForms(curvature, np.array([[0.0, -1.0], [0.0, -1.0]]), np.zeros(2))
+    points = scalarised_front(forms, (0.0, 1.0), np.random.default_rng(1), 200)
+    assert np.all(np.isin(np.round(points[:, 0], 9), [0.0, 1.0])) and np.allclose(points[:, 1], 0.0)

@@ -203,3 +203,24 @@ def test_cross_validated_r2_is_nan_for_an_exactly_constant_metric_or_too_few_poi
 def test_cross_validated_r2_is_nan_for_a_constant_metric_with_rounding() -> None:
     points = initial_design(2, 12, (0.0, 1.0), seed=0)
     assert np.isnan(fit_surrogates(points, np.full((12, 1), 0.7)).r2[0])
+
+
+@pytest.mark.parametrize(("n_var", "warp"), [(2, Warp()), (4, Warp("sigmoid")), (8, Warp("softplus"))])
+def test_warped_quadratics_are_the_fitted_surrogates_in_warped_units(n_var: int, warp: Warp) -> None:
+    points = initial_design(n_var, (n_var + 1) * (n_var + 2), (0.0, 1.0), seed=0)
+    rng = np.random.default_rng(n_var)
+    metrics = rng.uniform(0.1, 0.9, (len(points), 3))
+    surrogates = fit_surrogates(points, metrics, warp, with_r2=False)
+    forms = surrogates.warped_quadratics()
+    assert forms is not None and forms.curvature.shape == (3, n_var, n_var)
+    assert np.array_equal(forms.curvature, np.transpose(forms.curvature, (0, 2, 1)))
+    new = _held_out(n_var)
+    warped = np.stack([model.predict(new) for model in surrogates.models], axis=1)
+    assert np.max(np.abs(forms.values(new) - warped)) < 1e-9
+    assert np.allclose(forms.scaled(-2.0).values(new), -2.0 * forms.values(new), atol=1e-12)
+
+
+def test_a_surrogate_with_a_gp_has_no_explicit_quadratics() -> None:
+    points = initial_design(2, 12, (0.0, 1.0), seed=0)
+    values = np.sin(6 * points[:, :1]) + points[:, 1:] ** 2
+    assert fit_surrogates(points, values, kind="quadratic+gp", with_r2=False).warped_quadratics() is None

@@ -147,9 +147,17 @@ def _searched_front(
     settings: SearchSettings,
     evaluated_points: np.ndarray,
 ) -> ParetoFront:
-    """NSGA-III on the surrogates; the non-dominated points, ordered along the first task."""
+    """NSGA-III (and, for quadratics, weighted-sum solves) on the surrogates; the non-dominated
+    points, ordered along the first task."""
+    forms = surrogates.warped_quadratics()
     points = search_front(
-        lambda x: -sign * surrogates.predict(x), n_var, bounds, seed, settings, seeds=evaluated_points
+        lambda x: -sign * surrogates.predict(x),
+        n_var,
+        bounds,
+        seed,
+        settings,
+        seeds=evaluated_points,
+        forms=None if forms is None else forms.scaled(sign),
     )  # already non-dominated under the surrogates
     predicted = surrogates.predict(points)
     order = np.argsort(-sign * predicted[:, 0], kind="stable")

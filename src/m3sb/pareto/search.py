@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from m3sb.pareto.design import Bounds
+
+if TYPE_CHECKING:
+    from m3sb.pareto.surrogate import QuadraticForms
 
 Pairing = Literal["similarity", "accuracy"]
 PAIRINGS: tuple[str, ...] = ("similarity", "accuracy")
@@ -21,6 +24,8 @@ PAIRINGS: tuple[str, ...] = ("similarity", "accuracy")
 # on benchmarks/bench_pareto.py, where the surrogate is exact (see SearchSettings).
 GENERATIONS = {2: 100, 3: 100, 4: 100, 5: 60, 6: 50, 7: 40, 8: 30}
 DENSIFY = {2: 1000, 3: 2000, 4: 4000, 5: 8000, 6: 16000, 7: 20000, 8: 20000}
+# Weighted-sum solves when the surrogates are concave quadratics (then the whole search).
+SCALARISE = {2: 4000, 3: 10000, 4: 15000, 5: 20000, 6: 30000, 7: 40000, 8: 50000}
 
 # Reference directions per objective count: das-dennis partitions giving 200-330 directions.
 _PARTITIONS = {1: 1, 2: 199, 3: 19, 4: 9, 5: 6, 6: 5, 7: 4, 8: 4}
@@ -35,7 +40,9 @@ class SearchSettings:
     T = 8 from 0.91 at 5,000 candidates to 0.98 at 20,000, the front then holding about
     100,000 points). ``refine`` moves NSGA-III's points onto the surrogate's front by a local
     solve each (:func:`refine_front`; off by default: it lifts the ratio at T = 4 from 0.952
-    to 0.964 only, at 2-10x the seconds)."""
+    to 0.964 only, at 2-10x the seconds). Where the surrogates are concave quadratics (in
+    warped units) none of that runs: ``scalarise`` weighted sums are solved exactly instead
+    (:func:`scalarised_front`), every point on the front."""
 
     generations: int | None = None  # None: by the objective count (GENERATIONS)
     partitions: int | None = None  # None: 200-330 reference directions, whatever T
@@ -46,13 +53,14 @@ class SearchSettings:
     # preference-weighted metric.
     pairing: Pairing = "similarity"
     densify: int | None = None  # candidates per densifying round (0: none; None: DENSIFY by objectives)
+    scalarise: int | None = None  # weighted-sum solves of concave quadratics (0: none; None: SCALARISE)
 
     def __post_init__(self) -> None:
         from m3sb.pareto.evaluations import SearchError
 
         if self.pairing not in PAIRINGS:
             raise SearchError(f"pairing '{self.pairing}': choose one of {', '.join(PAIRINGS)}")
-        for name, least in (("generations", 1), ("partitions", 1), ("densify", 0)):
+        for name, least in (("generations", 1), ("partitions", 1), ("densify", 0), ("scalarise", 0)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < least):
                 raise SearchError(f"{name} {value!r}: needs a whole number >= {least}")
@@ -68,6 +76,12 @@ class SearchSettings:
         if self.densify is not None:
             return self.densify
         return DENSIFY.get(n_objectives, DENSIFY[max(DENSIFY)])
+
+    def scalarise_for(self, n_objectives: int) -> int:
+        """Weighted-sum sub-problems for ``n_objectives`` objectives (0: none)."""
+        if self.scalarise is not None:
+            return self.scalarise
+        return SCALARISE.get(n_objectives, SCALARISE[max(SCALARISE)])
 
 
 def reference_directions(n_objectives: int, partitions: int | None = None) -> np.ndarray:
@@ -103,11 +117,18 @@ def search_front(
     seed: int = 0,
     settings: SearchSettings = SearchSettings(),
     seeds: np.ndarray | None = None,
+    forms: QuadraticForms | None = None,
 ) -> np.ndarray:
     """Non-dominated points of ``objectives`` (minimised) over the box, shape (K, n_var).
 
     ``seeds``, when given, join NSGA-III's first population (for instance the evaluated
     points), so the search starts from what is known, and its final candidates.
+    ``forms``, when given, are quadratics (to maximise) with the same Pareto set as
+    ``objectives`` (the surrogates in warped units). Where every form is concave, the front
+    is the maximisers of their weighted sums (:func:`scalarised_front`), exactly, and
+    NSGA-III is not run. Where one is not, weighted sums miss the front's non-convex parts
+    and the solves add nothing measurable (bench_pareto.py, gaussian-bumps at T = 8: the
+    same hypervolume, 4.5 s more), so NSGA-III and the densifying rounds search it.
     """
     from pymoo.algorithms.moo.nsga3 import NSGA3
     from pymoo.optimize import minimize
@@ -115,6 +136,10 @@ def search_front(
     from threadpoolctl import threadpool_limits
 
     problem = _surrogate_problem(objectives, n_var, bounds)
+    solves = settings.scalarise_for(problem.n_obj)
+    if forms is not None and solves and forms.concave():
+        exact = _unique_rows(scalarised_front(forms, bounds, np.random.default_rng([seed, 2]), solves))
+        return np.asarray(exact[non_dominated(-objectives(exact))])
     directions = reference_directions(problem.n_obj, settings.partitions)
     pop_size = len(directions) + (len(directions) % 2)
     options: dict[str, Any] = {}
@@ -123,12 +148,12 @@ def search_front(
         rest = rng.uniform(bounds[0], bounds[1], size=(max(pop_size - len(seeds), 0), n_var))
         options["sampling"] = np.vstack([seeds[:pop_size], rest])
     algorithm = NSGA3(ref_dirs=directions, pop_size=pop_size, **options)
+    known = [np.clip(seeds, bounds[0], bounds[1])] if seeds is not None and len(seeds) else []
     generations = settings.generations_for(problem.n_obj)
     termination = get_termination("n_gen", generations)  # never the clock: runs are reproducible
     archive = _archive(generations // 2)
     with threadpool_limits(limits=1, user_api="blas"):
         result = minimize(problem, algorithm, termination, seed=seed, verbose=False, callback=archive)
-    known = [np.clip(seeds, bounds[0], bounds[1])] if seeds is not None and len(seeds) else []
     # the seeds join the candidates: NSGA-III's niches can lose the corners (a task's optimum)
     points = np.vstack([np.atleast_2d(np.asarray(result.X, dtype=float)), *archive.points, *known])
     points = _unique_rows(points)
@@ -166,6 +191,55 @@ def densify_front(
         candidates = _unique_rows(np.vstack([points, jittered, mixed]))  # clipping repeats corners
         points = candidates[non_dominated(-objectives(candidates))]
     return points
+
+
+# Dirichlet's concentration: sparse weights reach the front's edges (T = 8: hypervolume 0.967
+# against 0.940 at 1 and 0.866 at 2)
+WEIGHT_CONCENTRATION = 0.5
+SCALARISE_ITERATIONS = 200  # at most: on bench_pareto.py's fits at T = 8 every solve settles within 100
+SETTLED = 1e-13  # the solves stop once no point moves further than this in a step
+
+
+def scalarised_front(
+    forms: QuadraticForms, bounds: Bounds, rng: np.random.Generator, count: int
+) -> np.ndarray:
+    """Maximisers over the box of ``count`` weighted sums of the quadratics ``forms``, shape
+    (count, n): each task alone, then weights drawn from a Dirichlet, each solved from a
+    random start by projected accelerated gradient ascent (restarted where a step loses).
+
+    Where the weighted sums are concave every Pareto-optimal point of the quadratics
+    maximises one of them, so these are points of the exact front; elsewhere they are
+    local maximisers, which the non-dominated filter sorts out. Deterministic for ``rng``.
+    """
+    n_tasks, n = forms.linear.shape
+    low, high = bounds
+    drawn = rng.dirichlet(np.full(n_tasks, WEIGHT_CONCENTRATION), size=max(count - n_tasks, 0))
+    weights = np.vstack([np.eye(n_tasks), drawn])[:count]
+    curvature = np.einsum("kt,tij->kij", weights, forms.curvature)
+    linear = weights @ forms.linear
+    lipschitz = 2.0 * np.abs(np.linalg.eigvalsh(curvature)).max(axis=1)
+    step = (1.0 / np.maximum(lipschitz, 1e-12))[:, None]
+
+    current = rng.uniform(low, high, size=(len(weights), n))
+    bent = np.einsum("kij,kj->ki", curvature, current)  # curvature @ current, kept per point
+    best = np.sum(current * (bent + linear), axis=1)
+    ahead, bent_ahead, momentum = current, bent, np.ones(len(weights))
+    for _ in range(SCALARISE_ITERATIONS):
+        moved = np.clip(ahead + step * (2.0 * bent_ahead + linear), low, high)
+        bent_moved = np.einsum("kij,kj->ki", curvature, moved)
+        reached = np.sum(moved * (bent_moved + linear), axis=1)
+        # momentum overshot (beyond rounding): go on from the better point, without it
+        restart = reached < best - 1e-12 * np.maximum(np.abs(best), 1.0)
+        moved[restart], bent_moved[restart], reached[restart] = current[restart], bent[restart], best[restart]
+        following = np.where(restart, 1.0, (1.0 + np.sqrt(1.0 + 4.0 * momentum**2)) / 2.0)
+        share = np.where(restart, 0.0, (momentum - 1.0) / following)[:, None]
+        ahead = moved + share * (moved - current)
+        bent_ahead = bent_moved + share * (bent_moved - bent)  # curvature @ ahead, by linearity
+        settled = not restart.any() and float(np.max(np.abs(moved - current), initial=0.0)) <= SETTLED
+        current, bent, best, momentum = moved, bent_moved, reached, following
+        if settled:
+            break
+    return current
 
 
 _STEP = 1e-6  # finite-difference step of the refinement's gradients, in coefficient units

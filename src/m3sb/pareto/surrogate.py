@@ -129,6 +129,58 @@ def _new_model(kind: SurrogateKind, alpha: float, seed: int) -> Any:
     return quadratic_model(alpha) if kind == "quadratic" else QuadraticWithGP(alpha, seed)  # never "best"
 
 
+@dataclass(frozen=True)
+class QuadraticForms:
+    """T quadratics of n coefficients, ``q_t(x) = constant_t + linear_t . x + x' curvature_t x``
+    (``curvature`` symmetric, shape (T, n, n); ``linear`` (T, n); ``constant`` (T,))."""
+
+    curvature: np.ndarray
+    linear: np.ndarray
+    constant: np.ndarray
+
+    def values(self, points: np.ndarray) -> np.ndarray:
+        """Every quadratic at every row of ``points`` (shape (K, n)), shape (K, T)."""
+        points = np.atleast_2d(points)
+        bilinear = np.einsum("kn,tnm,km->kt", points, self.curvature, points)
+        return np.asarray(self.constant + points @ self.linear.T + bilinear)
+
+    def concave(self) -> bool:
+        """Whether every quadratic is concave (so is every weighted sum of them)."""
+        eigenvalues = np.linalg.eigvalsh(self.curvature)
+        return bool(np.all(eigenvalues <= 1e-9 * max(1.0, float(np.abs(eigenvalues).max()))))
+
+    def scaled(self, factor: float) -> QuadraticForms:
+        """The same quadratics times ``factor``."""
+        return QuadraticForms(factor * self.curvature, factor * self.linear, factor * self.constant)
+
+
+def quadratic_form(model: Any) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(curvature, linear, constant) of a fitted :func:`quadratic_model`; None for other models."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import PolynomialFeatures
+
+    if not isinstance(model, Pipeline) or not isinstance(model.steps[0][1], PolynomialFeatures):
+        return None
+    powers = np.asarray(model.steps[0][1].powers_)
+    coefficients = np.asarray(model.steps[-1][1].coef_, dtype=float).reshape(-1)
+    n = powers.shape[1]
+    curvature, linear = np.zeros((n, n)), np.zeros(n)
+    constant = float(np.asarray(model.steps[-1][1].intercept_).reshape(-1)[0])
+    for power, coefficient in zip(powers, coefficients, strict=True):
+        variables = np.flatnonzero(power)
+        if power.sum() == 0:
+            constant += coefficient
+        elif power.sum() == 1:
+            linear[variables[0]] += coefficient
+        elif len(variables) == 1:
+            curvature[variables[0], variables[0]] += coefficient
+        else:
+            first, second = variables
+            curvature[first, second] += coefficient / 2
+            curvature[second, first] += coefficient / 2
+    return curvature, linear, constant
+
+
 @dataclass
 class TaskSurrogates:
     """One fitted surrogate per task; predictions are in metric units."""
@@ -142,6 +194,15 @@ class TaskSurrogates:
         """Predicted metrics, shape (n, T)."""
         warped = np.stack([model.predict(points) for model in self.models], axis=1)
         return self.warp.inverse(warped)
+
+    def warped_quadratics(self) -> QuadraticForms | None:
+        """The surrogates in warped units as explicit quadratics, when every task's is a bare
+        quadratic (the warp is monotone, so their Pareto set is the surrogates'); else None."""
+        forms = [quadratic_form(model) for model in self.models]
+        if not forms or any(form is None for form in forms):
+            return None
+        curvature, linear, constant = zip(*[form for form in forms if form is not None], strict=True)
+        return QuadraticForms(np.stack(curvature), np.stack(linear), np.asarray(constant, dtype=float))
 
     def predict_std(self, points: np.ndarray) -> np.ndarray:
         """Predictive standard deviation in metric units, shape (n, T); zero for a bare quadratic."""

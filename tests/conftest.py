@@ -9,6 +9,10 @@ import tempfile
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The preprocessing cache of the whole session (CLI subprocesses too) lives in a fresh folder.
 os.environ["M3SB_CACHE_DIR"] = tempfile.mkdtemp(prefix="m3sb-test-cache-")
+# Ray reads this when it is imported (tests import it at collection, before m3sb's executor
+# could set it): without it, a driver started by `uv run` starts every Ray worker through
+# `uv run` as well, several seconds each.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from pathlib import Path
 

@@ -181,6 +181,7 @@ def test_evolve_on_the_digits_zoo_beats_its_start_and_a_rerun_evaluates_nothing(
     again = run_evolve(config, folder, generations=3, population=6, device="cpu")
     assert again.new_evaluations == 0 and again.reused_evaluations == len(table)
     assert json.loads((folder / "best.json").read_text()) == best
+    assert not (folder / "model").exists()  # a run without --save-model keeps no earlier models
     with pytest.raises(ConfigError, match="holds evaluations of a different search"):
         run_evolve(config, folder, generations=3, layer_groups=2, device="cpu")
 

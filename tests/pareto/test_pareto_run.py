@@ -92,8 +92,11 @@ def test_run_writes_every_file_and_a_rerun_evaluates_nothing(zoo_manifest: Path,
         assert (folder / "model" / name / "model.safetensors").is_file()
     assert (folder / "front.png").is_file() and (folder / "landscape.png").is_file()
 
-    second = run_pareto(config, folder, preference=[1.0, 3.0], grid_points=3, search=QUICK)
+    said: list[str] = []
+    second = run_pareto(config, folder, preference=[1.0, 3.0], grid_points=3, search=QUICK, log=said.append)
     assert second.new_evaluations == 0
+    assert not (folder / "model").exists()  # the first run's models are not the second's choice
+    assert any(line.startswith(f"removed {folder / 'model'} from an earlier run") for line in said)
     np.testing.assert_array_equal(second.front.coefficients, first.front.coefficients)
     assert len(pd.read_csv(folder / "evaluations.csv")) == len(evaluations)
 

@@ -261,7 +261,7 @@ def run_evolve(
     default), a generation at a time.
     """
     from m3sb.executors import check_executor, open_executor
-    from m3sb.pareto.run import PoolEvaluator, load_problem
+    from m3sb.pareto.run import MODELS, PoolEvaluator, load_problem, remove_stale_models
 
     say = log or (lambda _: None)
     address = ray_address or config.ray_address
@@ -330,12 +330,14 @@ def run_evolve(
         outcome.files["evaluations"] = record.path
         outcome.files["best"] = write_text_atomic(record.folder / BEST, json.dumps(best, indent=2) + "\n")
         (record.folder / BEST_RECIPE).unlink(missing_ok=True)  # an earlier run's best is not this one's
+        if not save_model:
+            remove_stale_models(record.folder, say)
         recipe = best_recipe(config, problem, evolution, say)
         if recipe is not None:
             outcome.files["best_recipe"] = write_text_atomic(record.folder / BEST_RECIPE, recipe)
         if save_model:
             outcome.files["model"] = save_best_models(
-                EvolveProblem(problem, genome), evolution.best.coefficients, record.folder / "model"
+                EvolveProblem(problem, genome), evolution.best.coefficients, record.folder / MODELS
             )
     outcome.new_evaluations = new
     outcome.reused_evaluations = evolution.reused

@@ -298,6 +298,8 @@ def _search_and_write(
     )
     for stale in (SELECTED, SELECTED_RECIPE):  # an earlier run's choice is not this front's
         (record.folder / stale).unlink(missing_ok=True)
+    if not save_model:
+        remove_stale_models(record.folder, say)
     extra = EvaluationLog(
         evaluator, len(names), None, [*known, *front.evaluated], keep, evaluator.evaluate_many
     )
@@ -323,7 +325,7 @@ def _search_and_write(
     if save_model:
         assert outcome.selected is not None
         coefficients = [outcome.selected["coefficients"][n] for n in names]
-        outcome.files["model"] = save_selected_models(problem, coefficients, record.folder / "model")
+        outcome.files["model"] = save_selected_models(problem, coefficients, record.folder / MODELS)
     outcome.new_evaluations = new
     return outcome
 
@@ -494,6 +496,19 @@ def save_selected_models(problem: MergeProblem, coefficients: Sequence[float], f
         return save_task_models(problem, evaluator.backbone(coefficients), folder)
     # the method itself, as `m3sb merge selected.yaml` runs it (bit for bit)
     return save_task_models(problem, evaluator.method_backbone(coefficients), folder)
+
+
+MODELS = "model"  # the folder of the chosen point's models, one per task
+
+
+def remove_stale_models(folder: Path, say: Callable[[str], None]) -> None:
+    """Remove ``folder/model`` left by an earlier run: it holds that run's choice, not this one's."""
+    import shutil
+
+    models = folder / MODELS
+    if models.is_dir():
+        shutil.rmtree(models)
+        say(f"removed {models} from an earlier run: it was not this run's choice (--save-model writes it)")
 
 
 def save_task_models(problem: MergeProblem, merged: Mapping[str, torch.Tensor], folder: Path) -> Path:

@@ -343,3 +343,15 @@ def test_merging_best_yaml_reproduces_the_saved_best_bit_for_bit(
         assert len(backbone) > 10
         for tensor in backbone:
             assert merged[tensor].view(torch.uint8).equal(saved[tensor].view(torch.uint8)), tensor
+
+
+def test_layer_groups_without_layer_numbers_are_said_to_act_as_one() -> None:
+    from m3sb.pareto.evolve_run import layer_groups_warning
+
+    flat = ["embed.weight", "mlp.fc1.weight", "head.bias"]
+    assert layer_groups_warning(3, flat) == (
+        "--layer-groups 3: no tensor name holds a layer number ('layers.N'), "
+        "so every tensor reads its gradient's first point"
+    )
+    assert layer_groups_warning(1, flat) is None
+    assert layer_groups_warning(3, [*flat, "vit.layers.0.mlp.fc1.weight"]) is None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from m3sb.checkpoints import write_text_atomic
-from m3sb.config import DENSITY_CHOICES, EvolveSettings, ParetoConfig
+from m3sb.config import DENSITY_CHOICES, LAYER_INDEX, EvolveSettings, ParetoConfig
 from m3sb.errors import ConfigError
 from m3sb.pareto.evaluations import Evaluation
 from m3sb.pareto.evolve import (
@@ -121,6 +121,17 @@ def density_range(config: ParetoConfig) -> tuple[float, float]:
         if widest > 0:
             low, high = max(low, widest + DENSITY_MARGIN), min(high, 1.0 - widest - DENSITY_MARGIN)
     return low, high
+
+
+def layer_groups_warning(layer_groups: int, tensor_names: Sequence[str]) -> str | None:
+    """What to tell a user whose layer groups cannot act (no tensor name holds a layer
+    number, so every tensor reads the gradients' first point); None where they can."""
+    if layer_groups <= 1 or any(LAYER_INDEX.search(name) for name in tensor_names):
+        return None
+    return (
+        f"--layer-groups {layer_groups}: no tensor name holds a layer number ('layers.N'), "
+        "so every tensor reads its gradient's first point"
+    )
 
 
 def evolve_genome(config: ParetoConfig, settings: EvolveSettings) -> Genome:
@@ -284,6 +295,9 @@ def run_evolve(
     sense: Sense = "loss" if config.metric == "loss" else "score"
     with open_executor(kind, device, address, workers) as pool:  # device and cluster checked first
         problem = load_problem(config, say, device)
+        warning = layer_groups_warning(genome.layer_groups, problem.flat.layout.names)
+        if warning is not None:
+            say(warning)
         pool.start(EvolveProblem(problem.for_workers() if kind == "ray" else problem, genome))
         if kind == "ray":
             say(f"evaluating on {pool.workers} Ray workers")

@@ -89,6 +89,29 @@ def test_a_data_dependent_method_gets_no_recipe_and_says_why(zoo_manifest: Path)
     assert unrecipeable_reason(_config(zoo_manifest)) is None
 
 
+def test_a_random_mask_method_gets_no_recipe_where_the_loaded_names_are_not_the_files(
+    zoo_manifest: Path,
+) -> None:
+    """DARE seeds its masks by tensor name; transformers 5 holds the zoo's ViT tensors under
+    other names than its files, so a recipe would drop other entries than the search did."""
+    from safetensors import safe_open
+
+    from m3sb.pareto.run import load_problem
+
+    config = _config(zoo_manifest, merge_method="dare_ties", parameters={"density": 0.5})
+    held = load_problem(config, lambda _: None).flat.layout.names
+    reason = unrecipeable_reason(config, held)
+    with safe_open(Path(config.base_model) / "model.safetensors", "pt") as stored:
+        in_files = set(stored.keys())
+    renamed = sorted(set(held) - in_files)
+    assert renamed, "the zoo's loaded names are its files' now: this test no longer tests anything"
+    assert reason is not None and reason.startswith("merge_method 'dare_ties' seeds its random masks")
+    assert f"'{renamed[0]}' (and {len(renamed) - 1} more)" in reason
+    kept = sorted(set(held) & in_files)
+    assert kept and unrecipeable_reason(config, kept) is None  # names as the files hold them: a recipe
+    assert unrecipeable_reason(_config(zoo_manifest, merge_method="ties"), held) is None  # no random masks
+
+
 def test_task_heads_of_different_shapes_get_no_recipe_and_say_which(zoo_manifest: Path) -> None:
     zoo = json.loads(zoo_manifest.read_text())
     parity = next(t for t in zoo["tasks"] if t["num_classes"] == 2)

@@ -366,7 +366,7 @@ def best_recipe(
     where no recipe states the search's merge."""
     from m3sb.pareto.recipe import merge_recipe, unrecipeable_reason
 
-    reason = unrecipeable_reason(config)
+    reason = unrecipeable_reason(config, problem.flat.layout.names)
     if reason is not None:
         say(f"no {BEST_RECIPE}: {reason}")
         return None

@@ -4,7 +4,7 @@ coefficients as the models' weights."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +45,43 @@ def _located(location: str) -> str:
     return str(path.resolve()) if path.exists() else location
 
 
-def unrecipeable_reason(config: ParetoConfig) -> str | None:
+def unrecipeable_reason(config: ParetoConfig, held_names: Collection[str] = ()) -> str | None:
     """Why no recipe reproduces the search's candidates (None when one does): a
-    data-dependent method's coefficients scale shares of its merge, which no recipe states."""
+    data-dependent method's coefficients scale shares of its merge, which no recipe states;
+    a random-mask method (DARE, DELLA) seeds its masks by tensor name, so where the loaded
+    backbone holds tensors (``held_names``) under names the checkpoint files do not, the
+    recipe would drop other entries than the search did."""
     from m3sb.methods import get_method
 
-    if get_method(config.merge_method).statistics is not None:
+    method = get_method(config.merge_method)
+    if method.statistics is not None:
         return (
             f"merge_method '{config.merge_method}' is data-dependent: the coefficients scale each "
             "model's share of its merge, which a merge recipe cannot state"
         )
-    return _differing_tensor(config.base_model, [task.model for task in config.merged_tasks])
+    differing = _differing_tensor(config.base_model, [task.model for task in config.merged_tasks])
+    if differing is not None or "random_seed" not in {param.name for param in method.params}:
+        return differing
+    return _renamed_tensor(config.merge_method, config.base_model, held_names)
+
+
+def _renamed_tensor(method: str, base: str, held_names: Collection[str]) -> str | None:
+    """A held tensor name that the base checkpoint's files lack, said in a line; None when
+    every name is the file's (or the base is not local)."""
+    from m3sb.checkpoints import open_checkpoint
+
+    path = Path(base).expanduser()
+    if not held_names or not path.exists():
+        return None
+    stored = set(open_checkpoint(base).tensors)
+    renamed = sorted(name for name in held_names if name not in stored)
+    if not renamed:
+        return None
+    return (
+        f"merge_method '{method}' seeds its random masks by tensor name, and the loaded model "
+        f"holds '{renamed[0]}' (and {len(renamed) - 1} more) under names its files do not, so "
+        "a recipe would drop other entries than the scored model; --save-model writes that model"
+    )
 
 
 def _differing_tensor(base: str, models: Sequence[str]) -> str | None:

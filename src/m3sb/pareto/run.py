@@ -337,7 +337,7 @@ def _selected_recipe(
     reproduces the search's candidates."""
     from m3sb.pareto.recipe import selected_recipe, unrecipeable_reason
 
-    reason = unrecipeable_reason(config)
+    reason = unrecipeable_reason(config, problem.flat.layout.names)
     if reason is not None:
         say(f"no {SELECTED_RECIPE}: {reason}")
         return None

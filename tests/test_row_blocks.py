@@ -373,15 +373,21 @@ def _bfloat16_ties(folder: Path, nan_in: int | None = None) -> dict[str, object]
     }
 
 
-def test_ties_in_two_blocks_selects_in_one_pass_and_reads_the_first_block_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config = parse_merge_config(_bfloat16_ties(tmp_path))
+def _ties_in_two_blocks(folder: Path) -> tuple[Any, int, dict[str, torch.Tensor]]:
+    """The bfloat16 TIES recipe, a memory budget that merges 'big.weight' in two blocks of
+    rows, and the whole (unblocked) merge's tensors."""
+    config = parse_merge_config(_bfloat16_ties(folder))
     plan = build_plan(config)
     job = next(job for job in plan.jobs if job.name == "big.weight")
     memory = 512 * bytes_per_row(plan, job)
     assert row_blocks(plan, job, memory) == [slice(0, 512), slice(512, 1024)]
-    whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)
+    return config, memory, _read_all(merge_to_folder(config, folder / "whole", memory=None).out_dir)
+
+
+def test_ties_in_two_blocks_selects_in_one_pass_and_reads_the_first_block_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, memory, whole = _ties_in_two_blocks(tmp_path)
 
     def refuse(*args: object) -> float:
         raise AssertionError("another selection ran where the one-pass selection finds the thresholds")
@@ -409,11 +415,7 @@ def test_ties_in_two_blocks_selects_in_one_pass_and_reads_the_first_block_once(
 def test_ties_in_blocks_selects_another_way_where_the_bracket_misses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = parse_merge_config(_bfloat16_ties(tmp_path))
-    plan = build_plan(config)
-    job = next(job for job in plan.jobs if job.name == "big.weight")
-    memory = 512 * bytes_per_row(plan, job)
-    whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)
+    config, memory, whole = _ties_in_two_blocks(tmp_path)
     monkeypatch.setattr(merge_module.BracketedSelection, "result", lambda self: None)
     blocked = _read_all(merge_to_folder(config, tmp_path / "blocked", memory=memory).out_dir)
     for name, tensor in whole.items():

@@ -1034,11 +1034,16 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
+def _refuse_non_finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> None:
+    """A one-line error naming the tensor and its checkpoint where an element is NaN or Inf."""
+    if not _all_finite(tensor):
+        raise MergeError(f"tensor '{name}' in {checkpoint.label} contains NaN or Inf")
+
+
 def _load(checkpoint: Checkpoint, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Read one tensor, move it to the compute device and dtype, and refuse NaN or Inf."""
     tensor = checkpoint.load(name).to(device=device, dtype=dtype)
-    if not _all_finite(tensor):
-        raise MergeError(f"tensor '{name}' in {checkpoint.label} contains NaN or Inf")
+    _refuse_non_finite(tensor, name, checkpoint)
     return tensor
 
 
@@ -1056,8 +1061,8 @@ def _load_rows(
         return _load(checkpoint, name, dtype, device)
     view = checkpoint.load(name) if rows is None else checkpoint.load_rows(name, rows.start, rows.stop)
     tensor = view.to(device=device, dtype=dtype)
-    if checked and not _all_finite(tensor):
-        raise MergeError(f"tensor '{name}' in {checkpoint.label} contains NaN or Inf")
+    if checked:
+        _refuse_non_finite(tensor, name, checkpoint)
     return tensor
 
 
@@ -1298,8 +1303,8 @@ def merge_tensor(
             raise ValueError(f"tensor '{job.name}': the inputs held are not those of rows {rows}")
         every = [*job.sources, *([job.base] if job.base else [])]
         for source, tensor in zip(every, [*held.tensors, *([held.base] if job.base else [])], strict=True):
-            if tensor is None or not _all_finite(tensor):
-                raise MergeError(f"tensor '{source.name}' in {source.checkpoint.label} contains NaN or Inf")
+            assert tensor is not None  # the base is held where the job has one
+            _refuse_non_finite(tensor, source.name, source.checkpoint)
         tensors = held.task_vectors if held.task_vectors is not None else held.tensors
         base = held.base
         formed = held.task_vectors is not None

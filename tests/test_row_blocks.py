@@ -279,6 +279,11 @@ def test_the_blocks_cover_every_row_once_and_hold_the_budget(
             assert (rows.stop - rows.start) * bytes_per_row(
                 plan, job
             ) <= memory or rows.stop - rows.start == 1
+        # as few blocks as the budget allows, of balanced sizes (fewer holes in the reused heap)
+        fitting = max(1, memory // bytes_per_row(plan, job))
+        sizes = [rows.stop - rows.start for rows in blocks]
+        assert len(blocks) == -(-job.shape[0] // fitting)
+        assert len(set(sizes[:-1])) <= 1 and 0 <= sizes[0] - sizes[-1] < len(blocks)
     assert blocked >= (1 if memory > 1 else len(plan.jobs) // 2)
     inputs = 3 + (0 if method == "barycenter" else 1)
     job = next(job for job in plan.jobs if len(job.shape) == 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1094,7 +1095,10 @@ def row_blocks(plan: MergePlan, job: TensorJob, memory: int | None) -> list[slic
     row_bytes = bytes_per_row(plan, job)
     if row_bytes * job.shape[0] <= memory:
         return None
-    per_block = max(1, memory // row_bytes)
+    # as many blocks as the budget needs, of equal rows (the last may be shorter): blocks of
+    # few sizes leave fewer holes in the reused heap
+    count = -(-job.shape[0] // max(1, memory // row_bytes))
+    per_block = -(-job.shape[0] // count)
     return [slice(start, min(start + per_block, job.shape[0])) for start in range(0, job.shape[0], per_block)]
 
 
@@ -1195,30 +1199,34 @@ def _bracketed_thresholds(
         assert keep is not None
         selections[index] = BracketedSelection(keep, numel, limit)
     first: LoadedRows | None = None
-    for rows in reversed(blocks):
-        if all(selection.failed for selection in selections.values()):
-            return thresholds, None
-        # unchecked: each block is checked when it merges
-        origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device, checked=False)
-        held = rows == blocks[0]
-        tensors, task_vectors = [], []
-        for index, source in enumerate(job.sources):
-            selection = selections.get(index)
-            if selection is None and not held:
-                continue
-            dtype = _input_dtype(plan, job, source)
-            tensor = _load_rows(source.checkpoint, source.name, rows, dtype, device, checked=False)
-            if held:  # formed once, for the selection and for the merge
-                tensors.append(tensor)
-                task_vectors.append(task_vector(tensor, origin))
-                if selection is not None and not selection.failed:
-                    selection.add(task_vectors[-1])
-            elif selection is not None and not selection.failed:
-                selection.add_task_vector(tensor, origin)
-            del tensor
-        if held:
-            first = LoadedRows(rows, tensors, origin, task_vectors)
-        del origin, tensors, task_vectors
+    # the counts run in NumPy, one thread each: the task vectors are counted side by side
+    with ThreadPoolExecutor(max(1, min(len(selections), torch.get_num_threads()))) as counters:
+        for rows in reversed(blocks):
+            if all(selection.failed for selection in selections.values()):
+                return thresholds, None
+            # unchecked: each block is checked when it merges
+            origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device, checked=False)
+            held = rows == blocks[0]
+            tensors, task_vectors, counting = [], [], []
+            for index, source in enumerate(job.sources):
+                selection = selections.get(index)
+                if selection is None and not held:
+                    continue
+                dtype = _input_dtype(plan, job, source)
+                tensor = _load_rows(source.checkpoint, source.name, rows, dtype, device, checked=False)
+                if held:  # formed once, for the selection and for the merge
+                    tensors.append(tensor)
+                    task_vectors.append(task_vector(tensor, origin))
+                    if selection is not None and not selection.failed:
+                        counting.append(counters.submit(selection.add, task_vectors[-1]))
+                elif selection is not None and not selection.failed:
+                    counting.append(counters.submit(selection.add_task_vector, tensor, origin))
+                del tensor
+            for count in counting:
+                count.result()  # the block's tensors are released only once they are counted
+            if held:
+                first = LoadedRows(rows, tensors, origin, task_vectors)
+            del origin, tensors, task_vectors, counting
     for index, selection in selections.items():
         thresholds[index] = selection.result()
     return thresholds, first

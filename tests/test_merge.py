@@ -139,8 +139,11 @@ def test_plan_checks_everything_before_reading_tensors(family: Family, tmp_path:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["barycenter", "ties"])
-def test_merging_on_the_gpu_matches_the_cpu(method: str, family: Family, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["barycenter", "ties", "linear"])
+@pytest.mark.parametrize("memory", [None, 3_000])  # 3,000 bytes: blocks of rows, read ahead
+def test_merging_on_the_gpu_matches_the_cpu(
+    method: str, memory: int | None, family: Family, tmp_path: Path
+) -> None:
     recipe = {
         "merge_method": method,
         "base_model": str(family.base),
@@ -148,8 +151,8 @@ def test_merging_on_the_gpu_matches_the_cpu(method: str, family: Family, tmp_pat
     }
     if method == "barycenter":
         recipe["parameters"] = {"space": "task_vectors"}
-    on_cpu = _merge(recipe, tmp_path / "cpu")
-    on_gpu = _merge(recipe, tmp_path / "gpu", device="cuda")
+    on_cpu = _merge(recipe, tmp_path / "cpu", memory=memory)
+    on_gpu = _merge(recipe, tmp_path / "gpu", device="cuda", memory=memory)
     for name, tensor in on_cpu.items():
         assert torch.allclose(on_gpu[name], tensor, rtol=1e-5, atol=1e-6), name
 

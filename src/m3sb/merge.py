@@ -8,10 +8,11 @@ tensor per input; ``merge_to_folder`` writes them as a Hugging Face checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1056,12 +1057,16 @@ def _load_rows(
     device: torch.device,
     checked: bool = True,
 ) -> torch.Tensor:
-    """Read one tensor, or rows of it, to the compute device and dtype; refuse NaN or Inf
-    (unless not ``checked``: a pass before the merge, which reads and checks the same rows)."""
+    """Read one tensor, or rows of it, to the compute device and dtype (to a CUDA device
+    through page-locked memory, ordered on the current stream); refuse NaN or Inf (unless not
+    ``checked``: a pass before the merge, which reads and checks the same rows)."""
     if rows is None and checked:
         return _load(checkpoint, name, dtype, device)
     view = checkpoint.load(name) if rows is None else checkpoint.load_rows(name, rows.start, rows.stop)
-    tensor = view.to(device=device, dtype=dtype)
+    if device.type == "cuda":  # from page-locked memory, so the copy runs beside what the GPU does
+        tensor = view.pin_memory().to(device=device, non_blocking=True).to(dtype)
+    else:
+        tensor = view.to(device=device, dtype=dtype)
     if checked:
         _refuse_non_finite(tensor, name, checkpoint)
     return tensor
@@ -1109,7 +1114,7 @@ class LoadedRows:
     receives (each source's rows less the base's) where they were formed. The merge takes
     them out, so that each is freed as soon as the merge is done with it."""
 
-    rows: slice
+    rows: slice | None  # None: the whole tensor
     tensors: list[torch.Tensor]
     base: torch.Tensor | None
     task_vectors: list[torch.Tensor] | None = None
@@ -1370,6 +1375,85 @@ def merge_tensor(
     return merged
 
 
+def read_block(
+    plan: MergePlan,
+    job: TensorJob,
+    device: torch.device,
+    rows: slice | None,
+    stream: torch.cuda.Stream | None = None,
+) -> LoadedRows:
+    """A block's inputs as :func:`merge_tensor` reads them, unchecked (it checks them): each
+    source's rows in its input dtype and the base's in the compute dtype, on ``device``
+    (with a CUDA ``stream``: copied on it, and complete on return)."""
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        tensors = [
+            _load_rows(s.checkpoint, s.name, rows, _input_dtype(plan, job, s), device, checked=False)
+            for s in job.sources
+        ]
+        base = job.base
+        origin = (
+            None
+            if base is None
+            else _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device, checked=False)
+        )
+    if stream is not None:
+        stream.synchronize()
+    return LoadedRows(rows, tensors, origin)
+
+
+def _readable_ahead(job: TensorJob) -> bool:
+    """Whether a tensor's inputs can be read before its turn: it is merged (not copied), and
+    not realigned to another vocabulary or merged with statistics (read as it merges)."""
+    return job.mergeable and not job.vocabulary and not any(job.statistics)
+
+
+class ReadAhead:
+    """Reads the next block's inputs on a thread of its own while the current block merges
+    (the GPU pipeline: page-locked copies to the device overlap the arithmetic and the
+    writing). At most one block is read ahead."""
+
+    def __init__(self, plan: MergePlan, device: torch.device) -> None:
+        self.plan, self.device = plan, device
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="m3sb-reader")
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        self._pending: tuple[TensorJob, slice | None, Future[LoadedRows]] | None = None
+
+    def start(self, job: TensorJob, rows: slice | None) -> None:
+        """Begin reading ``rows`` of ``job`` (None: the whole tensor), where it can be read ahead."""
+        self.discard()
+        if _readable_ahead(job):
+            future = self._reader.submit(read_block, self.plan, job, self.device, rows, self._stream)
+            self._pending = (job, rows, future)
+
+    def take(self, job: TensorJob, rows: slice | None) -> LoadedRows | None:
+        """The inputs read ahead for ``rows`` of ``job``, or None where another block was read
+        (that one is dropped); a read's error is raised here, as where it would have been read."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        pending_job, pending_rows, future = pending
+        held = future.result()
+        if pending_job is not job or pending_rows != rows:
+            return None
+        if self.device.type == "cuda":  # read on the reader's stream, used on this one
+            current = torch.cuda.current_stream(self.device)
+            for tensor in [*held.tensors, *([held.base] if held.base is not None else [])]:
+                tensor.record_stream(current)
+        return held
+
+    def discard(self) -> None:
+        """Drop what was read ahead and not taken (waiting for its read to end)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                pending[2].result()
+
+    def close(self) -> None:
+        """Stop the reader thread."""
+        self._pending = None
+        self._reader.shutdown(wait=True, cancel_futures=True)
+
+
 def _prefetch(job: TensorJob) -> None:
     """Start reading a tensor's inputs into the page cache (the OS reads on while we merge)."""
     for source in (*job.sources, *([job.base] if job.base is not None else [])):
@@ -1384,24 +1468,39 @@ def merge_tensors(
     device: torch.device,
     progress: Progress | None = None,
     memory: int | None = DEFAULT_MEMORY,
+    read_ahead: bool | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` in the plan's order; a tensor whose merge would hold more
     than ``memory`` bytes comes as consecutive blocks of its rows, where the method allows it
-    (elementwise methods: the blocks are exactly the rows of the whole merge)."""
-    for index, job in enumerate(plan.jobs):
-        if index + 1 < len(plan.jobs):
-            _prefetch(plan.jobs[index + 1])  # read from disk while this one merges
-        blocks = row_blocks(plan, job, memory)
-        arguments, first = (
-            _block_pass(plan, job, device, blocks, memory) if blocks is not None else (None, None)
-        )
-        for rows in blocks or (None,):
-            merged = merge_tensor(plan, job, device, rows, arguments, first)
-            first = None
+    (elementwise methods: the blocks are exactly the rows of the whole merge). With
+    ``read_ahead`` (by default on a CUDA device) the next block's inputs are read while one
+    merges (:class:`ReadAhead`)."""
+    blocks_of = [row_blocks(plan, job, memory) for job in plan.jobs]
+    units = [(index, rows) for index, blocks in enumerate(blocks_of) for rows in (blocks or (None,))]
+    ahead = device.type == "cuda" if read_ahead is None else read_ahead
+    reader = ReadAhead(plan, device) if ahead else None
+    try:
+        for unit, (index, rows) in enumerate(units):
+            job, blocks = plan.jobs[index], blocks_of[index]
+            if blocks is None or rows == blocks[0]:  # the tensor's first block, or the whole of it
+                if index + 1 < len(plan.jobs):
+                    _prefetch(plan.jobs[index + 1])  # read from disk while this one merges
+                arguments, first = (
+                    _block_pass(plan, job, device, blocks, memory) if blocks is not None else (None, None)
+                )
+            held = reader.take(job, rows) if reader is not None else None
+            if reader is not None and unit + 1 < len(units):
+                following, following_rows = units[unit + 1]
+                reader.start(plan.jobs[following], following_rows)
+            merged = merge_tensor(plan, job, device, rows, arguments, first or held)
+            first = held = None
             if progress is not None:
                 progress(job.name, merged.numel() * merged.element_size())
             yield job.name, merged
             del merged  # free it before the next tensor is merged
+    finally:
+        if reader is not None:
+            reader.close()
 
 
 def _dtype_overrides(plan: MergePlan) -> dict[str, object]:

@@ -14,6 +14,8 @@ Methods (``--methods``):
 * ``ties``       -- base model set, density 0.5 and weight 1 per model.
 * ``barycenter`` -- equal weights, no base model; run as ``barycenter`` by
   m3sb and as ``karcher`` by mergekit.
+* ``tsv_m``, ``iso_c`` -- base model set, weight 1 per model (m3sb only: mergekit 0.1.5 has
+  neither); an SVD per matrix, where ``--device cuda`` should pay.
 
 Usage (from the repository root)::
 
@@ -22,6 +24,7 @@ Usage (from the repository root)::
     uv run python benchmarks/bench_merge.py --repeat 3 --stat median
     uv run python benchmarks/bench_merge.py --size 1.1b   # 3 x 2.2 GB bfloat16, ~9 GB of disk
     uv run python benchmarks/bench_merge.py --size 8b-2layers --tools m3sb  # 3 x 3.0 GB, ~12 GB
+    uv run python benchmarks/bench_merge.py --size 1.1b --tools m3sb --methods tsv_m,iso_c --device cuda
 
 The floor (reading the fine-tunes from the page cache, writing one model with fsync, one
 fused float32 pass over the tensors) and the start-up costs (``import torch``, ``--help``,
@@ -52,7 +55,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
-METHODS = ("linear", "ties", "barycenter")
+METHODS = ("linear", "ties", "barycenter", "tsv_m", "iso_c")
+M3SB_ONLY = ("tsv_m", "iso_c")  # methods mergekit 0.1.5 does not have
 TOOLS = ("m3sb", "mergekit")
 N_FINETUNES = 3
 NOISE_REL_STD = 0.01
@@ -365,6 +369,9 @@ def _method_config(method: str, tool: str, ckpts: Checkpoints) -> dict[str, obje
             "merge_method": "barycenter" if tool == "m3sb" else "karcher",
             "dtype": "float32",
         }
+    if method in M3SB_ONLY:
+        models = [{"model": str(p), "parameters": {"weight": 1.0}} for p in ckpts.finetunes]
+        return {"models": models, "merge_method": method, "base_model": str(ckpts.base), "dtype": "float32"}
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -378,6 +385,8 @@ def write_configs(
     paths: dict[tuple[str, str], Path] = {}
     for method in methods:
         for tool in tools:
+            if tool != "m3sb" and method in M3SB_ONLY:
+                continue
             path = config_dir / f"{method}-{tool}.yaml"
             config = _method_config(method, tool, ckpts)
             if out_dtype is not None:
@@ -650,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], Measurement] = {}
     for method in args.methods:
         for tool in args.tools:
+            if tool != "m3sb" and method in M3SB_ONLY:
+                print(f"{method}: {tool} has no such method; m3sb only")
+                continue
             results[method, tool] = measure_tool(
                 tool,
                 configs[method, tool],

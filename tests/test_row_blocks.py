@@ -18,6 +18,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import m3sb.checkpoints as checkpoints_module
 import m3sb.merge as merge_module
 from m3sb.checkpoints import SafetensorsWriter, TensorInfo, open_checkpoint
 from m3sb.config import parse_merge_config
@@ -50,6 +51,33 @@ def test_the_writer_takes_a_tensor_as_consecutive_blocks_of_rows(tmp_path: Path)
     writer.close()
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
         assert torch.equal(handle.get_tensor("a"), whole) and torch.equal(handle.get_tensor("b"), scalar)
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 20])  # every tensor handed over; every one copied
+def test_the_writer_lets_go_of_a_small_tensor_when_write_returns(
+    tmp_path: Path, limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpoints_module, "STAGING_LIMIT", limit)
+    written: list[int] = []  # the address of the bytes the thread writes
+    writing = checkpoints_module.SafetensorsWriter._write_bytes
+
+    def recording(self: SafetensorsWriter, name: str, data: Any, first: bool) -> None:
+        written.append(data.ctypes.data)
+        writing(self, name, data, first)
+
+    monkeypatch.setattr(checkpoints_module.SafetensorsWriter, "_write_bytes", recording)
+    tensors = [torch.full((64, 4), float(index)) for index in range(3)]
+    layout = {f"t{index}": TensorInfo((64, 4), torch.float32) for index in range(3)}
+    writer = SafetensorsWriter(tmp_path, layout, 10**9)
+    given = [tensor.clone() for tensor in tensors]
+    for index, tensor in enumerate(given):
+        writer.write(f"t{index}", tensor)
+    writer.close()
+    for tensor, address in zip(given, written, strict=True):
+        assert (address != tensor.data_ptr()) == (limit > 0)  # copied: the caller's may be freed
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        for index, tensor in enumerate(tensors):
+            assert torch.equal(handle.get_tensor(f"t{index}"), tensor)
 
 
 @pytest.mark.parametrize(

@@ -373,13 +373,21 @@ def test_bfloat16_inputs_are_subtracted_as_stored_and_merge_as_in_float32(
         assert torch.equal(tensor, expected), name
 
 
-def _bfloat16_family(folder: Path, nan_in: int | None = None) -> tuple[Path, list[Path]]:
+def _bfloat16_family(
+    folder: Path, nan_in: int | None = None, few_values: bool = False
+) -> tuple[Path, list[Path]]:
     """A base and three fine-tunes of one 1024 x 1024 bfloat16 matrix (and a small vector),
     large enough for the one-pass selection to sample its first block; ``nan_in``: the
-    fine-tune with a NaN in its first row."""
+    fine-tune with a NaN in its first row; ``few_values``: task vectors of 17 values (so a
+    sample brackets each threshold at a single value)."""
     generator = torch.Generator().manual_seed(5)
-    base = torch.randn(1024, 1024, generator=generator) * 0.02
-    tensors = [base, *(base + torch.randn(1024, 1024, generator=generator) * 2e-3 for _ in range(3))]
+    if few_values:
+        base = torch.zeros(1024, 1024)
+        steps = (torch.randint(-8, 9, (1024, 1024), generator=generator) / 256 for _ in range(3))
+        tensors = [base, *steps]
+    else:
+        base = torch.randn(1024, 1024, generator=generator) * 0.02
+        tensors = [base, *(base + torch.randn(1024, 1024, generator=generator) * 2e-3 for _ in range(3))]
     folders = []
     for index, tensor in enumerate(tensors):
         matrix = tensor.bfloat16()
@@ -392,8 +400,8 @@ def _bfloat16_family(folder: Path, nan_in: int | None = None) -> tuple[Path, lis
     return folders[0], folders[1:]
 
 
-def _bfloat16_ties(folder: Path, nan_in: int | None = None) -> dict[str, object]:
-    base, models = _bfloat16_family(folder, nan_in)
+def _bfloat16_ties(folder: Path, nan_in: int | None = None, few_values: bool = False) -> dict[str, object]:
+    base, models = _bfloat16_family(folder, nan_in, few_values)
     return {
         "merge_method": "ties",
         "models": [
@@ -455,14 +463,84 @@ def test_ties_in_blocks_selects_another_way_where_the_bracket_misses(
         assert torch.equal(blocked[name].view(torch.int16), tensor.view(torch.int16)), name
 
 
-def test_a_nan_in_a_block_held_from_the_selection_is_refused_as_when_read(tmp_path: Path) -> None:
-    config = parse_merge_config(_bfloat16_ties(tmp_path, nan_in=1))
+@pytest.mark.parametrize("few_values", [False, True])
+def test_a_nan_in_a_block_held_from_the_selection_is_refused_as_when_read(
+    tmp_path: Path, few_values: bool
+) -> None:
+    config = parse_merge_config(_bfloat16_ties(tmp_path, nan_in=1, few_values=few_values))
     plan = build_plan(config)
     job = next(job for job in plan.jobs if job.name == "big.weight")
     messages = []
-    for memory in (None, 512 * bytes_per_row(plan, job)):
+    # whole; two blocks, the first held from the selection; two blocks merged in one pass
+    for memory in (None, 512 * bytes_per_row(plan, job), _one_pass_budget(plan, job)):
         with pytest.raises(MergeError) as error:
             merge_to_folder(config, tmp_path / f"out{memory}", memory=memory)
         messages.append(str(error.value))
-    assert messages[0] == messages[1]
+    assert messages[0] == messages[1] == messages[2]
     assert "contains NaN or Inf" in messages[0] and "model2" in messages[0]
+
+
+def _one_pass_budget(plan: Any, job: Any) -> int:
+    """A budget that merges 'big.weight' in two blocks of 512 rows in one pass: the blocks
+    and the whole merged tensor in its output dtype, held until its thresholds are proven."""
+    memory = 512 * bytes_per_row(plan, job) + math.prod(job.shape) * job.out_dtype.itemsize
+    assert row_blocks(plan, job, memory) == [slice(0, 512), slice(512, 1024)]
+    return memory
+
+
+def test_ties_in_blocks_of_bfloat16_merges_in_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = parse_merge_config(_bfloat16_ties(tmp_path, few_values=True))
+    whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)
+    plan = build_plan(config)
+    memory = _one_pass_budget(plan, next(job for job in plan.jobs if job.name == "big.weight"))
+
+    def refuse(*args: object) -> object:
+        raise AssertionError("a threshold pass ran where one pass merges the blocks")
+
+    monkeypatch.setattr(merge_module, "_block_pass", refuse)
+    checkpoint_type = type(open_checkpoint(tmp_path / "model0"))
+    real_load_rows = checkpoint_type.load_rows
+    reads: list[tuple[str, int]] = []
+
+    def load_rows(self: Any, name: str, start: int, stop: int) -> torch.Tensor:
+        reads.append((name, start))
+        tensor: torch.Tensor = real_load_rows(self, name, start, stop)
+        return tensor
+
+    monkeypatch.setattr(checkpoint_type, "load_rows", load_rows)
+    blocked = _read_all(merge_to_folder(config, tmp_path / "blocked", memory=memory).out_dir)
+    for name, tensor in whole.items():
+        assert torch.equal(blocked[name].view(torch.int16), tensor.view(torch.int16)), name
+    # the base and three fine-tunes, each block read once
+    assert sorted(reads) == sorted([("big.weight", 512)] * 4 + [("big.weight", 0)] * 4)
+
+
+def test_a_one_pass_merge_whose_values_the_counts_disprove_merges_again(tmp_path: Path) -> None:
+    # the first block's task vectors are all +-1, the second's +-2: a sample of the first
+    # brackets the median magnitude at 1, but it is 2 (the larger half)
+    generator = torch.Generator().manual_seed(3)
+    signs = torch.randint(0, 2, (2, 1024, 1024), generator=generator).float() * 2 - 1
+    scale = torch.cat([torch.ones(512, 1), torch.full((512, 1), 2.0)])
+    folders = []
+    for index, tensor in enumerate([torch.zeros(1024, 1024), signs[0] * scale, signs[1] * scale]):
+        folders.append(tmp_path / f"model{index}")
+        folders[-1].mkdir()
+        save_file({"big.weight": tensor.bfloat16()}, str(folders[-1] / "model.safetensors"))
+    recipe = {
+        "merge_method": "ties",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in folders[1:]],
+        "base_model": str(folders[0]),
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    config = parse_merge_config(recipe)
+    plan = build_plan(config)
+    job = plan.jobs[0]
+    memory = _one_pass_budget(plan, job)
+    assert merge_module.merged_in_one_pass(plan, job, torch.device("cpu"), memory) is None
+    whole = _read_all(merge_to_folder(config, tmp_path / "whole", memory=None).out_dir)["big.weight"]
+    blocked = _read_all(merge_to_folder(config, tmp_path / "blocked", memory=memory).out_dir)["big.weight"]
+    assert torch.equal(blocked.view(torch.int16), whole.view(torch.int16))
+    assert torch.count_nonzero(whole[:512]) == 0 and torch.count_nonzero(whole[512:]) > 0  # trimmed at 2

@@ -1237,6 +1237,70 @@ def _bracketed_thresholds(
     return thresholds, first
 
 
+def merged_in_one_pass(
+    plan: MergePlan, job: TensorJob, device: torch.device, memory: int | None
+) -> list[torch.Tensor] | None:
+    """TIES's blocks of a tensor too large to merge whole, merged in one pass over its rows,
+    or None where that does not apply (then the thresholds come from a pass of their own).
+
+    A sample of the first block brackets each task vector's trimming magnitude; where each
+    bracket is a single value (as with bfloat16 fine-tunes, whose task vectors hold few
+    distinct values), the blocks merge with those values while every block is counted
+    against them, and are held (in the output dtype) until the counts prove each value is
+    the k-th largest magnitude of its whole task vector. So each input is read once, and the
+    blocks are those of the two-pass merge bit for bit; where a count disproves a value,
+    the held blocks are dropped."""
+    kind = plan.method.row_blocks
+    if kind != "magnitude_threshold" or device.type != "cpu" or memory is None or job.vocabulary:
+        return None
+    if plan.compute_dtype != torch.float32 or not _subtracts_base(plan, job) or not job.mergeable:
+        return None
+    base = job.base
+    assert base is not None  # it subtracts the base
+    numel = math.prod(job.shape)
+    held_bytes = numel * job.out_dtype.itemsize
+    if held_bytes > memory // 2:
+        return None
+    blocks = row_blocks(plan, job, memory - held_bytes)
+    densities = job.params["density"]
+    assert isinstance(densities, list)
+    keeps = [kept_count(float(density), numel) for density in densities]
+    thresholds: list[float | None] = [
+        0.0 if keep is None else math.inf if keep == 0 else None for keep in keeps
+    ]
+    wanted = [index for index, threshold in enumerate(thresholds) if threshold is None]
+    if blocks is None or len(blocks) < 2 or not wanted:
+        return None
+    if not BracketedSelection.can_bracket((blocks[0].stop - blocks[0].start) * (numel // job.shape[0])):
+        return None
+    limit = max(1 << 16, memory // (8 * plan.compute_dtype.itemsize * len(wanted)))
+    selections = {index: BracketedSelection(keeps[index] or 1, numel, limit) for index in wanted}
+    merged: list[torch.Tensor] = []
+    with ThreadPoolExecutor(max(1, min(len(wanted), torch.get_num_threads()))) as counters:
+        for rows in blocks:
+            # unchecked here: merge_tensor checks the inputs it is given
+            origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device, checked=False)
+            tensors = [
+                _load_rows(s.checkpoint, s.name, rows, _input_dtype(plan, job, s), device, checked=False)
+                for s in job.sources
+            ]
+            task_vectors = [task_vector(tensor, origin) for tensor in tensors]
+            counting = [counters.submit(selections[i].add, task_vectors[i]) for i in wanted]
+            for count in counting:
+                count.result()
+            if rows == blocks[0]:
+                if any(selections[i].failed or selections[i].upper != selections[i].lower for i in wanted):
+                    return None  # a bracket of several values: known only once every block is read
+                for index in wanted:
+                    thresholds[index] = selections[index].upper
+            held = LoadedRows(rows, tensors, origin, task_vectors)
+            del origin, tensors, task_vectors, counting
+            merged.append(merge_tensor(plan, job, device, rows, {"thresholds": thresholds}, held))
+    if any(selections[index].result() != thresholds[index] for index in wanted):
+        return None
+    return merged
+
+
 def _gathered_selection_bytes(plan: MergePlan, job: TensorJob, blocks: Sequence[slice]) -> int:
     """What finding a task vector's threshold in one gathered pass holds at most: the buffer
     of all its magnitudes, and one block's task vector and base in the compute dtype with
@@ -1479,12 +1543,26 @@ def merge_tensors(
     units = [(index, rows) for index, blocks in enumerate(blocks_of) for rows in (blocks or (None,))]
     ahead = device.type == "cuda" if read_ahead is None else read_ahead
     reader = ReadAhead(plan, device) if ahead else None
+    merged_whole = -1  # the job whose blocks were merged in one pass
     try:
         for unit, (index, rows) in enumerate(units):
             job, blocks = plan.jobs[index], blocks_of[index]
+            if index == merged_whole:
+                continue  # its blocks came from one pass
             if blocks is None or rows == blocks[0]:  # the tensor's first block, or the whole of it
                 if index + 1 < len(plan.jobs):
                     _prefetch(plan.jobs[index + 1])  # read from disk while this one merges
+                one_pass = merged_in_one_pass(plan, job, device, memory) if blocks and not reader else None
+                if one_pass is not None:
+                    merged_whole = index
+                    one_pass.reverse()
+                    while one_pass:  # each block let go of once written
+                        block = one_pass.pop()
+                        if progress is not None:
+                            progress(job.name, block.numel() * block.element_size())
+                        yield job.name, block
+                        del block
+                    continue
                 arguments, first = (
                     _block_pass(plan, job, device, blocks, memory) if blocks is not None else (None, None)
                 )

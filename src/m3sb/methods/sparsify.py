@@ -111,6 +111,11 @@ class BracketedSelection:
         self.upper = self.lower = 0.0
         self._buffers: dict[tuple[str, np.dtype[Any]], npt.NDArray[Any]] = {}
 
+    @staticmethod
+    def can_bracket(first_chunk: int) -> bool:
+        """Whether a first chunk of this many elements is large enough to set the bracket."""
+        return first_chunk >= _BRACKET_MIN
+
     def add(self, values: torch.Tensor) -> None:
         """Count one chunk (any shape; its elements follow the previous chunk's)."""
         flat = values.detach().reshape(-1)

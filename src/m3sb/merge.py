@@ -1536,9 +1536,9 @@ def merge_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` in the plan's order; a tensor whose merge would hold more
     than ``memory`` bytes comes as consecutive blocks of its rows, where the method allows it
-    (elementwise methods: the blocks are exactly the rows of the whole merge). With
-    ``read_ahead`` (by default on a CUDA device) the next block's inputs are read while one
-    merges (:class:`ReadAhead`)."""
+    (elementwise methods: the blocks are exactly the rows of the whole merge; TIES's may come
+    from :func:`merged_in_one_pass`). With ``read_ahead`` (by default on a CUDA device) the
+    next block's inputs are read while one merges (:class:`ReadAhead`)."""
     blocks_of = [row_blocks(plan, job, memory) for job in plan.jobs]
     units = [(index, rows) for index, blocks in enumerate(blocks_of) for rows in (blocks or (None,))]
     ahead = device.type == "cuda" if read_ahead is None else read_ahead

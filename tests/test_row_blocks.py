@@ -425,6 +425,27 @@ def _ties_in_two_blocks(folder: Path) -> tuple[Any, int, dict[str, torch.Tensor]
     return config, memory, _read_all(merge_to_folder(config, folder / "whole", memory=None).out_dir)
 
 
+def _merged_counting_reads(
+    config: Any, memory: int, whole: dict[str, torch.Tensor], folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[str, int]]:
+    """Merge ``config`` within ``memory`` into ``folder``/blocked, check it is the ``whole``
+    merge bit for bit, and return each block read, as (tensor name, first row)."""
+    checkpoint_type = type(open_checkpoint(folder / "model0"))
+    real_load_rows = checkpoint_type.load_rows
+    reads: list[tuple[str, int]] = []
+
+    def load_rows(self: Any, name: str, start: int, stop: int) -> torch.Tensor:
+        reads.append((name, start))
+        tensor: torch.Tensor = real_load_rows(self, name, start, stop)
+        return tensor
+
+    monkeypatch.setattr(checkpoint_type, "load_rows", load_rows)
+    blocked = _read_all(merge_to_folder(config, folder / "blocked", memory=memory).out_dir)
+    for name, tensor in whole.items():
+        assert torch.equal(blocked[name].view(torch.int16), tensor.view(torch.int16)), name
+    return reads
+
+
 def test_ties_in_two_blocks_selects_in_one_pass_and_reads_the_first_block_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -435,19 +456,7 @@ def test_ties_in_two_blocks_selects_in_one_pass_and_reads_the_first_block_once(
 
     monkeypatch.setattr(merge_module, "gathered_kth_largest_magnitude", refuse)
     monkeypatch.setattr(merge_module, "streaming_kth_largest_magnitude", refuse)
-    checkpoint_type = type(open_checkpoint(tmp_path / "model0"))
-    real_load_rows = checkpoint_type.load_rows
-    reads: list[tuple[str, int]] = []
-
-    def load_rows(self: Any, name: str, start: int, stop: int) -> torch.Tensor:
-        reads.append((name, start))
-        tensor: torch.Tensor = real_load_rows(self, name, start, stop)
-        return tensor
-
-    monkeypatch.setattr(checkpoint_type, "load_rows", load_rows)
-    blocked = _read_all(merge_to_folder(config, tmp_path / "blocked", memory=memory).out_dir)
-    for name, tensor in whole.items():
-        assert torch.equal(blocked[name].view(torch.int16), tensor.view(torch.int16)), name
+    reads = _merged_counting_reads(config, memory, whole, tmp_path, monkeypatch)
     # the base and three fine-tunes: the last block read for the thresholds and again to merge,
     # the first block read once, for the thresholds, and merged as it was read
     assert sorted(reads) == sorted([("big.weight", 512)] * 8 + [("big.weight", 0)] * 4)
@@ -500,19 +509,7 @@ def test_ties_in_blocks_of_bfloat16_merges_in_one_pass(
         raise AssertionError("a threshold pass ran where one pass merges the blocks")
 
     monkeypatch.setattr(merge_module, "_block_pass", refuse)
-    checkpoint_type = type(open_checkpoint(tmp_path / "model0"))
-    real_load_rows = checkpoint_type.load_rows
-    reads: list[tuple[str, int]] = []
-
-    def load_rows(self: Any, name: str, start: int, stop: int) -> torch.Tensor:
-        reads.append((name, start))
-        tensor: torch.Tensor = real_load_rows(self, name, start, stop)
-        return tensor
-
-    monkeypatch.setattr(checkpoint_type, "load_rows", load_rows)
-    blocked = _read_all(merge_to_folder(config, tmp_path / "blocked", memory=memory).out_dir)
-    for name, tensor in whole.items():
-        assert torch.equal(blocked[name].view(torch.int16), tensor.view(torch.int16)), name
+    reads = _merged_counting_reads(config, memory, whole, tmp_path, monkeypatch)
     # the base and three fine-tunes, each block read once
     assert sorted(reads) == sorted([("big.weight", 512)] * 4 + [("big.weight", 0)] * 4)
 

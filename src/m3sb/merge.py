@@ -1149,10 +1149,8 @@ def _block_pass(
         return {"generators": generators}, None
     if kind != "magnitude_threshold":
         return {}, None
-    densities = job.params["density"]
-    assert isinstance(densities, list)
     numel = math.prod(job.shape)
-    keeps = [kept_count(float(density), numel) for density in densities]
+    keeps = _kept_counts(job)
     thresholds, first = _bracketed_thresholds(plan, job, device, blocks, keeps, memory)
     if any(threshold is None for threshold in thresholds):
         first = None  # not held through the passes that follow
@@ -1187,22 +1185,10 @@ def _bracketed_thresholds(
     those whose bracket missed, or that it cannot find (not on the CPU), for another pass to
     find. The pass reads the blocks last to first and returns the first block's inputs, so
     that the merge, which starts there, need not read them again."""
-    numel = math.prod(job.shape)
-    thresholds: list[float | None] = [
-        0.0 if keep is None else math.inf if keep == 0 else None for keep in keeps
-    ]
+    thresholds, selections = _threshold_selections(plan, job, keeps, memory)
     base = job.base
-    wanted = [index for index, threshold in enumerate(thresholds) if threshold is None]
-    if not wanted or base is None or device.type != "cpu" or not _subtracts_base(plan, job):
+    if not selections or base is None or device.type != "cpu" or not _subtracts_base(plan, job):
         return thresholds, None
-    # the magnitudes gathered inside the brackets may hold an eighth of the budget
-    share = 8 * plan.compute_dtype.itemsize * len(wanted)
-    limit = None if memory is None else max(1 << 16, memory // share)
-    selections = {}
-    for index in wanted:
-        keep = keeps[index]
-        assert keep is not None
-        selections[index] = BracketedSelection(keep, numel, limit)
     first: LoadedRows | None = None
     # the counts run in NumPy, one thread each: the task vectors are counted side by side
     with ThreadPoolExecutor(max(1, min(len(selections), torch.get_num_threads()))) as counters:
@@ -1262,43 +1248,54 @@ def merged_in_one_pass(
     if held_bytes > memory // 2:
         return None
     blocks = row_blocks(plan, job, memory - held_bytes)
-    densities = job.params["density"]
-    assert isinstance(densities, list)
-    keeps = [kept_count(float(density), numel) for density in densities]
-    thresholds: list[float | None] = [
-        0.0 if keep is None else math.inf if keep == 0 else None for keep in keeps
-    ]
-    wanted = [index for index, threshold in enumerate(thresholds) if threshold is None]
-    if blocks is None or len(blocks) < 2 or not wanted:
+    thresholds, selections = _threshold_selections(plan, job, _kept_counts(job), memory)
+    if blocks is None or len(blocks) < 2 or not selections:
         return None
     if not BracketedSelection.can_bracket((blocks[0].stop - blocks[0].start) * (numel // job.shape[0])):
         return None
-    limit = max(1 << 16, memory // (8 * plan.compute_dtype.itemsize * len(wanted)))
-    selections = {index: BracketedSelection(keeps[index] or 1, numel, limit) for index in wanted}
     merged: list[torch.Tensor] = []
-    with ThreadPoolExecutor(max(1, min(len(wanted), torch.get_num_threads()))) as counters:
+    with ThreadPoolExecutor(max(1, min(len(selections), torch.get_num_threads()))) as counters:
         for rows in blocks:
-            # unchecked here: merge_tensor checks the inputs it is given
-            origin = _load_rows(base.checkpoint, base.name, rows, plan.compute_dtype, device, checked=False)
-            tensors = [
-                _load_rows(s.checkpoint, s.name, rows, _input_dtype(plan, job, s), device, checked=False)
-                for s in job.sources
-            ]
-            task_vectors = [task_vector(tensor, origin) for tensor in tensors]
-            counting = [counters.submit(selections[i].add, task_vectors[i]) for i in wanted]
+            held = read_block(plan, job, device, rows)  # unchecked: merge_tensor checks it
+            assert held.base is not None
+            held.task_vectors = [task_vector(tensor, held.base) for tensor in held.tensors]
+            counting = [counters.submit(s.add, held.task_vectors[i]) for i, s in selections.items()]
             for count in counting:
                 count.result()
             if rows == blocks[0]:
-                if any(selections[i].failed or selections[i].upper != selections[i].lower for i in wanted):
+                if any(s.failed or s.upper != s.lower for s in selections.values()):
                     return None  # a bracket of several values: known only once every block is read
-                for index in wanted:
-                    thresholds[index] = selections[index].upper
-            held = LoadedRows(rows, tensors, origin, task_vectors)
-            del origin, tensors, task_vectors, counting
+                for index, selection in selections.items():
+                    thresholds[index] = selection.upper
+            del counting
             merged.append(merge_tensor(plan, job, device, rows, {"thresholds": thresholds}, held))
-    if any(selections[index].result() != thresholds[index] for index in wanted):
+    if any(selection.result() != thresholds[index] for index, selection in selections.items()):
         return None
     return merged
+
+
+def _kept_counts(job: TensorJob) -> list[int | None]:
+    """How many entries each task vector keeps by rank at its density (None: all)."""
+    densities = job.params["density"]
+    assert isinstance(densities, list)
+    numel = math.prod(job.shape)
+    return [kept_count(float(density), numel) for density in densities]
+
+
+def _threshold_selections(
+    plan: MergePlan, job: TensorJob, keeps: Sequence[int | None], memory: int | None
+) -> tuple[list[float | None], dict[int, BracketedSelection]]:
+    """Each task vector's trimming magnitude where its ``keeps`` settles it (all kept: 0,
+    none: infinity), None elsewhere; and a selection for each of those, whose magnitudes
+    gathered inside its bracket may hold an eighth of ``memory`` between them."""
+    thresholds: list[float | None] = [
+        0.0 if keep is None else math.inf if keep == 0 else None for keep in keeps
+    ]
+    wanted = {index: keep for index, keep in enumerate(keeps) if keep is not None and keep > 0}
+    share = 8 * plan.compute_dtype.itemsize * max(1, len(wanted))
+    limit = None if memory is None else max(1 << 16, memory // share)
+    numel = math.prod(job.shape)
+    return thresholds, {index: BracketedSelection(keep, numel, limit) for index, keep in wanted.items()}
 
 
 def _gathered_selection_bytes(plan: MergePlan, job: TensorJob, blocks: Sequence[slice]) -> int:
